@@ -1,0 +1,270 @@
+"""Typed configs for every component. Imports nothing heavy (no torch), so the CLI and tests parse fast.
+
+Every dataclass validates itself in ``__post_init__``; the YAML files in ``configs/`` map onto these
+(``ModelConfig`` under ``model:``, ``TrainConfig`` per stage under ``stages:``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class EncoderConfig:
+    """Vision encoder: a timm ViT over the square image canvas (the "VLM" side of stage 0)."""
+
+    image_size: int = 128
+    """Side of the square canvas in pixels (FrozenLake maps are fitted onto it, one patch per cell)."""
+    patch_size: int = 16
+    """ViT patch size; the canvas gives (image_size // patch_size) ** 2 image tokens."""
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+
+    def __post_init__(self):
+        _check(self.image_size > 0 and self.image_size % self.patch_size == 0,
+               f"encoder.image_size must be a positive multiple of patch_size={self.patch_size}, "
+               f"got {self.image_size}")
+        _check(self.width % self.heads == 0, f"encoder.width={self.width} must divide by heads={self.heads}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+
+@dataclass
+class QuantizerConfig:
+    """MBAQ: down-projection, product VQ with ``codebooks`` separate codebooks per token, up-projection."""
+
+    codebooks: int = 2
+    """G: codebook ids per image token (product VQ, one codebook per chunk)."""
+    codebook_size: int = 64
+    """K: entries per codebook."""
+    code_dim: int = 16
+    """Dimension of each codebook chunk; a token's code vector z_q has codebooks * code_dim dims."""
+    hidden_dim: int = 256
+    """Hidden width of the down/up projection MLPs."""
+    commitment_weight: float = 0.25
+    entropy_weight: float = 0.1
+    """Weight of the codebook-usage entropy bonus (maximised; LatentUM uses 0.1)."""
+    dead_code_threshold: float = 0.03
+    """A code whose EMA usage falls below this fraction of uniform usage is re-seeded from the batch."""
+
+    def __post_init__(self):
+        _check(self.codebooks >= 1, f"quantizer.codebooks must be >= 1, got {self.codebooks}")
+        _check(self.codebook_size >= 2, f"quantizer.codebook_size must be >= 2, got {self.codebook_size}")
+        _check(self.code_dim >= 1, f"quantizer.code_dim must be >= 1, got {self.code_dim}")
+
+    @property
+    def dim(self) -> int:
+        return self.codebooks * self.code_dim
+
+
+@dataclass
+class BackboneConfig:
+    """MoME decoder-only transformer: shared attention, separate und/gen branches per layer."""
+
+    vocab_size: int = 256
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    ffn_hidden: int = 384
+    """SwiGLU hidden size."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 4096
+
+    def __post_init__(self):
+        _check(self.dim % self.heads == 0, f"backbone.dim={self.dim} must divide by heads={self.heads}")
+        _check(self.heads % self.kv_heads == 0,
+               f"backbone.heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        _check((self.dim // self.heads) % 2 == 0, "backbone head_dim must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+@dataclass
+class HeadConfig:
+    """Depth-wise AR head: emits the G codebook ids of one image token from the backbone state."""
+
+    depth: int = 1
+    heads: int = 4
+    mlp_ratio: int = 4
+
+
+@dataclass
+class AIAStage:
+    """One piecewise-constant stage: layers with relative depth >= ``start`` use this target/delta."""
+
+    start: float
+    target: float
+    delta: float
+
+    def __post_init__(self):
+        _check(0.0 <= self.start < 1.0, f"aia stage start must be in [0, 1), got {self.start}")
+        _check(0.0 <= self.target <= 1.0, f"aia stage target must be in [0, 1], got {self.target}")
+        _check(self.delta > 0, f"aia stage delta must be > 0, got {self.delta}")
+
+
+def _default_und_stages() -> list[AIAStage]:
+    # Relative-depth mapping of AIA's Janus-Pro understanding table (reference/aia-r3-vsp-geneval.md §1.7a).
+    return [AIAStage(0.0, 0.10, 0.05), AIAStage(1 / 3, 0.15, 0.05), AIAStage(2 / 3, 0.30, 0.05)]
+
+
+def _default_gen_stages() -> list[AIAStage]:
+    return [AIAStage(0.0, 0.40, 0.2), AIAStage(1 / 3, 0.40, 0.1), AIAStage(5 / 6, 0.20, 0.05)]
+
+
+@dataclass
+class AIAConfig:
+    """Attention Interaction Alignment: Huber pull of per-layer cross-modal attention mass to targets."""
+
+    und_weight: float = 0.1
+    gen_weight: float = 0.05
+    und_stages: list[AIAStage] = field(default_factory=_default_und_stages)
+    gen_stages: list[AIAStage] = field(default_factory=_default_gen_stages)
+
+    def __post_init__(self):
+        self.und_stages = [s if isinstance(s, AIAStage) else AIAStage(**s) for s in self.und_stages]
+        self.gen_stages = [s if isinstance(s, AIAStage) else AIAStage(**s) for s in self.gen_stages]
+        for name in ("und_stages", "gen_stages"):
+            stages = getattr(self, name)
+            _check(len(stages) > 0 and stages[0].start == 0.0, f"aia.{name} must start with a stage at 0.0")
+            starts = [s.start for s in stages]
+            _check(starts == sorted(set(starts)), f"aia.{name} starts must increase strictly, got {starts}")
+        _check(self.und_weight >= 0 and self.gen_weight >= 0, "aia weights must be >= 0")
+
+
+@dataclass
+class DecoderConfig:
+    """Pixel decoder: a diffusers UNet2DModel conditioned on the spatial map of quantized codes."""
+
+    resolution: int = 64
+    """Output side in pixels (the canvas is rendered at this size)."""
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 1
+    cond_channels: int = 16
+    """Channels of the projected code map fed next to the noisy image."""
+    train_timesteps: int = 1000
+    inference_steps: int = 8
+    prediction_type: str = "sample"
+
+    def __post_init__(self):
+        _check(self.prediction_type in ("epsilon", "sample", "v_prediction"),
+               f"decoder.prediction_type must be epsilon|sample|v_prediction, got {self.prediction_type!r}")
+        _check(self.resolution % 2 ** (len(self.channels) - 1) == 0,
+               f"decoder.resolution={self.resolution} must divide by 2**(len(channels)-1)")
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (a LightningModule + its data) as the YAML writes it."""
+
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    precision: str = "bf16-mixed"
+    """Lightning precision; bf16 autocast is several times faster on CPUs with AMX."""
+    strategy: str = "auto"
+    """Lightning strategy: auto | ddp | ddp_spawn | fsdp."""
+    devices: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 100
+    seed: int = 0
+    tasks: dict[str, float] = field(default_factory=dict)
+    """Task name -> sampling weight for this stage's data mixture."""
+    map_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    train_understanding: bool = True
+    """Stage 2 only: also train the understanding branch (text loss on trajectories)."""
+    aia: AIAConfig = field(default_factory=AIAConfig)
+    code_noise: float = 0.15
+    """Stage 2: probability of replacing each code of a read-back latent by a random one (LatentUM §8)."""
+    cfg_dropout: float = 0.1
+    """Stage 2: probability of dropping the prompt of a text-to-image sample (classifier-free guidance)."""
+
+    def __post_init__(self):
+        if isinstance(self.aia, dict):
+            self.aia = AIAConfig(**self.aia)
+        _check(self.steps > 0, f"steps must be > 0, got {self.steps}")
+        _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(all(w >= 0 for w in self.tasks.values()), f"task weights must be >= 0, got {self.tasks}")
+        _check(all(3 <= s <= 8 for s in self.map_sizes), f"map_sizes must be within 3..8, got {self.map_sizes}")
+
+
+STAGES = ("vlm", "mbaq", "mome", "decoder")
+
+
+@dataclass
+class RecipeConfig:
+    """A whole recipe: the model, the pixel decoder and one TrainConfig per stage."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    stages: dict[str, TrainConfig] = field(default_factory=dict)
+    name: str = "recipe"
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = from_dict(ModelConfig, self.model)
+        if isinstance(self.decoder, dict):
+            self.decoder = from_dict(DecoderConfig, self.decoder)
+        self.stages = {k: v if isinstance(v, TrainConfig) else from_dict(TrainConfig, v)
+                       for k, v in self.stages.items()}
+        unknown = set(self.stages) - set(STAGES)
+        _check(not unknown, f"unknown stages {sorted(unknown)}; expected a subset of {STAGES}")
+
+
+def from_dict(cls: type, data: dict[str, Any]):
+    """Build dataclass ``cls`` from a plain dict, recursing into nested dataclasses; unknown keys raise."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        t = hints[k]
+        kwargs[k] = from_dict(t, v) if is_dataclass(t) and isinstance(v, dict) else v
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def load_recipe(path: str) -> RecipeConfig:
+    """Parse a recipe YAML (``configs/*.yaml``) into a validated RecipeConfig."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at the top level")
+    return from_dict(RecipeConfig, data)

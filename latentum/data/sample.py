@@ -1,0 +1,41 @@
+"""The one sample format every data world produces and the model consumes.
+
+A sample is a two-turn conversation, as in the LatentUM interleaved JSONL: a user turn and an assistant turn,
+each a list of items that are either text (``str``) or an image (``np.ndarray``, uint8, (H, W, 3), already
+at the model's canvas size). Images in the user turn are *inputs* (continuous encoder features); images in
+the assistant turn are *targets* (latent tokens the generation branch must produce and the understanding
+branch reads back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+Item = Union[str, np.ndarray]
+
+
+@dataclass
+class Sample:
+    user: list[Item]
+    assistant: list[Item]
+    task: str
+    """Task name, e.g. "vsp_plan", "vsp_hole", "shapes_t2i"; selects the AIA task and metrics."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Ground truth for evaluation (map, answer, prompt spec...); never fed to the model."""
+
+    def __post_init__(self):
+        for turn in ("user", "assistant"):
+            for i, item in enumerate(getattr(self, turn)):
+                if isinstance(item, str):
+                    continue
+                if not (isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 3
+                        and item.shape[2] == 3):
+                    raise TypeError(f"Sample.{turn}[{i}] must be str or a uint8 (H, W, 3) array, got "
+                                    f"{type(item).__name__} {getattr(item, 'shape', '')}")
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        return [x for x in self.user + self.assistant if isinstance(x, np.ndarray)]

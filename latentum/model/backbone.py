@@ -1,0 +1,308 @@
+"""MoME backbone: a decoder-only transformer whose layers have an understanding and a generation branch.
+
+Per layer (LatentUM §3, the "mot" variant): shared input and post-attention RMSNorms; per branch q/k/v/o
+projections (GQA), per-head q/k RMSNorm and a SwiGLU FFN; ONE softmax attention over the whole sequence
+with one KV cache. Shared too: token embedding, RoPE, final norm, lm_head. Each token is routed to one
+branch by ``gen_mask`` with index_select / index_copy on the flattened rows, so no token pays for both
+branches (the reference computes both and blends, doubling compute).
+
+Shape letters:
+    B  batch           T  new tokens of this forward      S  keys (cached + new)
+    D  model dim       H  query heads     K  kv heads     r  query heads per kv head (H = K * r)
+    d  head dim        F  FFN hidden      N  flattened token rows (B * T)     n  rows routed to one branch
+    L  layers          V  vocabulary
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from latentum.config import BackboneConfig
+from latentum.losses.aia import span_attention_mass
+from latentum.model.cache import KVCache
+
+BRANCHES = ("und", "gen")  # index 0 = understanding, 1 = generation
+
+
+class AttentionSpans(NamedTuple):
+    """AIA spans: each sample's query span ``query (B, T)`` and key span ``key (B, S)`` (bool)."""
+
+    query: Tensor
+    key: Tensor
+
+
+class BackboneOutput(NamedTuple):
+    hidden: Tensor
+    """(B, T, D) after the final norm."""
+    attn_mass: Tensor | None
+    """(L, B) attention mass of the query span on the key span per layer (AIA), or None without spans."""
+
+
+class Route(NamedTuple):
+    """Flat row indices (into the B*T rows) of the tokens each branch processes."""
+
+    und: Tensor
+    gen: Tensor
+
+    @classmethod
+    def from_mask(cls, gen_mask: Tensor) -> Route:
+        flat = gen_mask.reshape(-1)  # (N,)
+        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1))
+
+
+def routed(x_ND: Tensor, route: Route, fns: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]) -> Tensor:
+    """Apply ``fns[i]`` to the rows of branch i only (gather), and scatter the results back into place."""
+    outs = [(idx, fn(x_ND.index_select(0, idx))) for idx, fn in zip(route, fns) if idx.numel()]
+    out = outs[0][1].new_zeros(x_ND.shape[0], outs[0][1].shape[1])  # (N, out)
+    for idx, y in outs:
+        out = out.index_copy(0, idx, y.to(out.dtype))
+    return out
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the Llama/Qwen layout (rotate-half over [freqs, freqs]) so HF weights load unchanged."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, d) in fp32, broadcast over heads."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (B, T, d/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, d)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, h, T, d) rotated by position; computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # (n, F) -> (n, D)
+
+
+class Branch(nn.Module):
+    """Everything one branch owns in a layer: q/k/v/o projections, per-head q/k norms, the FFN."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        d = cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, d
+        self.q_proj = nn.Linear(cfg.dim, cfg.heads * d, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * d, cfg.dim, bias=False)
+        self.q_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.k_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def qkv(self, x_nD: Tensor) -> Tensor:
+        """(n, D) -> (n, (H + 2K) * d): normed q and k, and v, concatenated so one scatter routes all three."""
+        q = self.q_norm(rearrange(self.q_proj(x_nD), "n (h d) -> n h d", d=self.head_dim))  # (n, H, d)
+        k = self.k_norm(rearrange(self.k_proj(x_nD), "n (h d) -> n h d", d=self.head_dim))  # (n, K, d)
+        v = rearrange(self.v_proj(x_nD), "n (h d) -> n h d", d=self.head_dim)  # (n, K, d)
+        return rearrange(torch.cat([q, k, v], dim=1), "n h d -> n (h d)")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """SDPA of q (B, H, T, d) over k, v (B, K, S, d) under ``allowed`` (B, T, S); rows with no key give 0."""
+    r = q.shape[1] // k.shape[1]
+    k = repeat(k.to(q.dtype), "b k s d -> b (k r) s d", r=r)  # (B, H, S, d)
+    v = repeat(v.to(q.dtype), "b k s d -> b (k r) s d", r=r)
+    any_key = allowed.any(-1, keepdim=True)  # (B, T, 1)
+    # A fully masked row (a padding query) would softmax over nothing -> NaN; let it see every key, then
+    # zero its output so it carries no information and no gradient.
+    mask = (allowed | ~any_key)[:, None]  # (B, 1, T, S)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, d)
+    return out * any_key[:, None].to(out.dtype)
+
+
+class MoMELayer(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.input_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.post_attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.branches = nn.ModuleList([Branch(cfg), Branch(cfg)])  # [und, gen]
+
+    def forward(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], allowed: Tensor,
+                kv: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+                spans: AttentionSpans | None) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, D) -> (B, T, D) and the AIA span mass (B,) when ``spans`` is given."""
+        B, T, D = x.shape
+        und, gen = self.branches
+        H, K, d = self.heads, self.kv_heads, self.head_dim
+        h = rearrange(self.input_norm(x), "b t c -> (b t) c")  # (N, D)
+        qkv = routed(h, route, (und.qkv, gen.qkv))  # (N, (H + 2K) * d)
+        qkv = rearrange(qkv, "(b t) (h d) -> b h t d", b=B, d=d)  # (B, H + 2K, T, d)
+        q, k, v = qkv.split([H, K, K], dim=1)  # (B, H, T, d), (B, K, T, d), (B, K, T, d)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k_all, v_all = kv(k, v)  # (B, K, S, d)
+        y = attend(q, k_all, v_all, allowed)  # (B, H, T, d)
+        mass = None
+        if spans is not None:
+            mass = span_attention_mass(q, k_all, allowed, spans.query, spans.key)  # (B,)
+        y = rearrange(y, "b h t d -> (b t) (h d)")
+        x = x + rearrange(routed(y, route, (und.o_proj, gen.o_proj)), "(b t) c -> b t c", b=B)
+        h = rearrange(self.post_attn_norm(x), "b t c -> (b t) c")
+        x = x + rearrange(routed(h, route, (und.ffn, gen.ffn)), "(b t) c -> b t c", b=B)
+        return x, mass
+
+
+class MoMEBackbone(nn.Module):
+    """The shared-attention two-branch transformer. ``forward`` takes embeddings so callers can mix
+    token embeddings with projected image codes; ``embed`` and ``logits`` are the shared text ends."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList([MoMELayer(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanoGPT-style init, both branches drawn independently (see ``init_generation_branch``):
+
+        - embedding: N(0, 0.02)
+        - q/k/v projections, FFN gate/up, lm_head: N(0, 0.02)
+        - o_proj and FFN down (the residual writers): N(0, 0.02 / sqrt(2 * depth)) (GPT-2 scaling)
+        - every RMSNorm (input, post-attention, q/k, final): weight 1
+        """
+        std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.depth)
+        nn.init.normal_(self.embedding.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for name, p in self.layers.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down.weight")):
+                nn.init.normal_(p, std=resid_std)
+            else:
+                nn.init.normal_(p, std=std)
+        nn.init.ones_(self.norm.weight)
+
+    @torch.no_grad()
+    def init_generation_branch(self) -> None:
+        """Copy every und-branch parameter into the gen branch (LatentUM §3 initialisation)."""
+        for layer in self.layers:
+            und, gen = layer.branches
+            gen.load_state_dict(und.state_dict())
+
+    def branch_parameters(self, branch: Literal["und", "gen"]) -> Iterator[nn.Parameter]:
+        """Parameters owned by one branch (the trainers freeze by these)."""
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        i = BRANCHES.index(branch)
+        for layer in self.layers:
+            yield from layer.branches[i].parameters()
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Embedding, the per-layer shared norms, the final norm and lm_head."""
+        branch_ids = {id(p) for b in BRANCHES for p in self.branch_parameters(b)}
+        yield from (p for p in self.parameters() if id(p) not in branch_ids)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache sized for this backbone, on its device."""
+        p = self.embedding.weight
+        return KVCache(self.cfg.depth, batch, self.cfg.kv_heads, self.cfg.head_dim, max_len,
+                       device=p.device, dtype=dtype or p.dtype)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """ids (B, T) -> (B, T, D)."""
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"embed: ids must be an integer tensor, got {ids.dtype}")
+        return self.embedding(ids)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., D) -> (..., V)."""
+        return self.lm_head(hidden)
+
+    def forward(self, x: Tensor, gen_mask: Tensor, positions: Tensor, attn_mask: Tensor | None = None,
+                cache: KVCache | None = None, key_valid: Tensor | None = None,
+                spans: AttentionSpans | None = None) -> BackboneOutput:
+        """Run T new tokens (embeddings ``x`` (B, T, D)) through every layer.
+
+        ``gen_mask`` (B, T) routes True tokens to the gen branch; ``positions`` (B, T) are RoPE positions.
+        ``attn_mask`` (B, T, S) is True where a query may attend a key, S = cached length + T; when None it
+        is causal over [cached keys ; new keys]. Either way keys marked invalid (the cache's stored
+        ``key_valid`` and this call's ``key_valid`` (B, T), default all True) are never attended: that is
+        how left padding is masked during generation. With ``cache`` the new keys are appended to it.
+        """
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        self._check_inputs(x, gen_mask, positions, attn_mask, cache, key_valid, spans, past)
+        if key_valid is None:
+            key_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        route = Route.from_mask(gen_mask)
+        rope = self.rope(positions)
+        if cache is None:
+            return self._run(x, route, rope, attn_mask, key_valid, None, spans)
+        with cache.extend(key_valid) as valid_all:
+            return self._run(x, route, rope, attn_mask, valid_all, cache, spans)
+
+    def _run(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], attn_mask: Tensor | None,
+             valid_all: Tensor, cache: KVCache | None, spans: AttentionSpans | None) -> BackboneOutput:
+        """The layer loop; ``valid_all`` (B, S) is the validity of every key this forward sees."""
+        B, T, _ = x.shape
+        S = valid_all.shape[1]
+        if attn_mask is None:
+            q_pos = torch.arange(S - T, S, device=x.device)  # absolute slot of each new query
+            attn_mask = (torch.arange(S, device=x.device)[None, :] <= q_pos[:, None])[None]  # (1, T, S)
+        allowed = attn_mask & valid_all[:, None, :]  # (B, T, S)
+        masses = []
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                kv = lambda k, v: (k, v)
+            else:
+                kv = lambda k, v, i=i: cache.append(i, k, v)
+            x, mass = layer(x, route, rope, allowed, kv, spans)
+            masses.append(mass)
+        attn_mass = torch.stack(masses) if spans is not None else None  # (L, B)
+        return BackboneOutput(hidden=self.norm(x), attn_mass=attn_mass)
+
+    def _check_inputs(self, x: Tensor, gen_mask: Tensor, positions: Tensor, attn_mask: Tensor | None,
+                      cache: KVCache | None, key_valid: Tensor | None, spans: AttentionSpans | None,
+                      past: int) -> None:
+        """Boundary checks: every error names the argument and the expected shape/dtype."""
+        if x.ndim != 3 or x.shape[2] != self.cfg.dim or x.shape[1] < 1:
+            raise ValueError(f"x must be (B, T>=1, D={self.cfg.dim}) embeddings, got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        S = past + T
+        expect = {"gen_mask": (gen_mask, (B, T), (torch.bool,)),
+                  "positions": (positions, (B, T), (torch.int64, torch.int32)),
+                  "attn_mask": (attn_mask, (B, T, S), (torch.bool,)),
+                  "key_valid": (key_valid, (B, T), (torch.bool,))}
+        if spans is not None:
+            expect["spans.query"] = (spans.query, (B, T), (torch.bool,))
+            expect["spans.key"] = (spans.key, (B, S), (torch.bool,))
+        for name, (t, shape, dtypes) in expect.items():
+            if t is not None and (tuple(t.shape) != shape or t.dtype not in dtypes):
+                raise ValueError(f"{name} must be {' or '.join(map(str, dtypes))} of shape {shape} "
+                                 f"(S = cached {past} + T {T}), got {t.dtype} {tuple(t.shape)}")
+        if cache is not None and cache.batch != B:
+            raise ValueError(f"cache holds batch {cache.batch}, but x has batch {B}")

@@ -1,0 +1,144 @@
+"""One preallocated key/value cache shared by both MoME branches.
+
+The MoME backbone runs ONE attention over the whole interleaved sequence, so there is one cache whichever
+branch produced a token's keys (LatentUM §3). Generation of a latent image forks the cache, fills the fork
+through the gen branch, discards it and replays the latents through the und branch (LatentUM §4): that is
+``fork()`` plus, for the replay, ``truncate()``.
+
+Shape letters:
+    L  layers (depth)          B  batch rows
+    K  kv heads                S  key slots (S_max preallocated; ``length`` of them filled)
+    T  tokens written by the forward in progress
+    d  head dim
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Preallocated k/v ``(L, B, K, S_max, d)`` plus a ``(B, S_max)`` key-validity mask and a ``length``.
+
+    One forward of the backbone writes T new tokens into every layer. Its protocol is:
+    ``with cache.extend(key_valid_new) as key_valid_all:`` then ``cache.append(layer, k, v)`` once per layer;
+    ``length`` advances by T only when the block exits cleanly, so layer ``l`` always sees exactly the same
+    keys as layer 0 and a forward that raises leaves the cache as it was.
+    """
+
+    def __init__(self, depth: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        for name, val in (("depth", depth), ("batch", batch), ("kv_heads", kv_heads),
+                          ("head_dim", head_dim), ("max_len", max_len)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {val!r}")
+        self.k = torch.zeros(depth, batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.key_valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
+        self.length = 0
+        self._pending = 0  # T of the forward in progress (0 outside ``extend``)
+
+    # ----------------------------------------------------------------------------------------------- shape
+    @property
+    def depth(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def valid(self) -> Tensor:
+        """Key validity of the committed keys, ``(B, length)`` (a view)."""
+        return self.key_valid[:, : self.length]
+
+    # ------------------------------------------------------------------------------------------- writing
+    @contextmanager
+    def extend(self, key_valid: Tensor) -> Iterator[Tensor]:
+        """Open a write of T new tokens; yields the ``(B, length + T)`` key-validity mask for this forward."""
+        if self._pending:
+            raise RuntimeError("KVCache.extend: a forward is already writing into this cache")
+        if key_valid.dtype != torch.bool or key_valid.ndim != 2 or key_valid.shape[0] != self.batch:
+            raise ValueError(f"KVCache.extend: key_valid must be bool (B={self.batch}, T), "
+                             f"got {key_valid.dtype} {tuple(key_valid.shape)}")
+        T = key_valid.shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(f"KVCache.extend: {T} new tokens do not fit: length={self.length}, "
+                             f"max_len={self.max_len}; allocate a larger cache")
+        end = self.length + T
+        self.key_valid[:, self.length : end] = key_valid
+        self._pending = T
+        try:
+            yield self.key_valid[:, :end]
+        except BaseException:
+            self.key_valid[:, self.length : end] = False
+            raise
+        else:
+            self.length = end
+        finally:
+            self._pending = 0
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this layer's new ``(B, K, T, d)`` keys/values; return views of all ``(B, K, length+T, d)``."""
+        if not self._pending:
+            raise RuntimeError("KVCache.append must be called inside `with cache.extend(...)`")
+        expected = (self.batch, self.k.shape[2], self._pending, self.k.shape[4])
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"KVCache.append: k and v must have shape (B, K, T, d)={expected}, "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        start, end = self.length, self.length + self._pending
+        # The cache stores values, never graph: past keys are constants to later forwards.
+        self.k[layer, :, :, start:end] = k.detach()
+        self.v[layer, :, :, start:end] = v.detach()
+        if k.requires_grad or v.requires_grad:
+            # Training through a cache: keep the graph of this forward's keys (costs one concat).
+            past_k, past_v = self.k[layer, :, :, :start], self.v[layer, :, :, :start]
+            return torch.cat([past_k, k.to(past_k.dtype)], 2), torch.cat([past_v, v.to(past_v.dtype)], 2)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    # ------------------------------------------------------------------------------------------- editing
+    def fork(self) -> KVCache:
+        """An independent copy (same capacity) holding the first ``length`` keys; writes do not leak back."""
+        if self._pending:
+            raise RuntimeError("KVCache.fork: cannot fork while a forward is writing")
+        new = KVCache.__new__(KVCache)
+        new.k = torch.zeros_like(self.k)
+        new.v = torch.zeros_like(self.v)
+        new.key_valid = torch.zeros_like(self.key_valid)
+        new.k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
+        new.v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
+        new.key_valid[:, : self.length] = self.key_valid[:, : self.length]
+        new.length = self.length
+        new._pending = 0
+        return new
+
+    def truncate(self, length: int) -> None:
+        """Forget every key at or after ``length`` (O(1): later writes overwrite the stale slots)."""
+        if self._pending:
+            raise RuntimeError("KVCache.truncate: cannot truncate while a forward is writing")
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.truncate: length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B',) in that order; repeats allowed (e.g. doubling the batch for CFG)."""
+        if self._pending:
+            raise RuntimeError("KVCache.reorder: cannot reorder while a forward is writing")
+        if index.ndim != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"KVCache.reorder: index must be a 1-D integer tensor, got "
+                             f"{index.dtype} {tuple(index.shape)}")
+        index = index.to(self.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.key_valid = self.key_valid.index_select(0, index)
