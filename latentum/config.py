@@ -74,7 +74,8 @@ class QuantizerConfig:
 class BackboneConfig:
     """MoME decoder-only transformer: shared attention, separate und/gen branches per layer."""
 
-    vocab_size: int = 256
+    vocab_size: int = 0
+    """Text vocabulary; 0 means "take it from the tokenizer" (the trainer fills it in before building)."""
     dim: int = 128
     depth: int = 4
     heads: int = 4
@@ -86,6 +87,7 @@ class BackboneConfig:
     max_seq_len: int = 4096
 
     def __post_init__(self):
+        _check(self.vocab_size >= 0, f"backbone.vocab_size must be >= 0, got {self.vocab_size}")
         _check(self.dim % self.heads == 0, f"backbone.dim={self.dim} must divide by heads={self.heads}")
         _check(self.heads % self.kv_heads == 0,
                f"backbone.heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")

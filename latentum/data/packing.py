@@ -73,7 +73,7 @@ class _Row:
 
 
 def _tokenize_row(sample: Sample, tok: TextTokenizer, n_tokens: int, drop_prompt: bool) -> _Row:
-    r = _Row([tok.bos_id], [], [False], [], [], [])
+    r = _Row([tok.bos_id], [IGNORE], [False], [], [], [])
     for turn, items in (("user", sample.user), ("assistant", sample.assistant)):
         for item in items:
             supervised = turn == "assistant"

@@ -55,6 +55,13 @@ class Decoder:
         open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
         return self.feed(torch.cat([open_, emb, close], dim=1), gen)
 
+    def feed_input_images(self, pixels: np.ndarray):
+        """Feed observed images (B, H, W, 3) as <img> + continuous features + </img>, und branch."""
+        B = len(pixels)
+        open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
+        emb = self.model.input_embeddings(pixels).to(open_.dtype)
+        return self.feed(torch.cat([open_, emb, close], dim=1))
+
     def prefill(self, prompts: list[list[Item]], drop_text: bool = False):
         """Left-pad and feed ``<bos>`` + each row's user items (text and input images)."""
         rows = [prompt_tokens(p, self.tok, self.model.tokens_per_image, drop_text) for p in prompts]
@@ -116,14 +123,15 @@ class Decoder:
                 hu = uncond.feed(emb, gen=True)[:, -1]
         return torch.stack(out, dim=1)
 
-    def think(self, params: SamplingParams, generator=None) -> torch.Tensor:
+    def think(self, params: SamplingParams, generator=None, reread=None) -> torch.Tensor:
         """Fork, generate a latent image on the fork, discard it, replay the image through the und branch.
-        Returns the image ids (B, N, G); afterwards ``last`` predicts the text that follows ``</img>``."""
+        ``reread`` (ids -> ids) may transform the image before it is read (e.g. a pixel round trip).
+        Returns the generated ids (B, N, G); afterwards ``last`` predicts the text after ``</img>``."""
         mark, pos = self.cache.length, self.next_pos.clone()
         ids = self.generate_latent(params, generator)
         self.cache.truncate(mark)
         self.next_pos = pos
-        self.feed_latents(ids)
+        self.feed_latents(ids if reread is None else reread(ids))
         return ids
 
     def keep_rows(self, index: torch.Tensor) -> None:

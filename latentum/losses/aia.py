@@ -34,7 +34,8 @@ def _gather_span_rows(query_mask: Tensor) -> tuple[Tensor, Tensor]:
     return order, slot
 
 
-def span_attention_mass(q: Tensor, k: Tensor, allowed: Tensor, query_mask: Tensor, key_mask: Tensor) -> Tensor:
+def span_attention_mass(q: Tensor, k: Tensor, allowed: Tensor, query_mask: Tensor,
+                        key_mask: Tensor) -> Tensor:
     """Mean attention mass each sample's query span puts on its key span, ``(B,)``, differentiable.
 
     For a query row q: ``m_q = exp(LSE_{k in key span, allowed} s_qk - LSE_{k allowed} s_qk)``, i.e. the sum
@@ -94,7 +95,7 @@ def stage_targets(stages: list[AIAStage], depth: int) -> tuple[Tensor, Tensor]:
 
 
 def huber(x: Tensor, delta: Tensor) -> Tensor:
-    """Elementwise PyTorch ``HuberLoss(delta)`` with a tensor delta: 0.5 x^2 inside, delta(|x| - delta/2) out."""
+    """Elementwise PyTorch ``HuberLoss(delta)``, delta a tensor: 0.5 x^2 inside, delta(|x| - delta/2) out."""
     a = x.abs()
     return torch.where(a <= delta, 0.5 * x * x, delta * (a - 0.5 * delta))
 
@@ -104,11 +105,13 @@ def _check_inputs(mass: Tensor, task: Tensor, valid: Tensor) -> None:
         raise ValueError(f"aia_loss: mass must be (L, B), got shape {tuple(mass.shape)}")
     B = mass.shape[1]
     if task.shape != (B,) or task.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"aia_loss: task must be an integer (B={B},) tensor, got {task.dtype} {tuple(task.shape)}")
+        raise ValueError(f"aia_loss: task must be an integer (B={B},) tensor, "
+                         f"got {task.dtype} {tuple(task.shape)}")
     if not ((task == UND) | (task == GEN)).all():
         raise ValueError(f"aia_loss: task must hold 0 (und) or 1 (gen), got values {task.unique().tolist()}")
     if valid.shape != (B,) or valid.dtype != torch.bool:
-        raise ValueError(f"aia_loss: valid must be a bool (B={B},) tensor, got {valid.dtype} {tuple(valid.shape)}")
+        raise ValueError(f"aia_loss: valid must be a bool (B={B},) tensor, "
+                         f"got {valid.dtype} {tuple(valid.shape)}")
 
 
 def aia_loss(mass: Tensor, task: Tensor, valid: Tensor, cfg: AIAConfig) -> LossBreakdown:
@@ -133,8 +136,10 @@ def aia_loss(mass: Tensor, task: Tensor, valid: Tensor, cfg: AIAConfig) -> LossB
     target = torch.where(is_gen[None, :], t_gen[:, None], t_und[:, None])  # (L, B)
     delta = torch.where(is_gen[None, :], d_gen[:, None], d_und[:, None])  # (L, B)
     weight = torch.where(is_gen, cfg.gen_weight, cfg.und_weight).to(mass.dtype) * valid.to(mass.dtype)  # (B,)
-    # where() rather than a multiply: a NaN intensity of an invalid sample must not poison the sum.
-    per = torch.where(valid[None, :], huber(mass - target, delta), torch.zeros_like(mass)) * weight  # (L, B)
+    # where() on the residual, not a multiply after: a NaN intensity of an invalid sample (e.g. no key span)
+    # must not poison the sum or, through 0 * NaN in backward, the gradient.
+    diff = torch.where(valid[None, :], mass - target, torch.zeros_like(mass))  # (L, B)
+    per = huber(diff, delta) * weight  # (L, B)
     total = per.sum() / (L * B)
     parts: dict[str, Tensor] = {}
     for name, sel in (("und", ~is_gen & valid), ("gen", is_gen & valid)):

@@ -57,13 +57,34 @@ class Route(NamedTuple):
         return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1))
 
 
-def routed(x_ND: Tensor, route: Route, fns: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]) -> Tensor:
+RowFn = Callable[[Tensor], Tensor]
+
+
+def routed(x_ND: Tensor, route: Route, fns: tuple[RowFn, RowFn]) -> Tensor:
     """Apply ``fns[i]`` to the rows of branch i only (gather), and scatter the results back into place."""
     outs = [(idx, fn(x_ND.index_select(0, idx))) for idx, fn in zip(route, fns) if idx.numel()]
     out = outs[0][1].new_zeros(x_ND.shape[0], outs[0][1].shape[1])  # (N, out)
     for idx, y in outs:
         out = out.index_copy(0, idx, y.to(out.dtype))
     return out
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as Llama/Qwen in ``transformers``: normalise in fp32, cast back, then scale.
+
+    Hand-written rather than ``nn.RMSNorm`` so pretrained HF weights reproduce their reference numerics, and
+    so bf16 autocast inputs with fp32 weights do not fall off the fused kernel (a mixed-dtype warning).
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -114,12 +135,12 @@ class Branch(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.heads * d, cfg.dim, bias=False)
-        self.q_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.k_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.q_norm = RMSNorm(d, eps=cfg.norm_eps)
+        self.k_norm = RMSNorm(d, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def qkv(self, x_nD: Tensor) -> Tensor:
-        """(n, D) -> (n, (H + 2K) * d): normed q and k, and v, concatenated so one scatter routes all three."""
+        """(n, D) -> (n, (H + 2K) * d): normed q, normed k and v, concatenated so one scatter routes all."""
         q = self.q_norm(rearrange(self.q_proj(x_nD), "n (h d) -> n h d", d=self.head_dim))  # (n, H, d)
         k = self.k_norm(rearrange(self.k_proj(x_nD), "n (h d) -> n h d", d=self.head_dim))  # (n, K, d)
         v = rearrange(self.v_proj(x_nD), "n (h d) -> n h d", d=self.head_dim)  # (n, K, d)
@@ -143,8 +164,8 @@ class MoMELayer(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.input_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.post_attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.input_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.post_attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.branches = nn.ModuleList([Branch(cfg), Branch(cfg)])  # [und, gen]
 
     def forward(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], allowed: Tensor,
@@ -181,7 +202,7 @@ class MoMEBackbone(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList([MoMELayer(cfg) for _ in range(cfg.depth)])
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_weights()
 

@@ -90,7 +90,7 @@ class KVCache:
             self._pending = 0
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this layer's new ``(B, K, T, d)`` keys/values; return views of all ``(B, K, length+T, d)``."""
+        """Write this layer's new ``(B, K, T, d)`` keys/values; return all ``(B, K, length+T, d)`` so far."""
         if not self._pending:
             raise RuntimeError("KVCache.append must be called inside `with cache.extend(...)`")
         expected = (self.batch, self.k.shape[2], self._pending, self.k.shape[4])
@@ -132,7 +132,7 @@ class KVCache:
         self.length = length
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (B',) in that order; repeats allowed (e.g. doubling the batch for CFG)."""
+        """Keep batch rows ``index`` (B',) in that order; repeats allowed (e.g. doubling a batch for CFG)."""
         if self._pending:
             raise RuntimeError("KVCache.reorder: cannot reorder while a forward is writing")
         if index.ndim != 1 or index.dtype not in (torch.int32, torch.int64):

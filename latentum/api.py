@@ -1,0 +1,232 @@
+"""The user-facing API: ``from latentum import LatentUM`` (DESIGN.md, "Python API").
+
+Everything here validates its input at the boundary and then calls the model parts; decoding loops live in
+``latentum.generation``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentum.config import DecoderConfig, ModelConfig, from_dict, to_dict
+from latentum.data.tokenizer import TextTokenizer
+from latentum.generation.engine import Decoder
+from latentum.generation.sampling import GREEDY, SamplingParams
+from latentum.model.latentum import LatentUMModel
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LatentImage:
+    """A generated image as discrete semantic tokens: ``ids`` (N, G), N = grid * grid in raster order."""
+
+    ids: torch.Tensor
+
+    @property
+    def grid(self) -> int:
+        return int(round(self.ids.size(0) ** 0.5))
+
+    def __repr__(self) -> str:
+        return f"LatentImage(tokens={self.ids.size(0)}, codebooks={self.ids.size(1)})"
+
+
+def load_image(image, canvas: int, argument: str = "image") -> np.ndarray:
+    """PIL image, array or path -> uint8 (canvas, canvas, 3). FrozenLake renders (square, 64 px per cell,
+    3..8 cells) are fitted cell-aligned; other square images are resized; anything else is an error."""
+    from latentum.data import frozenlake
+
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"{argument}: no such file: {str(path)!r}")
+        try:
+            image = Image.open(path)
+            image.load()
+        except Exception as e:  # PIL raises several types for unreadable files
+            raise ValueError(f"{argument}: cannot read {str(path)!r} as an image ({e})") from e
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{argument} must be a PIL image, a numpy array or a path, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"{argument} must be a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    image = image[..., :3]
+    h, w = image.shape[:2]
+    if (h, w) == (canvas, canvas):
+        return np.ascontiguousarray(image)
+    if h == w and h % 64 == 0 and 3 <= h // 64 <= 8:
+        return frozenlake.to_canvas(image, canvas=canvas)[0]
+    if h != w:
+        raise ValueError(f"{argument} must be square (a FrozenLake map or a {canvas}px canvas), got {w}x{h}")
+    return np.asarray(Image.fromarray(image).resize((canvas, canvas), Image.BILINEAR))
+
+
+class LatentUM:
+    """A trained latentum model: understanding, latent image generation, rendering, interleaved generation
+    and visual spatial planning. Load with ``LatentUM.from_pretrained(folder)``."""
+
+    def __init__(self, model: LatentUMModel, tokenizer: TextTokenizer, decoder_path: Path | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.decoder_path = decoder_path
+        self._decoder = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def canvas(self) -> int:
+        return self.config.encoder.image_size
+
+    # --- persistence ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> LatentUM:
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"path: {str(path)!r} is not a latentum model folder (no config.json)")
+        meta = json.loads(cfg_file.read_text())
+        cfg = from_dict(ModelConfig, meta["model"])
+        model = LatentUMModel(cfg)
+        load_model(model, str(path / "model.safetensors"), device=str(device))
+        tok = TextTokenizer.load(path)
+        if tok.vocab_size != cfg.backbone.vocab_size:
+            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model expects "
+                             f"{cfg.backbone.vocab_size}")
+        dec = path / "decoder"
+        return cls(model.to(device), tok, dec if (dec / "config.json").is_file() else None)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        save_model_folder(self.model, self.tokenizer, path)
+        if self._decoder is not None:
+            self._decoder.save_pretrained(Path(path) / "decoder")
+
+    # --- understanding ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def answer(self, image, question: str, *, max_new_tokens: int = 16,
+               sampling: SamplingParams = GREEDY, seed: int = 0) -> str:
+        """Answer ``question`` about ``image`` (or a LatentImage, read through the und branch)."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"question must be a non-empty string, got {question!r}")
+        return self.answer_batch([image], [question], max_new_tokens=max_new_tokens, sampling=sampling,
+                                 seed=seed)[0]
+
+    @torch.inference_mode()
+    def answer_batch(self, images: list, questions: list[str], *, max_new_tokens: int = 16,
+                     sampling: SamplingParams = GREEDY, seed: int = 0) -> list[str]:
+        if len(images) != len(questions):
+            raise ValueError(f"images and questions must have the same length, got {len(images)} and "
+                             f"{len(questions)}")
+        from latentum.generation.interleaved import answer_rows
+
+        prompts = [[self._image_item(im, "images"), q] for im, q in zip(images, questions)]
+        return answer_rows(self, prompts, max_new_tokens, sampling, _generator(seed))
+
+    def _image_item(self, image, argument: str):
+        return image if isinstance(image, LatentImage) else load_image(image, self.canvas, argument)
+
+    # --- generation -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_images(self, prompts: list[str] | str, *, cfg_scale: float = 3.0, seed: int = 0,
+                        temperature: float = 0.9, top_k: int = 50, top_p: float = 0.95) -> list[LatentImage]:
+        """Text -> latent images (batched, classifier-free guidance on the AR-head logits)."""
+        from latentum.generation.interleaved import text_to_latents
+
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
+        if cfg_scale < 1:
+            raise ValueError(f"cfg_scale must be >= 1, got {cfg_scale}")
+        ids = text_to_latents(self, prompts, SamplingParams(temperature, top_k, top_p), cfg_scale,
+                              _generator(seed))
+        return [LatentImage(x) for x in ids.cpu()]
+
+    @torch.inference_mode()
+    def generate(self, inputs: list, *, max_images: int = 16, max_new_tokens: int = 256,
+                 sampling: SamplingParams = SamplingParams(0.7, 50, 0.95), seed: int = 0) -> list:
+        """Interleaved generation: ``inputs`` is a list of str / images; returns list[str | LatentImage]."""
+        from latentum.generation.interleaved import interleaved
+
+        if not isinstance(inputs, list) or not inputs:
+            raise ValueError("inputs must be a non-empty list of strings and images")
+        items = [x if isinstance(x, str) else self._image_item(x, f"inputs[{i}]") for i, x in enumerate(inputs)]
+        return interleaved(self, items, max_images, max_new_tokens, sampling, _generator(seed))
+
+    # --- rendering --------------------------------------------------------------------------------------
+    @property
+    def decoder(self):
+        if self._decoder is None:
+            if self.decoder_path is None:
+                raise RuntimeError("this model folder has no pixel decoder (decoder/); train stage 'decoder'")
+            from latentum.model.decoder import PixelDecoder
+
+            self._decoder = PixelDecoder.from_pretrained(self.decoder_path).to(self.model.device).eval()
+        return self._decoder
+
+    @torch.inference_mode()
+    def render(self, latent: LatentImage | list[LatentImage], *, seed: int = 0, steps: int | None = None):
+        """Latent image(s) -> PIL image(s) through the pixel decoder (lazy-loaded on first use)."""
+        single = isinstance(latent, LatentImage)
+        latents = [latent] if single else list(latent)
+        if not latents or not all(isinstance(x, LatentImage) for x in latents):
+            raise TypeError("latent must be a LatentImage or a list of LatentImage")
+        pixels = self.render_ids(torch.stack([x.ids for x in latents]), seed=seed, steps=steps)
+        images = [Image.fromarray(p) for p in pixels]
+        return images[0] if single else images
+
+    def render_ids(self, ids: torch.Tensor, *, seed: int = 0, steps: int | None = None) -> np.ndarray:
+        codes = self.model.quantizer.codes_from_ids(ids.to(self.model.device))
+        return self.decoder.render(codes, steps=steps, generator=_generator(seed))
+
+    # --- planning ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def plan(self, image, *, max_steps: int = 16, seed: int = 0, sampling: SamplingParams = GREEDY):
+        """Plan a FrozenLake map: returns a Plan with ``actions`` (L/D/R/U) and ``thoughts`` (LatentImage)."""
+        return self.plan_batch([image], max_steps=max_steps, seed=seed, sampling=sampling)[0]
+
+    @torch.inference_mode()
+    def plan_batch(self, images: list, *, max_steps: int = 16, seed: int = 0,
+                   sampling: SamplingParams = GREEDY, thoughts: str = "latent"):
+        from latentum.generation.planner import plan_rows
+
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        canvases = [load_image(im, self.canvas, f"images[{i}]") for i, im in enumerate(images)]
+        return plan_rows(self, canvases, max_steps, sampling, _generator(seed), thoughts)
+
+    def new_decoder(self, batch: int, max_len: int | None = None) -> Decoder:
+        return Decoder(self.model, self.tokenizer, batch, max_len or self.config.backbone.max_seq_len)
+
+
+def _generator(seed: int) -> torch.Generator:
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.Generator().manual_seed(seed)
+
+
+def save_model_folder(model: LatentUMModel, tokenizer: TextTokenizer, path: str | Path) -> None:
+    """Write a self-describing folder: config.json, model.safetensors, tokenizer.json."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": FORMAT_VERSION, "model": to_dict(model.cfg)}
+    (path / "config.json").write_text(json.dumps(meta, indent=2))
+    save_model(model, str(path / "model.safetensors"))
+    tokenizer.save(path)
+
+
+def decoder_config_of(path: str | Path) -> DecoderConfig:
+    return from_dict(DecoderConfig, json.loads((Path(path) / "config.json").read_text())["decoder"])

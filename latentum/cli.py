@@ -1,0 +1,164 @@
+"""The ``latentum`` command: train, eval, plan, generate, answer, demo. ``latentum <cmd> --help`` explains each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "checkpoints/tiny"
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="latentum", description="A latent-space unified multimodal model: "
+                                 "train its stages, evaluate, plan FrozenLake maps, generate and answer.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one stage or all stages of a recipe",
+                       description="Train a recipe's stages (vlm -> mbaq -> mome, and decoder) with Lightning. "
+                       "Each stage exports weights the next one starts from; --resume continues a killed run.")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/tiny.yaml")
+    p.add_argument("--stage", default="all", help="vlm | mbaq | mome | decoder | all (default: all)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue from each stage's last checkpoint")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default: 0)")
+    p.add_argument("--devices", type=int, default=None, help="override the number of devices/processes")
+    p.add_argument("--strategy", default=None, help="override the Lightning strategy (auto, ddp, fsdp)")
+    p.add_argument("--steps", type=int, default=None, help="override every stage's step count")
+
+    p = sub.add_parser("eval", help="evaluate a model", description="Evaluate on fresh seeds never used in "
+                       "training. 'vsp': planning success (gym and strict rules), perception QA, safety, "
+                       "visual-thought fidelity and seconds per plan, with the baselines side by side.")
+    p.add_argument("suite", choices=["vsp"], help="what to evaluate")
+    _add_model(p)
+    p.add_argument("--per-level", type=int, default=100, help="maps per level and style (default: 100)")
+    p.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8], help="map sizes")
+    p.add_argument("--styles", nargs="+", default=["gymnasium", "classic"], help="render styles")
+    p.add_argument("--text-model", default=None, help="text-only planner folder for the side-by-side baseline")
+    p.add_argument("--pixel", action="store_true", help="also run pixel-mediated thoughts (slow)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+    p = sub.add_parser("plan", help="plan a FrozenLake map image",
+                       description="Plan a FrozenLake map image (gymnasium or classic gym render, 64 px per cell).")
+    p.add_argument("image", help="path to the map image (PNG/JPEG)")
+    _add_model(p)
+    p.add_argument("--max-steps", type=int, default=16)
+    p.add_argument("--gif", default=None, help="write a GIF of the map and rendered visual thoughts here")
+
+    p = sub.add_parser("generate", help="generate images from text (latent, then rendered)",
+                       description="Text -> latent image tokens (classifier-free guidance) -> pixels.")
+    p.add_argument("prompt", nargs="+", help="one or more prompts, e.g. 'a red circle'")
+    _add_model(p)
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--out", default="outputs/generate", help="folder for the PNGs")
+
+    p = sub.add_parser("answer", help="answer a question about an image",
+                       description="Answer a question about an image with the understanding branch.")
+    p.add_argument("image", help="path to the image")
+    p.add_argument("question", help="e.g. 'Is there a hole at row 2 column 3 ?'")
+    _add_model(p)
+
+    p = sub.add_parser("demo", help="plan a few maps with the shipped checkpoint and write GIFs",
+                       description="Plan a few maps of each size in both render styles with the shipped model, "
+                       "print a results table and write GIFs (map | rendered thoughts | simulated states).")
+    _add_model(p)
+    p.add_argument("--per-size", type=int, default=2, help="maps per size and style (default: 2)")
+    p.add_argument("--out", default="outputs/demo", help="folder for the GIFs")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"latentum {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _load(args):
+    from latentum.api import LatentUM
+
+    if not Path(args.model, "config.json").is_file():
+        raise FileNotFoundError(f"--model {args.model!r} is not a model folder (no config.json)")
+    return LatentUM.from_pretrained(args.model)
+
+
+def cmd_train(args) -> int:
+    from latentum.config import STAGES, load_recipe
+    from latentum.train.run import assemble, train_all, train_stage
+
+    recipe = load_recipe(args.config)
+    for cfg in recipe.stages.values():
+        cfg.devices = args.devices or cfg.devices
+        cfg.strategy = args.strategy or cfg.strategy
+        cfg.steps = args.steps or cfg.steps
+    out = Path(args.out or f"runs/{recipe.name}")
+    if args.stage == "all":
+        final = train_all(recipe, out, resume=args.resume, num_workers=args.workers)
+        print(f"model exported to {final}")
+    elif args.stage in STAGES:
+        export = train_stage(recipe, args.stage, out, resume=args.resume, num_workers=args.workers)
+        if args.stage in ("mome", "decoder") and (out / "mome" / "export").is_dir():
+            assemble(out)
+        print(f"stage {args.stage} exported to {export}")
+    else:
+        raise ValueError(f"--stage must be one of {STAGES + ('all',)}, got {args.stage!r}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from latentum.eval.vsp import evaluate_vsp, print_report
+
+    report = evaluate_vsp(_load(args), levels=args.levels, styles=args.styles, per_level=args.per_level,
+                          seed=args.seed, text_model=args.text_model, pixel=args.pixel)
+    print_report(report)
+    if args.out:
+        import json
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from latentum.eval.demo import plan_image
+
+    print(plan_image(_load(args), args.image, max_steps=args.max_steps, seed=args.seed, gif=args.gif))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    api = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    latents = api.generate_images(args.prompt, cfg_scale=args.cfg_scale, seed=args.seed)
+    for i, (prompt, image) in enumerate(zip(args.prompt, api.render(latents, seed=args.seed))):
+        path = out / f"{i:02d}.png"
+        image.save(path)
+        print(f"{path}: {prompt}")
+    return 0
+
+
+def cmd_answer(args) -> int:
+    print(_load(args).answer(args.image, args.question, seed=args.seed))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from latentum.eval.demo import run_demo
+
+    run_demo(_load(args), per_size=args.per_size, out=args.out, seed=args.seed)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "generate": cmd_generate,
+            "answer": cmd_answer, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""VSP task samples on FrozenLake: the main planning task (with visual thoughts) and the perception /
+reasoning sub-tasks T1-T4 of the VSP benchmark (reference/aia-r3-vsp-geneval.md §3.1).
+
+Every sampler has the signature ``(rng, size, style, canvas=128) -> Sample``, draws a fresh VSP-style map,
+and puts the ground truth (the ``LakeMap`` and the answer) in ``Sample.meta``. Texts are word-level: words
+and punctuation separated by single spaces, rows and columns 1-indexed as in VSP, so a word-level tokenizer
+built from ``vocabulary()`` covers every text exactly. Images are canvases from ``render_canvas``.
+
+Safety (T4) follows the gym scorer: a sequence is safe iff it never enters a hole. Generated sequences never
+touch the goal before their end, so the label is the same whether or not the episode stops at the goal.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from latentum.data.frozenlake import (
+    ACTIONS,
+    MAX_SIZE,
+    MIN_SIZE,
+    LakeMap,
+    Pos,
+    _check_size,
+    _check_style,
+    generate_map,
+    move,
+    render_canvas,
+    shortest_plan,
+)
+from latentum.data.sample import Sample
+
+PLAN_PROMPT = ("Plan a safe path for the player to the goal . "
+               "Move L D R or U one cell at a time and imagine the board after each move .")
+TEXT_PLAN_PROMPT = "Plan a safe path for the player to the goal . Answer with the moves L D R or U ."
+DONE = "Done"
+HOLE_Q = "Is there a hole at row {row} column {col} ?"
+RELATION_Q = "Where is the player relative to the goal ?"
+GRID_Q = "Which text grid matches the map ? A : {A} B : {B} C : {C} D : {D}"
+PLAYER_Q = "Where is the player ?"
+PLAYER_A = "row {row} column {col}"
+SAFETY_Q = "Is the action sequence {actions} safe ?"
+SAFETY_LENGTHS = (1, 3, 5, 7, 9)
+OPTIONS = ("A", "B", "C", "D")
+RELATIONS = ("Above", "Below", "Left", "Right")
+YES, NO = "Yes", "No"
+
+
+def _check(size: int, style: str, canvas: int) -> None:
+    _check_size(size)
+    _check_style(style)
+    if not isinstance(canvas, (int, np.integer)) or canvas < MAX_SIZE or canvas % MAX_SIZE:
+        raise ValueError(f"canvas must be a positive multiple of {MAX_SIZE} (one patch per cell), "
+                         f"got {canvas!r}")
+
+
+def _map_image(m: LakeMap, style: str, canvas: int) -> np.ndarray:
+    return render_canvas(m, m.player, style, None, canvas=canvas)
+
+
+def _meta(m: LakeMap, style: str, answer: str, **extra) -> dict:
+    return {"map": m, "size": m.size, "style": style, "answer": answer, **extra}
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """Main task with visual thoughts: assistant = [a1, board after a1, a2, board after a2, ..., "Done"]
+    along the BFS plan; each board shows the player facing its last move (LatentUM's FrozenLake format)."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    plan = shortest_plan(m)
+    pos, assistant, positions = m.player, [], [m.player]
+    for a in plan:
+        pos = move(m, pos, a)
+        positions.append(pos)
+        assistant += [a, render_canvas(m, pos, style, a, canvas=canvas)]
+    return Sample([PLAN_PROMPT, _map_image(m, style, canvas)], assistant + [DONE], "vsp_plan",
+                  _meta(m, style, " ".join(plan), actions=plan, positions=positions))
+
+
+def text_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """Main task without visual thoughts: the whole plan as one text, e.g. "R D D R Done"."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    plan = shortest_plan(m)
+    user = [TEXT_PLAN_PROMPT, _map_image(m, style, canvas)]
+    answer = " ".join(plan)
+    return Sample(user, [" ".join(plan + [DONE])], "vsp_plan_text", _meta(m, style, answer, actions=plan))
+
+
+# ------------------------------------------------------------------------------------------ perception
+
+
+def _cells(size: int) -> list[Pos]:
+    return [(r, c) for r in range(size) for c in range(size)]
+
+
+def hole_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """T1: "Is there a hole at row r column c ?" -> Yes / No, balanced 50/50."""
+    _check(size, style, canvas)
+    want_hole = bool(rng.random() < 0.5)
+    m = generate_map(size, rng)
+    while want_hole and not m.holes:  # a hole-free map cannot give a Yes; draw another, keep the balance
+        m = generate_map(size, rng)
+    pool = sorted(m.holes) if want_hole else [p for p in _cells(size) if p not in m.holes]
+    r, c = pool[rng.integers(len(pool))]
+    answer = YES if want_hole else NO
+    question = HOLE_Q.format(row=r + 1, col=c + 1)
+    return Sample([_map_image(m, style, canvas), question], [answer], "vsp_hole",
+                  _meta(m, style, answer, cell=(r, c)))
+
+
+def relation_words(player: Pos, goal: Pos) -> str:
+    """VSP T2: Above/Below (rows) then Left/Right (columns); an axis on which they agree gives no word."""
+    words = []
+    if player[0] != goal[0]:
+        words.append("Above" if player[0] < goal[0] else "Below")
+    if player[1] != goal[1]:
+        words.append("Left" if player[1] < goal[1] else "Right")
+    return " ".join(words)
+
+
+def relation_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """T2: where the player is relative to the goal, e.g. "Above Left"."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    answer = relation_words(m.player, m.goal)
+    return Sample([_map_image(m, style, canvas), RELATION_Q], [answer], "vsp_relation",
+                  _meta(m, style, answer))
+
+
+def _near_miss(m: LakeMap, rng: np.random.Generator) -> str:
+    """The true text grid with one ice cell turned into a hole or one hole into ice."""
+    rows = [list(row) for row in m.desc()]
+    flippable = [(r, c) for r, c in _cells(m.size) if rows[r][c] in "FH"]
+    r, c = flippable[rng.integers(len(flippable))]
+    rows[r][c] = "H" if rows[r][c] == "F" else "F"
+    return " / ".join(" ".join(row) for row in rows)
+
+
+def grid_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """T3: pick the text grid of the map among four; distractors are a one-cell near miss and grids of
+    other random maps (any size, as in VSP)."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    options = [m.text_grid(), _near_miss(m, rng)]
+    while len(options) < len(OPTIONS):
+        other = generate_map(int(rng.integers(MIN_SIZE, MAX_SIZE + 1)), rng).text_grid()
+        if other not in options:
+            options.append(other)
+    order = rng.permutation(len(OPTIONS))
+    shuffled = [options[i] for i in order]
+    answer = OPTIONS[int(np.flatnonzero(order == 0)[0])]
+    question = GRID_Q.format(**dict(zip(OPTIONS, shuffled)))
+    return Sample([_map_image(m, style, canvas), question], [answer], "vsp_grid",
+                  _meta(m, style, answer, options=dict(zip(OPTIONS, shuffled))))
+
+
+def player_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """Where is the player? -> "row r column c" (1-indexed)."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    answer = PLAYER_A.format(row=m.player[0] + 1, col=m.player[1] + 1)
+    return Sample([_map_image(m, style, canvas), PLAYER_Q], [answer], "vsp_player", _meta(m, style, answer))
+
+
+# ------------------------------------------------------------------------------------------- reasoning
+
+
+def _walk(m: LakeMap, rng: np.random.Generator, length: int, hole_at: int | None) -> list[str] | None:
+    """A random in-grid walk of ``length`` moves that avoids the goal; it steps into a hole exactly at move
+    ``hole_at`` (1-based; later moves are arbitrary) or never if None. None when the map cannot do it."""
+    pos, actions = m.player, []
+    for step in range(1, length + 1):
+        if hole_at is not None and step > hole_at:
+            actions.append(ACTIONS[rng.integers(len(ACTIONS))])
+            continue
+        want_hole = step == hole_at
+        choices = [a for a in ACTIONS if move(m, pos, a) != pos and move(m, pos, a) != m.goal
+                   and (move(m, pos, a) in m.holes) == want_hole]
+        if not choices:
+            return None
+        a = choices[rng.integers(len(choices))]
+        actions.append(a)
+        pos = move(m, pos, a)
+    return actions
+
+
+def safety_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """T4: "Is the action sequence R D D safe ?" -> Yes / No; lengths 1/3/5/7/9, half safe."""
+    _check(size, style, canvas)
+    length = int(rng.choice(SAFETY_LENGTHS))
+    safe = bool(rng.random() < 0.5)
+    actions = None
+    while actions is None:  # rejection: a map where this kind of walk exists (e.g. has a reachable hole)
+        m = generate_map(size, rng)
+        actions = _walk(m, rng, length, None if safe else int(rng.integers(1, length + 1)))
+    answer = YES if safe else NO
+    question = SAFETY_Q.format(actions=" ".join(actions))
+    return Sample([_map_image(m, style, canvas), question], [answer], "vsp_safety",
+                  _meta(m, style, answer, actions=actions))
+
+
+Sampler = Callable[[np.random.Generator, int, str, int], Sample]
+SAMPLERS: dict[str, Sampler] = {
+    "vsp_plan": plan_sample,
+    "vsp_plan_text": text_plan_sample,
+    "vsp_hole": hole_sample,
+    "vsp_relation": relation_sample,
+    "vsp_grid": grid_sample,
+    "vsp_player": player_sample,
+    "vsp_safety": safety_sample,
+}
+"""Task name (as used in ``TrainConfig.tasks``) -> sampler."""
+
+
+def vocabulary() -> set[str]:
+    """Every whitespace-separated word a VSP text can contain (templates, answers, grid letters, indices)."""
+    templates = [PLAN_PROMPT, TEXT_PLAN_PROMPT, HOLE_Q, RELATION_Q, GRID_Q, PLAYER_Q, PLAYER_A, SAFETY_Q]
+    words = {w for t in templates for w in re.sub(r"\{\w+\}", " ", t).split()}
+    words |= set(ACTIONS) | {DONE, YES, NO} | set(RELATIONS) | set(OPTIONS) | set("SFHG") | {"/"}
+    words |= {str(i) for i in range(1, MAX_SIZE + 1)}
+    return words

@@ -1,0 +1,108 @@
+"""The main job: plan a few maps of each size and style with a trained model, print a table, write GIFs.
+
+Each GIF frame shows, side by side: the input map, the model's visual thought after the move (rendered by the
+pixel decoder, only for display) and the true simulated board after the same move.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from latentum.data import frozenlake as fl
+
+DEMO_NAMESPACE = 31_337
+PANEL = 192
+
+
+def _panel(image: np.ndarray, title: str) -> Image.Image:
+    im = Image.fromarray(image).resize((PANEL, PANEL), Image.NEAREST)
+    out = Image.new("RGB", (PANEL, PANEL + 18), "white")
+    out.paste(im, (0, 18))
+    ImageDraw.Draw(out).text((4, 3), title, fill="black")
+    return out
+
+
+def write_gif(path: str | Path, m: fl.LakeMap, style: str, actions: list[str], thoughts: list[np.ndarray]) -> None:
+    """Frames: [map | thought k | simulated state k] for each move k (thoughts may be empty)."""
+    start = fl.render(m, m.player, style)
+    frames, pos = [], m.player
+    steps = [(None, None)] + list(zip(actions, thoughts if thoughts else [None] * len(actions)))
+    for k, (a, thought) in enumerate(steps):
+        if a is not None:
+            pos = fl.move(m, pos, a)
+        true = fl.render(m, pos, style, last_action=a)
+        imagined = thought if thought is not None else np.full_like(true[:8, :8], 255)
+        row = [_panel(start, "map"), _panel(imagined, f"thought {k}: {a or '-'}"), _panel(true, f"simulated {k}")]
+        frame = Image.new("RGB", (3 * PANEL + 8, PANEL + 18), "white")
+        for i, p in enumerate(row):
+            frame.paste(p, (i * (PANEL + 4), 0))
+        frames.append(frame)
+        if pos in m.holes or pos == m.goal:
+            break
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=700, loop=0)
+
+
+def _rendered_thoughts(api, plan) -> list[np.ndarray]:
+    if not plan.thoughts or api.decoder_path is None:
+        return []
+    import torch
+
+    return list(api.render_ids(torch.stack([t.ids for t in plan.thoughts])))
+
+
+def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: int = 0,
+             sizes=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic")) -> list[dict]:
+    out = Path(out)
+    rows = []
+    print(f"{'style':10s} {'size':>4s} {'map':>3s}  {'plan':24s} {'optimal':>7s} {'gym':>4s} {'strict':>6s} "
+          f"{'sec':>5s}  gif")
+    for style in styles:
+        for size in sizes:
+            rng = np.random.default_rng([DEMO_NAMESPACE, seed, size])
+            for i in range(per_size):
+                m = fl.generate_map(size, rng)
+                canvas = fl.render_canvas(m, m.player, style, canvas=api.canvas)
+                t0 = time.perf_counter()
+                plan = api.plan(canvas, seed=seed)
+                sec = time.perf_counter() - t0
+                gym = fl.simulate(m, plan.actions, "gym").success
+                strict = fl.simulate(m, plan.actions, "strict").success
+                gif = out / f"{style}_{size}x{size}_{i}.gif"
+                write_gif(gif, m, style, plan.actions, _rendered_thoughts(api, plan))
+                rows.append({"style": style, "size": size, "actions": plan.actions, "gym": gym,
+                             "strict": strict, "seconds": sec})
+                print(f"{style:10s} {size:4d} {i:3d}  {' '.join(plan.actions)[:24]:24s} "
+                      f"{len(fl.shortest_plan(m)):7d} {'yes' if gym else 'no':>4s} {'yes' if strict else 'no':>6s} "
+                      f"{sec:5.2f}  {gif}")
+    n = len(rows)
+    print(f"\nsolved {sum(r['strict'] for r in rows)}/{n} (strict), {sum(r['gym'] for r in rows)}/{n} (gym); "
+          f"median {np.median([r['seconds'] for r in rows]):.2f} s per plan; GIFs in {out}/")
+    return rows
+
+
+def plan_image(api, image_path: str, *, max_steps: int = 16, seed: int = 0, gif: str | None = None) -> str:
+    """Plan a user's map image; the map read from the pixels (oracle) is used to check and animate the plan."""
+    from latentum.api import load_image
+
+    canvas = load_image(image_path, api.canvas, "image")
+    full = np.asarray(Image.open(image_path).convert("RGB"))
+    state = fl.read_map(full)
+    if state.player is None or state.goal is None:
+        raise ValueError(f"image: {image_path!r} does not look like a FrozenLake map (found no single player "
+                         f"and goal)")
+    size = full.shape[0] // fl.ENV_CELL_PX
+    m = fl.LakeMap(size, state.holes, state.player, state.goal)
+    plan = api.plan(canvas, max_steps=max_steps, seed=seed)
+    gym, strict = fl.simulate(m, plan.actions, "gym"), fl.simulate(m, plan.actions, "strict")
+    if gif:
+        write_gif(gif, m, state.style, plan.actions, _rendered_thoughts(api, plan))
+    verdict = "reaches the goal" if strict.success else f"fails ({strict.reason})"
+    return (f"plan: {' '.join(plan.actions) or '(none)'}\n{len(plan.thoughts)} visual thoughts; "
+            f"under the strict rule the plan {verdict}; gym rule: {'success' if gym.success else 'failure'}"
+            + (f"\nGIF written to {gif}" if gif else ""))

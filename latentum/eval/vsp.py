@@ -1,0 +1,170 @@
+"""``latentum eval vsp``: planning and perception on fresh FrozenLake maps, with baselines side by side.
+
+Evaluation maps come from their own seed namespace (``EVAL_NAMESPACE``), disjoint from the training streams,
+which seed with ``[cfg.seed, rank, worker, restart]``. Small maps can still coincide with training maps by
+chance (a 3x3 board has few configurations); the report counts how many evaluation maps repeat within it.
+
+Metrics per style and level:
+- success under the **gym** rule (VSP's scorer) and the **strict** rule (ThinkMorph's);
+- perception QA (hole / relation / text grid) and action-sequence safety accuracy;
+- visual-thought fidelity: the share of thoughts equal to the simulated next state, judged by the pixel oracle
+  on the rendered thought (full board) and by the model reading the latent back ("Where is the player ?");
+- seconds per plan: the median over batch-1 plans of a subset, i.e. latency, not throughput.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from latentum.data import frozenlake as fl
+from latentum.data import vsp
+from latentum.data.worlds import make_sample
+
+EVAL_NAMESPACE = 90_210_777
+QA_TASKS = ("vsp_hole", "vsp_relation", "vsp_grid")
+
+
+def eval_maps(level: int, n: int, seed: int = 0) -> list[fl.LakeMap]:
+    rng = np.random.default_rng([EVAL_NAMESPACE, seed, level])
+    return [fl.generate_map(level, rng) for _ in range(n)]
+
+
+def plan_metrics(maps, plans) -> dict[str, float]:
+    gym = [fl.simulate(m, p.actions, rule="gym").success for m, p in zip(maps, plans)]
+    strict = [fl.simulate(m, p.actions, rule="strict").success for m, p in zip(maps, plans)]
+    return {"gym": float(np.mean(gym)), "strict": float(np.mean(strict))}
+
+
+def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[str, float]:
+    """Compare each thought with the simulated board after that move (pixel oracle and model reading)."""
+    from latentum.generation.interleaved import answer_latents
+
+    ids, truth, questions, answers = [], [], [], []
+    for m, p in zip(maps, plans):
+        pos = m.player
+        for a, t in zip(p.actions, p.thoughts):
+            pos = fl.move(m, pos, a)
+            ids.append(t.ids)
+            truth.append((m, pos, a))
+            questions.append(vsp.PLAYER_Q)
+            answers.append(vsp.PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1))
+            if pos in m.holes or pos == m.goal:
+                break
+    if not ids:
+        return {"fidelity_read": float("nan"), "fidelity_pixel": float("nan"), "thoughts": 0}
+    read = answer_latents(api, torch.stack(ids), questions)
+    out = {"fidelity_read": float(np.mean([r == a for r, a in zip(read, answers)])), "thoughts": len(ids)}
+    if pixel_oracle and api.decoder_path is not None:
+        ok = []
+        for i in range(0, len(ids), 64):
+            pixels = api.render_ids(torch.stack(ids[i:i + 64]))
+            for img, (m, pos, _) in zip(pixels, truth[i:i + 64]):
+                ok.append(fl.read_canvas(img, m.size, style) == fl.state_of(m, pos, style))
+        out["fidelity_pixel"] = float(np.mean(ok))
+    return out
+
+
+def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, float]:
+    rng = np.random.default_rng([EVAL_NAMESPACE, seed, level, 1])
+    out = {}
+    for task in QA_TASKS + ("vsp_safety",):
+        samples = [make_sample(task, rng, map_sizes=[level], canvas=api.canvas, style=style) for _ in range(n)]
+        images = [s.user[0] for s in samples]
+        questions = [s.user[1] for s in samples]
+        pred = api.answer_batch(images, questions, max_new_tokens=8)
+        gold = [api.tokenizer.normalize(s.assistant[0]) for s in samples]
+        out[task] = float(np.mean([p == g for p, g in zip(pred, gold)]))
+    out["perception"] = float(np.mean([out[t] for t in QA_TASKS]))
+    return out
+
+
+def latency(api, canvases, thoughts: str, n: int) -> float:
+    times = []
+    for c in canvases[:n]:
+        t0 = time.perf_counter()
+        api.plan_batch([c], thoughts=thoughts)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) if times else float("nan")
+
+
+def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic"), per_level: int = 100,
+                 seed: int = 0, text_model: str | None = None, pixel: bool = False,
+                 latency_maps: int = 5) -> dict:
+    from latentum.api import LatentUM
+
+    text_api = LatentUM.from_pretrained(text_model) if text_model else None
+    rows = []
+    for style in styles:
+        for level in tqdm(levels, desc=f"eval vsp ({style})"):
+            maps = eval_maps(level, per_level, seed)
+            canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
+            row = {"style": style, "level": level, "maps": len(maps),
+                   "distinct_maps": len({(m.holes, m.player, m.goal) for m in maps})}
+            plans = api.plan_batch(canvases, thoughts="latent")
+            row["latent"] = {**plan_metrics(maps, plans), **thought_fidelity(api, maps, plans, style, True),
+                             "sec_per_plan": latency(api, canvases, "latent", latency_maps),
+                             "steps": float(np.mean([len(p.actions) for p in plans]))}
+            row["qa"] = qa_metrics(api, level, style, per_level, seed)
+            if text_api is not None:
+                tplans = text_api.plan_batch(canvases, thoughts="none")
+                row["text"] = {**plan_metrics(maps, tplans),
+                               "sec_per_plan": latency(text_api, canvases, "none", latency_maps),
+                               "steps": float(np.mean([len(p.actions) for p in tplans]))}
+            if pixel:
+                pplans = api.plan_batch(canvases, thoughts="pixel")
+                row["pixel"] = {**plan_metrics(maps, pplans),
+                                "sec_per_plan": latency(api, canvases, "pixel", latency_maps),
+                                "steps": float(np.mean([len(p.actions) for p in pplans]))}
+            rows.append(row)
+    return {"rows": rows, "summary": summarize(rows)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for style in sorted({r["style"] for r in rows}):
+        sub = [r for r in rows if r["style"] == style]
+        s = {}
+        for planner in ("latent", "text", "pixel"):
+            if planner in sub[0]:
+                s[planner] = {k: float(np.mean([r[planner][k] for r in sub]))
+                              for k in ("gym", "strict", "sec_per_plan", "steps")}
+                s[planner]["min_strict"] = float(min(r[planner]["strict"] for r in sub))
+        s["latent"]["fidelity_read"] = float(np.nanmean([r["latent"]["fidelity_read"] for r in sub]))
+        if "fidelity_pixel" in sub[0]["latent"]:
+            s["latent"]["fidelity_pixel"] = float(np.nanmean([r["latent"]["fidelity_pixel"] for r in sub]))
+        s["qa"] = {k: float(np.mean([r["qa"][k] for r in sub])) for k in sub[0]["qa"]}
+        out[style] = s
+    return out
+
+
+def print_report(report: dict) -> None:
+    print(format_table(report["rows"]))
+    for style, s in report["summary"].items():
+        print(f"\n[{style}] overall")
+        for planner in ("latent", "text", "pixel"):
+            if planner in s:
+                v = s[planner]
+                extra = "".join(f" {k}={v[k]:.3f}" for k in ("fidelity_pixel", "fidelity_read") if k in v)
+                print(f"  {planner:6s} gym={v['gym']:.3f} strict={v['strict']:.3f} min_strict={v['min_strict']:.3f}"
+                      f" sec/plan={v['sec_per_plan']:.3f} steps={v['steps']:.2f}{extra}")
+        print("  qa     " + " ".join(f"{k}={v:.3f}" for k, v in s["qa"].items()))
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| style | level | latent gym | latent strict | text gym | text strict | pixel gym | pixel strict "
+            "| fidelity pixel | fidelity read | perception | safety | s/plan latent | s/plan text | s/plan pixel |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        def g(planner, key):
+            return f"{r[planner][key]:.3f}" if planner in r and key in r[planner] else "-"
+        lines.append(f"| {r['style']} | {r['level']} | {g('latent', 'gym')} | {g('latent', 'strict')} | "
+                     f"{g('text', 'gym')} | {g('text', 'strict')} | {g('pixel', 'gym')} | {g('pixel', 'strict')} | "
+                     f"{g('latent', 'fidelity_pixel')} | {g('latent', 'fidelity_read')} | "
+                     f"{r['qa']['perception']:.3f} | {r['qa']['vsp_safety']:.3f} | {g('latent', 'sec_per_plan')} | "
+                     f"{g('text', 'sec_per_plan')} | {g('pixel', 'sec_per_plan')} |")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Decoding loops behind the API: answers, text-to-latent images with CFG, free interleaved generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from latentum.generation.engine import Decoder
+from latentum.generation.sampling import SamplingParams
+
+
+def _prefill(api, prompts: list[list]) -> Decoder:
+    """Batch prefill; rows holding a LatentImage are fed item by item (latents go through the und branch)."""
+    from latentum.api import LatentImage
+
+    dec = api.new_decoder(len(prompts))
+    if not any(isinstance(x, LatentImage) for p in prompts for x in p):
+        dec.prefill(prompts)
+        return dec
+    if len(prompts) != 1:
+        raise ValueError("prompts with LatentImage items are decoded one at a time; pass a single prompt")
+    dec.feed_ids(torch.tensor([[api.tokenizer.bos_id]]))
+    for item in prompts[0]:
+        if isinstance(item, LatentImage):
+            dec.feed_latents(item.ids[None].to(api.model.device))
+        elif isinstance(item, str):
+            dec.feed_ids(torch.tensor([api.tokenizer.encode(item)]))
+        else:
+            dec.feed_input_images(np.asarray(item)[None])
+    return dec
+
+
+def sample_text_until_eos(api, dec: Decoder, max_new_tokens: int, params: SamplingParams, generator,
+                          stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
+    """Sample up to ``max_new_tokens`` per row; a row stops at <eos> or any of ``stop_ids``."""
+    eos = api.tokenizer.eos_id
+    out = [[] for _ in range(dec.batch)]
+    live = torch.ones(dec.batch, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        nxt = dec.sample_text(params, generator)
+        for b in torch.nonzero(live).flatten().tolist():
+            out[b].append(int(nxt[b]))
+        live &= ~torch.isin(nxt.cpu(), torch.tensor((eos,) + stop_ids))
+        if not live.any():
+            break
+        dec.feed_ids(nxt[:, None])
+    return out
+
+
+def answer_rows(api, prompts: list[list], max_new_tokens: int, params: SamplingParams, generator) -> list[str]:
+    rows = []
+    for chunk in _chunks(prompts, 64):
+        dec = _prefill(api, chunk)
+        ids = sample_text_until_eos(api, dec, max_new_tokens, params, generator)
+        rows += [api.tokenizer.decode(r) for r in ids]
+    return rows
+
+
+def answer_latents(api, ids: torch.Tensor, questions: list[str], max_new_tokens: int = 8,
+                   params: SamplingParams | None = None, generator=None) -> list[str]:
+    """Answer questions about latent images (I, N, G), read through the und branch: <bos> <img> latents
+    </img> question. Rows are batched by question length (no padding inside the sequence)."""
+    from latentum.generation.sampling import GREEDY
+
+    tok = api.tokenizer
+    encoded = [tok.encode(q) for q in questions]
+    out = [""] * len(questions)
+    by_len: dict[int, list[int]] = {}
+    for i, e in enumerate(encoded):
+        by_len.setdefault(len(e), []).append(i)
+    for idx in by_len.values():
+        for chunk in _chunks(idx, 64):
+            dec = api.new_decoder(len(chunk))
+            dec.feed_ids(torch.full((len(chunk), 1), tok.bos_id))
+            dec.feed_latents(ids[chunk].to(api.model.device))
+            dec.feed_ids(torch.tensor([encoded[i] for i in chunk]))
+            rows = sample_text_until_eos(api, dec, max_new_tokens, params or GREEDY, generator)
+            for i, r in zip(chunk, rows):
+                out[i] = tok.decode(r)
+    return out
+
+
+def text_to_latents(api, prompts: list[str], params: SamplingParams, cfg_scale: float, generator):
+    """Prompt + ``<img>`` -> N gen-branch steps. The unconditional rows replace prompt words by <pad> and keep
+    the attention mask, as the reference does (§4, CFG)."""
+    cond = api.new_decoder(len(prompts))
+    cond.prefill([[p] for p in prompts])
+    uncond = None
+    if cfg_scale != 1.0:
+        uncond = api.new_decoder(len(prompts))
+        uncond.prefill([[p] for p in prompts], drop_text=True)
+    return cond.generate_latent(params, generator, uncond=uncond, cfg_scale=cfg_scale)
+
+
+def interleaved(api, items: list, max_images: int, max_new_tokens: int, params: SamplingParams, generator):
+    """Free interleaved decoding (batch 1): text until ``<img>`` -> a latent thought (fork, generate, replay)
+    -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` text tokens."""
+    from latentum.api import LatentImage
+
+    tok = api.tokenizer
+    dec = _prefill(api, [items])
+    out, text, n_text = [], [], 0
+    while n_text < max_new_tokens:
+        nxt = dec.sample_text(params, generator)
+        t = int(nxt[0])
+        n_text += 1
+        if t == tok.eos_id:
+            break
+        if t != tok.img_start_id:
+            text.append(t)
+            dec.feed_ids(nxt[:, None])
+            continue
+        if text:
+            out.append(tok.decode(text))
+            text = []
+        if sum(isinstance(x, LatentImage) for x in out) >= max_images:
+            break
+        out.append(LatentImage(dec.think(params, generator)[0].cpu()))
+    if text:
+        out.append(tok.decode(text))
+    return out
+
+
+def _chunks(xs: list, n: int):
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]
+

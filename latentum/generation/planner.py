@@ -1,0 +1,85 @@
+"""Visual spatial planning: one move, then a visual thought, until "Done" (LatentUM, VSP section).
+
+Rows advance in lockstep. Each step samples the move from the planning alphabet {L, D, R, U, Done} (the
+grammar the model is trained on), then the model imagines the next board as latent tokens and reads it back
+through the understanding branch. ``thoughts`` picks the variant evaluated side by side:
+"latent" (ours), "pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentum.data.frozenlake import ACTIONS
+from latentum.data.vsp import PLAN_PROMPT, TEXT_PLAN_PROMPT
+from latentum.generation.sampling import SamplingParams
+
+THOUGHT_MODES = ("latent", "pixel", "none")
+
+
+@dataclass
+class Plan:
+    actions: list[str] = field(default_factory=list)
+    thoughts: list = field(default_factory=list)  # list[LatentImage], one per move
+    done: bool = False
+    """The model said "Done" (rather than running out of steps)."""
+    seconds: float = 0.0
+
+
+def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingParams, generator,
+              thoughts: str = "latent") -> list[Plan]:
+    from latentum.api import LatentImage
+
+    if thoughts not in THOUGHT_MODES:
+        raise ValueError(f"thoughts must be one of {THOUGHT_MODES}, got {thoughts!r}")
+    t0 = time.perf_counter()
+    tok = api.tokenizer
+    move_ids = [tok.encode(a)[0] for a in ACTIONS]
+    done_id = tok.encode("Done")[0]
+    B = len(canvases)
+    plans = [Plan() for _ in range(B)]
+    dec = api.new_decoder(B)
+    prompt = TEXT_PLAN_PROMPT if thoughts == "none" else PLAN_PROMPT
+    dec.prefill([[prompt, c] for c in canvases])
+    rows = torch.arange(B)  # which plan each decoder row belongs to
+    reread = _pixel_round_trip(api) if thoughts == "pixel" else None
+    for _ in range(max_steps):
+        nxt = dec.sample_text(params, generator, allowed=move_ids + [done_id]).cpu()
+        going = nxt != done_id
+        for r, t in zip(rows.tolist(), nxt.tolist()):
+            if t == done_id:
+                plans[r].done = True
+            else:
+                plans[r].actions.append(ACTIONS[move_ids.index(t)])
+        if not going.any():
+            break
+        if not going.all():
+            keep = torch.nonzero(going).flatten()
+            dec.keep_rows(keep.to(dec.next_pos.device))
+            rows, nxt = rows[keep], nxt[keep]
+        dec.feed_ids(nxt[:, None])
+        if thoughts != "none":
+            ids = dec.think(params, generator, reread=reread).cpu()
+            for r, x in zip(rows.tolist(), ids):
+                plans[r].thoughts.append(LatentImage(x))
+    seconds = (time.perf_counter() - t0) / B
+    for p in plans:
+        p.seconds = seconds
+    return plans
+
+
+def _pixel_round_trip(api):
+    """ids -> pixel decoder -> canvas -> vision encoder -> MBAQ ids: the pixel-mediated baseline."""
+    canvas = api.canvas
+
+    def reread(ids: torch.Tensor) -> torch.Tensor:
+        pixels = api.render_ids(ids)
+        up = np.stack([np.asarray(Image.fromarray(p).resize((canvas, canvas), Image.NEAREST)) for p in pixels])
+        return api.model.image_ids(up)
+
+    return reread

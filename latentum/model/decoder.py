@@ -1,0 +1,147 @@
+"""Pixel decoder (LatentUM §5): a diffusers UNet that renders images from MBAQ codes z_q, on demand only.
+
+Legend: B batch, R output resolution, S grid side (image tokens per row), N = S * S tokens, Dc code_dim
+(G * per-codebook dim, z_q before the up-projection), Cc cond_channels.
+
+Conditioning is spatial: tokens are raster-ordered patches, so Linear(Dc -> Cc) per token laid out as a
+(B, Cc, S, S) map and nearest-upsampled to R lines each code up with the pixels it describes; the map is
+concatenated to the noisy image as extra input channels. LatentUM conditions an MMDiT on z_q as context
+tokens; the channel-concatenated map is the small-UNet equivalent. The decoder never sees LLM states, so it
+trains separately (stage 3). Network and schedulers are diffusers; the scheduler is kept out of the module
+state (diffusers style) and rebuilt from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from latentum.config import DecoderConfig
+from latentum.losses.breakdown import LossBreakdown
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _unet(cfg: DecoderConfig) -> UNet2DModel:
+    """Plain ResNet blocks with attention only at the coarsest level (cheap on CPU); norm groups are the
+    largest divisor shared by every width (<= 32), so tiny widths like 8/16 stay valid."""
+    n = len(cfg.channels)
+    groups = math.gcd(32, *cfg.channels)
+    return UNet2DModel(
+        sample_size=cfg.resolution, in_channels=3 + cfg.cond_channels, out_channels=3,
+        block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        norm_num_groups=groups, attention_head_dim=min(cfg.channels[-1], 32),
+    )
+
+
+class PixelDecoder(nn.Module):
+    """Conditional diffusion decoder: codes (B, N, Dc) -> images (B, R, R, 3) uint8."""
+
+    def __init__(self, cfg: DecoderConfig, code_dim: int, grid: int):
+        super().__init__()
+        if code_dim < 1 or grid < 1:
+            raise ValueError(f"code_dim and grid must be >= 1, got code_dim={code_dim}, grid={grid}")
+        if cfg.resolution % grid != 0:
+            raise ValueError(f"decoder.resolution={cfg.resolution} must be a multiple of grid={grid}")
+        self.cfg, self.code_dim, self.grid = cfg, code_dim, grid
+        self.cond = nn.Linear(code_dim, cfg.cond_channels)
+        self.unet = _unet(cfg)
+        # squaredcos suits small images; "trailing" makes an 8-step DDIM start at pure noise (t = T-1).
+        self._sched_kwargs = dict(num_train_timesteps=cfg.train_timesteps, beta_schedule="squaredcos_cap_v2",
+                                  prediction_type=cfg.prediction_type, timestep_spacing="trailing")
+        self.train_scheduler = DDPMScheduler(**self._sched_kwargs)
+
+    def cond_map(self, codes: Tensor) -> Tensor:
+        """codes (B, N, Dc) -> conditioning map (B, Cc, R, R)."""
+        N = self.grid**2
+        if codes.dim() != 3 or codes.shape[1:] != (N, self.code_dim):
+            raise ValueError(f"codes must be (B, {N}, {self.code_dim}) (grid*grid tokens of z_q), "
+                             f"got {tuple(codes.shape)}")
+        c = rearrange(self.cond(codes), "b (h w) c -> b c h w", h=self.grid)  # (B, Cc, S, S)
+        return F.interpolate(c, size=self.cfg.resolution, mode="nearest")  # (B, Cc, R, R)
+
+    def predict(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """One network call: noisy (B, 3, R, R), t (B,), cond (B, Cc, R, R) -> prediction (B, 3, R, R)."""
+        return self.unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t).sample
+
+    def loss(self, images: Tensor, codes: Tensor, generator: torch.Generator | None = None) -> LossBreakdown:
+        """images (B, 3, R, R) in [-1, 1], codes (B, N, Dc) -> MSE on the scheduler's prediction target at
+        uniformly random timesteps."""
+        R = self.cfg.resolution
+        if images.dim() != 4 or images.shape[1:] != (3, R, R):
+            raise ValueError(f"images must be (B, 3, {R}, {R}) in [-1, 1], got {tuple(images.shape)}")
+        if codes.size(0) != images.size(0):
+            raise ValueError(f"codes batch {codes.size(0)} must match images batch {images.size(0)}")
+        B = images.size(0)
+        noise = _randn(images.shape, generator, images.device)
+        t = _randint(self.cfg.train_timesteps, B, generator, images.device)  # (B,)
+        noisy = self.train_scheduler.add_noise(images, noise, t)
+        pred = self.predict(noisy, t, self.cond_map(codes))
+        kind = self.cfg.prediction_type
+        target = {"epsilon": noise, "sample": images}.get(kind)
+        if target is None:  # v_prediction
+            target = self.train_scheduler.get_velocity(images, noise, t)
+        mse = F.mse_loss(pred.float(), target.float())
+        return LossBreakdown(mse, {"mse": mse.detach()})
+
+    @torch.no_grad()
+    def render(self, codes: Tensor, steps: int | None = None,
+               generator: torch.Generator | None = None) -> np.ndarray:
+        """codes (B, N, Dc) -> uint8 (B, R, R, 3), deterministic DDIM (eta = 0); same seed, same pixels."""
+        steps = self.cfg.inference_steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        cond = self.cond_map(codes)
+        scheduler = DDIMScheduler(**self._sched_kwargs)  # fresh per call: schedulers hold timestep state
+        scheduler.set_timesteps(steps, device=codes.device)
+        R = self.cfg.resolution
+        x = _randn((codes.size(0), 3, R, R), generator, codes.device)
+        for t in scheduler.timesteps:
+            tt = t.expand(x.size(0))  # (B,)
+            x = scheduler.step(self.predict(x, tt, cond), t, x).prev_sample
+        pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, R, R)
+        return rearrange(pixels, "b c h w -> b h w c").cpu().numpy()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``config.json`` (DecoderConfig + code_dim + grid) and ``model.safetensors``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"decoder": asdict(self.cfg), "code_dim": self.code_dim, "grid": self.grid}
+        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> PixelDecoder:
+        folder = Path(folder)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"folder {str(folder)!r} has no {name}; expected a save_pretrained output")
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+        model = cls(DecoderConfig(**meta["decoder"]), code_dim=meta["code_dim"], grid=meta["grid"])
+        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        return model.to(device)
+
+
+def _randn(shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Noise drawn on the generator's device, then moved: a seed gives the same noise on any device."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(0, high, (n,), generator=generator, device=gen_device).to(device)

@@ -1,0 +1,150 @@
+"""Heads around the backbone for image tokens: the visual projector (codes in) and the depth-wise AR head
+(codes out), LatentUM §4.
+
+Legend: M image-token positions (rows), D backbone width, G codebooks (depth steps), K codebook size,
+L depth-sequence length (<= G), nh heads, hs head size, C code vector dim (G * code_dim).
+
+The backbone takes one step per image token; its final hidden state h is the "base token" of a tiny
+causal transformer that runs *along depth* over [h, E_0(c_0), ..., E_{G-2}(c_{G-2})] and predicts
+c_0 ... c_{G-1} (RQ-Transformer style). Each depth has its own embedding table because id j of codebook 0
+and id j of codebook 1 are unrelated codes; the output Linear is shared, as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from latentum.config import HeadConfig
+from latentum.generation.sampling import SamplingParams, sample_logits
+from latentum.losses.breakdown import LossBreakdown
+
+
+class VisualProjector(nn.Module):
+    """z_q (..., C) -> backbone input embedding (..., D): how a (generated or read) latent enters the LLM."""
+
+    def __init__(self, code_dim_total: int, dim: int):
+        super().__init__()
+        self.code_dim_total = code_dim_total
+        self.net = nn.Sequential(nn.Linear(code_dim_total, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, z_q: Tensor) -> Tensor:
+        if z_q.size(-1) != self.code_dim_total:
+            raise ValueError(f"z_q must end with dim {self.code_dim_total}, got {tuple(z_q.shape)}")
+        return self.net(z_q)
+
+
+class _Block(nn.Module):
+    """Pre-norm block: RMSNorm -> causal SDPA with q/k RMSNorm -> residual; RMSNorm -> GELU MLP -> residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        hs = dim // heads
+        self.norm1 = nn.RMSNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = nn.RMSNorm(hs, eps=1e-6)
+        self.k_norm = nn.RMSNorm(hs, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(self.norm1(x)), "m l (three nh hs) -> three m nh l hs", three=3,
+                            nh=self.heads)  # each (M, nh, L, hs)
+        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, is_causal=True)
+        x = x + self.proj(rearrange(y, "m nh l hs -> m l (nh hs)"))
+        return x + self.mlp(self.norm2(x))
+
+
+class DepthHead(nn.Module):
+    """Depth-wise AR head: backbone state h (M, D) -> the G codebook ids of that image token."""
+
+    def __init__(self, cfg: HeadConfig, dim: int, codebooks: int, codebook_size: int):
+        super().__init__()
+        if dim % cfg.heads != 0:
+            raise ValueError(f"dim={dim} must divide by head.heads={cfg.heads}")
+        if codebooks < 1 or codebook_size < 2:
+            raise ValueError(f"codebooks must be >= 1 and codebook_size >= 2, got {codebooks}, {codebook_size}")
+        self.dim, self.codebooks, self.codebook_size = dim, codebooks, codebook_size
+        # E_g for g < G-1: the last id is never fed back (nothing comes after it).
+        self.embeds = nn.ModuleList(nn.Embedding(codebook_size, dim) for _ in range(codebooks - 1))
+        self.pos = nn.Parameter(torch.zeros(codebooks, dim))  # learned depth position embedding (G, D)
+        self.blocks = nn.ModuleList(_Block(dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.out = nn.Linear(dim, codebook_size)  # shared over depths
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Linear/Embedding weights and the depth position embedding ~ N(0, 0.02); Linear biases 0;
+        RMSNorm scales 1 (their default)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def _logits(self, h: Tensor, prefix: Tensor) -> Tensor:
+        """h (M, D), prefix ids (M, L-1) of the first depths -> logits (M, L, K) for depths 0..L-1."""
+        embs = [self.embeds[g](prefix[:, g]) for g in range(prefix.size(1))]  # each (M, D)
+        x = torch.stack([h, *embs], dim=1)  # (M, L, D)
+        x = x + self.pos[: x.size(1)].to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.norm(x))  # (M, L, K)
+
+    def forward(self, h: Tensor, ids: Tensor) -> Tensor:
+        """Teacher forcing: h (M, D), ids (M, G) -> logits (M, G, K); logits[:, g] sees only ids[:, :g]."""
+        self._check_h(h)
+        self._check_ids(ids, h.size(0))
+        return self._logits(h, ids[:, :-1])
+
+    def loss(self, h: Tensor, ids: Tensor) -> LossBreakdown:
+        """Mean cross-entropy over M * G ids; per-depth accuracy in parts (``acc/d{g}``)."""
+        logits = self(h, ids)  # (M, G, K)
+        ce = F.cross_entropy(rearrange(logits.float(), "m g k -> (m g) k"), rearrange(ids, "m g -> (m g)"))
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == ids).float().mean(0)  # (G,)
+        parts = {"ce": ce.detach(), **{f"acc/d{g}": acc[g] for g in range(self.codebooks)}}
+        return LossBreakdown(ce, parts)
+
+    @torch.no_grad()
+    def sample(self, h: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+               h_uncond: Tensor | None = None, cfg_scale: float = 1.0) -> Tensor:
+        """h (M, D) -> ids (M, G), one sub-step per depth (no cache: L <= G is tiny, as the reference).
+
+        With ``h_uncond`` and cfg_scale != 1, classifier-free guidance is applied to the logits at every
+        depth, l = l_u + s * (l_c - l_u), and the sampled id is fed to both streams (LatentUM §4).
+        """
+        self._check_h(h)
+        guided = h_uncond is not None and cfg_scale != 1.0
+        if guided:
+            if h_uncond.shape != h.shape:
+                raise ValueError(f"h_uncond must match h {tuple(h.shape)}, got {tuple(h_uncond.shape)}")
+            h = torch.cat([h, h_uncond])  # (2M, D): conditional rows first
+        M = h.size(0) // 2 if guided else h.size(0)
+        ids = torch.zeros(M, 0, dtype=torch.long, device=h.device)
+        for _ in range(self.codebooks):
+            prefix = torch.cat([ids, ids]) if guided else ids
+            logits = self._logits(h, prefix)[:, -1].float()  # (M or 2M, K)
+            if guided:
+                l_c, l_u = logits.chunk(2)
+                logits = l_u + cfg_scale * (l_c - l_u)
+            nxt = sample_logits(logits, params, generator)  # (M,)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        return ids
+
+    def _check_h(self, h: Tensor) -> None:
+        if h.dim() != 2 or h.size(1) != self.dim:
+            raise ValueError(f"h must be (M, {self.dim}), got {tuple(h.shape)}")
+
+    def _check_ids(self, ids: Tensor, rows: int) -> None:
+        G, K = self.codebooks, self.codebook_size
+        if ids.shape != (rows, G) or ids.dtype != torch.long:
+            raise ValueError(f"ids must be a long tensor of shape ({rows}, {G}), got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= K):
+            raise ValueError(f"ids must lie in [0, {K}), got range [{ids.min()}, {ids.max()}]")

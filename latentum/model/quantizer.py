@@ -1,0 +1,182 @@
+"""MBAQ: model-behaviour-aligned quantizer (LatentUM §2) on vector-quantize-pytorch.
+
+Legend: B batch, N image tokens, F encoder feature width, G codebooks (ids per token), K codebook size,
+d code_dim (one codebook chunk), D = G * d (a token's code vector z_q), O out_dim (backbone/VLM width),
+M = B * N flattened tokens.
+
+Pipeline: features (B,N,F) -> down MLP -> z (B,N,D) -> product VQ (G separate codebooks over d-dim chunks)
+-> ids (B,N,G), z_q (B,N,D) -> up MLP -> (B,N,O), the drop-in replacement for the VLM's projector output.
+
+What the library does and what we do (LatentUM §2 as the spec):
+- ``VectorQuantize`` owns the G codebooks (learnable by gradient, no EMA codebook update, as LatentUM), the
+  nearest-code assignment and dead-code replacement (``threshold_ema_dead_code``).
+- The VQ loss terms are computed here: LatentUM weighs the codebook term 1.0 and the commitment term 0.25,
+  but the library's single ``commitment_weight * MSE(q, z)`` with a learnable codebook gives both sides the
+  same weight. Its diversity loss averages soft assignments over *different* codebooks and per position; the
+  LatentUM term is the entropy of the batch-averaged assignment of each codebook, so we compute that.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from vector_quantize_pytorch import VectorQuantize
+
+from latentum.config import QuantizerConfig
+from latentum.losses.breakdown import LossBreakdown
+
+USAGE_DECAY = 0.99
+"""EMA decay of code usage (LatentUM keeps usage statistics with decay 0.99)."""
+
+
+class QuantizerOutput(NamedTuple):
+    codes: Tensor
+    """z_q (B, N, D); straight-through gradients to the down-projection when its input needs grad."""
+    ids: Tensor
+    """(B, N, G) long, ids[..., g] in [0, K)."""
+    loss: LossBreakdown
+    """codebook + commitment_weight * commit - entropy_weight * entropy."""
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class MBAQ(nn.Module):
+    """Down-projection, G-codebook product VQ, up-projection. See the module docstring for the split of
+    work with vector-quantize-pytorch."""
+
+    def __init__(self, cfg: QuantizerConfig, feature_dim: int, out_dim: int):
+        super().__init__()
+        if feature_dim < 1 or out_dim < 1:
+            raise ValueError(f"feature_dim and out_dim must be >= 1, got {feature_dim}, {out_dim}")
+        self.cfg = cfg
+        self.feature_dim = feature_dim
+        self.out_dim = out_dim
+        G, K, d = cfg.codebooks, cfg.codebook_size, cfg.code_dim
+        self.down = _mlp(feature_dim, cfg.hidden_dim, G * d)
+        self.vq = VectorQuantize(
+            dim=G * d, codebook_dim=d, heads=G, separate_codebook_per_head=True, codebook_size=K,
+            learnable_codebook=True, ema_update=False,  # codebook trained by gradient (LatentUM)
+            rotation_trick=False,  # plain straight-through estimator, as LatentUM
+            commitment_weight=0.0,  # VQ terms computed in _vq_loss with LatentUM's weights
+            decay=USAGE_DECAY,  # EMA of cluster sizes, used only for dead-code detection here
+            # Placeholder > 0 switches dead-code tracking on; the real threshold depends on the batch's
+            # token count and is set per step in _set_dead_code_threshold.
+            threshold_ema_dead_code=1.0 if cfg.dead_code_threshold > 0 else 0.0,
+        )
+        self.up = _mlp(G * d, cfg.hidden_dim, out_dim)
+        # (G, K) EMA of per-codebook code frequencies (rows sum to 1), for logging only.
+        self.register_buffer("usage_ema", torch.full((G, K), 1.0 / K))
+
+    # -- API -----------------------------------------------------------------------------------------
+
+    def encode(self, features: Tensor) -> QuantizerOutput:
+        """features (B, N, F) -> z_q (B, N, D), ids (B, N, G), VQ loss. Updates usage in training."""
+        if features.dim() != 3 or features.size(-1) != self.feature_dim:
+            raise ValueError(f"features must be (B, N, {self.feature_dim}), got {tuple(features.shape)}")
+        z = self.down(features)  # (B, N, D)
+        if self.training:
+            self._set_dead_code_threshold(z.shape[0] * z.shape[1])
+        _, ids, _ = self.vq(z)  # ids (B, N, G); library loss is zero (commitment_weight=0)
+        ids = ids.long()
+        q = self.codes_from_ids(ids)  # (B, N, D), exact codebook vectors, grad to the codebook
+        loss = self._vq_loss(z, q)
+        if self.training:
+            self._update_usage(ids)
+        # Straight-through only when a gradient can flow, so eval/no-grad codes equal codes_from_ids bitwise.
+        codes = z + (q - z).detach() if z.requires_grad else q
+        return QuantizerOutput(codes, ids, loss)
+
+    def codes_from_ids(self, ids: Tensor) -> Tensor:
+        """ids (B, N, G) long -> z_q (B, N, D): the exact inverse of :meth:`encode`'s assignment."""
+        G, K = self.cfg.codebooks, self.cfg.codebook_size
+        if ids.dim() != 3 or ids.size(-1) != G or ids.dtype != torch.long:
+            raise ValueError(f"ids must be a long tensor of shape (B, N, {G}), got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= K):
+            raise ValueError(f"ids must lie in [0, {K}), got range [{ids.min()}, {ids.max()}]")
+        return self.vq.get_codes_from_indices(ids)  # (B, N, G*d), chunks concatenated in codebook order
+
+    def project(self, z_q: Tensor) -> Tensor:
+        """z_q (B, N, D) -> (B, N, O): the up-projection that stands in for the VLM's feature projector."""
+        if z_q.size(-1) != self.cfg.dim:
+            raise ValueError(f"z_q must end with dim {self.cfg.dim} (codebooks * code_dim), "
+                             f"got {tuple(z_q.shape)}")
+        return self.up(z_q)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, QuantizerOutput]:
+        """features (B, N, F) -> (projected (B, N, O), QuantizerOutput): the stage-1 student path."""
+        out = self.encode(features)
+        return self.project(out.codes), out
+
+    @torch.no_grad()
+    def usage(self) -> dict[str, float]:
+        """Per-codebook usage from the EMA of code frequencies: fraction of codes in recent use (not
+        dead), perplexity exp(H) (K means perfectly uniform) and dead-code count."""
+        K = self.cfg.codebook_size
+        p = self.usage_ema.float()  # (G, K)
+        dead = p < self.cfg.dead_code_threshold / K  # (G, K)
+        perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum(-1))  # (G,)
+        stats: dict[str, float] = {}
+        for g in range(p.size(0)):
+            stats[f"cb{g}/used_frac"] = 1.0 - dead[g].float().mean().item()
+            stats[f"cb{g}/perplexity"] = perplexity[g].item()
+            stats[f"cb{g}/dead"] = float(dead[g].sum().item())
+        stats["used_frac"] = 1.0 - dead.float().mean().item()
+        stats["perplexity"] = perplexity.mean().item()
+        stats["dead"] = float(dead.sum().item())
+        return stats
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _vq_loss(self, z: Tensor, q: Tensor) -> LossBreakdown:
+        """LatentUM L_vq = MSE(q, sg(z)) + beta * MSE(sg(q), z) - lambda * H(p_bar), averaged over codebooks.
+
+        p_bar is the batch-averaged soft assignment softmax(-||z - e_j||^2) of each codebook; maximising its
+        entropy spreads usage over the codebook.
+        """
+        z, q = z.float(), q.float()
+        codebook = F.mse_loss(q, z.detach())
+        commit = F.mse_loss(q.detach(), z)
+        entropy = self._assignment_entropy(z)
+        cfg = self.cfg
+        total = codebook + cfg.commitment_weight * commit - cfg.entropy_weight * entropy
+        parts = {"codebook": codebook.detach(), "commit": commit.detach(), "entropy": entropy.detach()}
+        return LossBreakdown(total, parts)
+
+    def _assignment_entropy(self, z: Tensor) -> Tensor:
+        """Mean over codebooks of H(mean over tokens of softmax(-||z_g - e_gj||^2)); fp32, no autocast."""
+        G = self.cfg.codebooks
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zg = rearrange(z.float(), "b n (g d) -> g (b n) d", g=G)  # (G, M, d)
+            embed = self.vq.codebook.float()  # (G, K, d)
+            sq = (zg.pow(2).sum(-1, keepdim=True) - 2 * zg @ embed.transpose(1, 2)
+                  + rearrange(embed.pow(2).sum(-1), "g k -> g 1 k"))  # (G, M, K)
+            p_bar = (-sq).softmax(-1).mean(1)  # (G, K)
+            return -(p_bar * p_bar.clamp_min(1e-12).log()).sum(-1).mean()
+
+    def _set_dead_code_threshold(self, num_tokens: int) -> None:
+        """The library compares an EMA of raw per-batch code counts with a fixed count. LatentUM's rule is
+        relative ("below 3% of uniform usage"), so convert it with this batch's uniform count M / K; a
+        revived code restarts at uniform usage, as in LatentUM."""
+        if self.cfg.dead_code_threshold <= 0:
+            return
+        uniform = num_tokens / self.cfg.codebook_size
+        cb = self.vq._codebook  # the library exposes these only on its Codebook module
+        cb.threshold_ema_dead_code = self.cfg.dead_code_threshold * uniform
+        cb.reset_cluster_size = uniform
+
+    @torch.no_grad()
+    def _update_usage(self, ids: Tensor) -> None:
+        G, K = self.cfg.codebooks, self.cfg.codebook_size
+        flat = rearrange(ids, "b n g -> g (b n)")  # (G, M)
+        ones = torch.ones_like(flat, dtype=torch.float)
+        counts = torch.zeros(G, K, device=ids.device).scatter_add_(1, flat, ones)  # (G, K)
+        freq = counts / max(flat.size(1), 1)  # (G, K)
+        self.usage_ema.lerp_(freq, 1.0 - USAGE_DECAY)
+

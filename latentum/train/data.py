@@ -1,0 +1,65 @@
+"""Infinite, seeded streams of packed batches drawn from the built-in worlds (or a user's JSONL)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from latentum.config import TrainConfig
+from latentum.data.packing import pack
+from latentum.data.tokenizer import TextTokenizer
+from latentum.data.worlds import TaskMixture
+
+
+class SampleStream(IterableDataset):
+    """Yields batches (lists of Samples) forever. Each (seed, rank, worker, restart) has its own stream, so
+    ranks never see the same samples and a resumed run does not replay the data it already trained on."""
+
+    def __init__(self, cfg: TrainConfig, canvas: int, rank: int = 0, restart: int = 0):
+        self.cfg, self.canvas, self.rank, self.restart = cfg, canvas, rank, restart
+        self.mixture = TaskMixture(cfg.tasks, map_sizes=cfg.map_sizes, canvas=canvas)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, self.restart])
+        while True:
+            yield [self.mixture(rng) for _ in range(self.cfg.batch_size)], int(rng.integers(2**31))
+
+
+class PackCollate:
+    """Batch of Samples -> Packed, with classifier-free-guidance prompt dropout on text-to-image rows."""
+
+    def __init__(self, tok: TextTokenizer, n_tokens: int, cfg: TrainConfig, max_gen_images: int = 4):
+        self.tok, self.n_tokens, self.cfg, self.max_gen_images = tok, n_tokens, cfg, max_gen_images
+
+    def __call__(self, item):
+        samples, seed = item
+        rng = np.random.default_rng(seed)
+        drop = [s.task == "shapes_t2i" and rng.random() < self.cfg.cfg_dropout for s in samples]
+        return pack(samples, self.tok, self.n_tokens, max_gen_images=self.max_gen_images, drop_prompt=drop,
+                    rng=rng)
+
+
+def packed_loader(cfg: TrainConfig, tok: TextTokenizer, n_tokens: int, canvas: int, rank: int = 0,
+                  restart: int = 0, num_workers: int = 0) -> DataLoader:
+    ds = SampleStream(cfg, canvas, rank, restart)
+    return DataLoader(ds, batch_size=None, collate_fn=PackCollate(tok, n_tokens, cfg), num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
+
+
+class ImageStream(IterableDataset):
+    """Canvases for the pixel decoder: the images of samples drawn from the stage's task mixture."""
+
+    def __init__(self, cfg: TrainConfig, canvas: int, rank: int = 0, restart: int = 0):
+        self.inner = SampleStream(cfg, canvas, rank, restart)
+        self.batch_size = cfg.batch_size
+
+    def __iter__(self):
+        buf = []
+        for samples, _ in self.inner:
+            buf += [im for s in samples for im in s.images]
+            while len(buf) >= self.batch_size:
+                yield torch.from_numpy(np.stack(buf[:self.batch_size]))
+                buf = buf[self.batch_size:]

@@ -1,0 +1,122 @@
+"""Run a recipe's stages with Lightning: build the stage system, fit (resuming if asked), export weights.
+
+Folder layout under ``out``:  ``<stage>/checkpoints/last.ckpt`` (resume), ``<stage>/logs`` (CSV + TensorBoard)
+and ``<stage>/export`` (the self-describing model folder the next stage starts from). ``out/model`` is the
+final exported model with its ``decoder/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from latentum.api import LatentUM, save_model_folder
+from latentum.config import STAGES, RecipeConfig
+from latentum.data.tokenizer import TextTokenizer
+from latentum.data.worlds import default_tokenizer
+from latentum.model.latentum import LatentUMModel
+from latentum.train.data import ImageStream, packed_loader
+from latentum.train.systems import DecoderSystem, MBAQSystem, MoMESystem, VLMSystem
+
+PREVIOUS = {"vlm": None, "mbaq": "vlm", "mome": "mbaq", "decoder": "mbaq"}
+
+
+class WeightDigest(Callback):
+    """Writes a hash of the trained weights per rank, so a test can check DDP ranks stayed identical."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        h = hashlib.sha256()
+        for k, v in sorted(pl_module.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        (self.folder / f"digest_rank{trainer.global_rank}.txt").write_text(h.hexdigest())
+
+
+def build_model(recipe: RecipeConfig, out: Path, stage: str) -> LatentUMModel:
+    """Stage 0 starts fresh; later stages load the previous stage's export (weights, not optimiser state)."""
+    prev = PREVIOUS[stage]
+    if prev is None:
+        cfg = copy.deepcopy(recipe.model)
+        cfg.backbone.vocab_size = default_tokenizer().vocab_size
+        return LatentUMModel(cfg)
+    folder = out / prev / "export"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"stage {stage!r} starts from stage {prev!r}, but {folder} has no export; "
+                                f"train {prev!r} first (latentum train --stage {prev})")
+    model = LatentUM.from_pretrained(folder).model
+    if stage == "mome":
+        model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
+    return model
+
+
+def train_stage(recipe: RecipeConfig, stage: str, out: str | Path, *, resume: bool = False,
+                num_workers: int = 0, progress: bool = True) -> Path:
+    if stage not in recipe.stages:
+        raise ValueError(f"recipe {recipe.name!r} has no stage {stage!r}; it has {sorted(recipe.stages)}")
+    cfg = recipe.stages[stage]
+    out = Path(out)
+    folder = out / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model(recipe, out, stage)
+    prev = PREVIOUS[stage]
+    tok = TextTokenizer.load(out / prev / "export") if prev else default_tokenizer()
+    system = (DecoderSystem(model, recipe.decoder, cfg) if stage == "decoder" else
+              {"vlm": VLMSystem, "mbaq": MBAQSystem, "mome": MoMESystem}[stage](model, cfg))
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
+    restart = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if ckpt_path else 0
+    trainer = L.Trainer(
+        accelerator="auto", devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
+        max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, log_every_n_steps=cfg.log_every,
+        logger=[CSVLogger(folder, name="logs"), TensorBoardLogger(folder, name="tb")],
+        callbacks=[ModelCheckpoint(folder / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every),
+                   WeightDigest(folder)],
+        enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
+        limit_val_batches=0, num_sanity_val_steps=0)
+    canvas = recipe.model.encoder.image_size
+    rank = trainer.global_rank
+    loader = (torch.utils.data.DataLoader(ImageStream(cfg, canvas, rank, restart), batch_size=None,
+                                          num_workers=num_workers)
+              if stage == "decoder" else
+              packed_loader(cfg, tok, model.tokens_per_image, canvas, rank, restart, num_workers))
+    t0 = time.time()
+    trainer.fit(system, train_dataloaders=loader, ckpt_path=ckpt_path)
+    if trainer.global_rank == 0:
+        export = folder / "export"
+        if stage == "decoder":
+            system.decoder.save_pretrained(export)
+        else:
+            save_model_folder(model, tok, export)
+        (folder / "time.txt").write_text(f"{time.time() - t0:.1f}\n")
+    return folder / "export"
+
+
+def assemble(out: str | Path, model_stage: str = "mome") -> Path:
+    """Copy the final backbone export and the decoder export into ``out/model`` (one loadable folder)."""
+    out = Path(out)
+    final = out / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(out / model_stage / "export", final)
+    if (out / "decoder" / "export").is_dir():
+        shutil.copytree(out / "decoder" / "export", final / "decoder")
+    return final
+
+
+def train_all(recipe: RecipeConfig, out: str | Path, *, resume: bool = False, num_workers: int = 0,
+              stages: list[str] | None = None) -> Path:
+    for stage in stages or [s for s in STAGES if s in recipe.stages]:
+        train_stage(recipe, stage, out, resume=resume, num_workers=num_workers)
+    return assemble(out, "mome" if "mome" in recipe.stages else "mbaq")

@@ -1,0 +1,189 @@
+"""One LightningModule per stage. They own the loop; the models they wrap never import Lightning.
+
+| stage   | trains                                             | frozen                        |
+|---------|----------------------------------------------------|-------------------------------|
+| vlm     | encoder, feature projector, backbone und + shared  | quantizer, gen branch, heads  |
+| mbaq    | quantizer                                          | everything else (the teacher) |
+| mome    | gen branch, AR head, visual projector (+ und/shared)| encoder, projector, quantizer |
+| decoder | pixel decoder                                      | the whole LatentUMModel       |
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from latentum.config import DecoderConfig, TrainConfig
+from latentum.data.packing import IGNORE, Packed
+from latentum.losses.aia import aia_loss
+from latentum.losses.behaviour import mbaq_loss
+from latentum.losses.breakdown import LossBreakdown
+from latentum.model.decoder import PixelDecoder
+from latentum.model.latentum import LatentUMModel
+
+
+def set_trainable(model: torch.nn.Module, trainable: list[torch.nn.Module | torch.nn.Parameter]) -> None:
+    """Freeze everything in ``model`` except the given modules/parameters."""
+    model.requires_grad_(False)
+    for m in trainable:
+        m.requires_grad_(True)
+
+
+class StageSystem(L.LightningModule):
+    """Shared optimiser, schedule and logging; subclasses define ``losses(batch) -> LossBreakdown``."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def on_train_epoch_start(self):
+        # Frozen parts stay in eval mode: the quantizer must not revive codes or update usage while frozen.
+        for module in self.modules():
+            params = list(module.parameters())
+            if module is not self and params and not any(p.requires_grad for p in params):
+                module.eval()
+
+    def training_step(self, batch, batch_idx):
+        out = self.losses(batch)
+        self.log("loss", out.total, prog_bar=True)
+        if self.global_step % self.cfg.log_every == 0:
+            for k, v in out.parts.items():
+                self.log(f"train/{k}", v.detach().float())
+        return out.total
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.95))
+        warm, total = self.cfg.warmup_steps, self.cfg.steps
+
+        def schedule(step: int) -> float:  # linear warmup, cosine to 10%
+            if step < warm:
+                return (step + 1) / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def text_loss(model: LatentUMModel, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over supervised text positions; also returns token accuracy."""
+    sel = targets != IGNORE
+    logits = model.backbone.logits(hidden[sel]).float()
+    tgt = targets[sel]
+    return F.cross_entropy(logits, tgt), (logits.argmax(-1) == tgt).float().mean()
+
+
+class VLMSystem(StageSystem):
+    """Stage 0: the base VLM learns understanding QA with continuous image features."""
+
+    def __init__(self, model: LatentUMModel, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.model = model
+        bb = model.backbone
+        set_trainable(model, [model.encoder, model.feature_projector, *bb.branch_parameters("und"),
+                              *bb.shared_parameters()])
+
+    def losses(self, p: Packed) -> LossBreakdown:
+        fwd = self.model.forward_packed(p)
+        ce, acc = text_loss(self.model, fwd.hidden, p.text_targets)
+        return LossBreakdown(ce, {"text_ce": ce, "text_acc": acc})
+
+
+class MBAQSystem(StageSystem):
+    """Stage 1: the quantizer learns to make the frozen VLM behave the same on quantized features."""
+
+    def __init__(self, model: LatentUMModel, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.model = model
+        set_trainable(model, [model.quantizer])
+
+    def losses(self, p: Packed) -> LossBreakdown:
+        m = self.model
+        feats = m.image_features(p.inputs.pixels).detach()
+        with torch.no_grad():
+            teacher = m.backbone.logits(self._hidden(p, m.feature_projector(feats)))
+        q = m.quantizer.encode(feats)
+        student = m.backbone.logits(self._hidden(p, m.quantizer.project(q.codes)))
+        out = mbaq_loss(teacher, student, p.text_targets != IGNORE, q.loss)
+        usage = m.quantizer.usage()
+        extra = {f"usage/{k}": torch.as_tensor(v, dtype=torch.float32).mean() for k, v in usage.items()}
+        return LossBreakdown(out.total, {**out.parts, **extra})
+
+    def _hidden(self, p: Packed, image_emb: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.backbone.embed(p.ids)
+        B, T, D = x.shape
+        N = image_emb.size(1)
+        rows = (p.inputs.start[:, None] + torch.arange(N, device=x.device)).reshape(-1)
+        x = x.reshape(B * T, D).index_copy(0, rows, image_emb.reshape(-1, D).to(x.dtype)).view(B, T, D)
+        return m.backbone(x, p.gen_mask, p.positions, attn_mask=p.attn_mask, key_valid=p.valid).hidden
+
+
+class MoMESystem(StageSystem):
+    """Stage 2: the generation branch, AR head and visual projector learn to generate latent images (and,
+    optionally, the und branch learns the interleaved tasks); AIA regularises the shared attention."""
+
+    def __init__(self, model: LatentUMModel, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.model = model
+        bb = model.backbone
+        trainable = [*bb.branch_parameters("gen"), model.head, model.visual_projector]
+        if cfg.train_understanding:
+            trainable += [*bb.branch_parameters("und"), *bb.shared_parameters()]
+        set_trainable(model, trainable)
+
+    def losses(self, p: Packed) -> LossBreakdown:
+        m, cfg = self.model, self.cfg
+        with_aia = cfg.aia.und_weight > 0 or cfg.aia.gen_weight > 0
+        fwd = m.forward_packed(p, code_noise=cfg.code_noise, with_aia=with_aia)
+        parts, total = {}, 0.0
+        if len(p.code_query):
+            h = fwd.hidden.reshape(-1, fwd.hidden.size(-1))[p.code_query]
+            code = m.head.loss(h, fwd.latent_ids[p.code_owner, p.code_token])
+            total = total + code.total
+            parts.update({"code_ce": code.total, **{f"code/{k}": v for k, v in code.parts.items()}})
+        if cfg.train_understanding and (p.text_targets != IGNORE).any():
+            ce, acc = text_loss(m, fwd.hidden, p.text_targets)
+            total = total + ce
+            parts.update(text_ce=ce, text_acc=acc)
+        if with_aia:
+            aia = aia_loss(fwd.attn_mass, p.task, p.aia_valid, cfg.aia)
+            total = total + aia.total
+            parts.update({"aia": aia.total, **{f"aia/{k}": v for k, v in aia.parts.items()}})
+            self._log_intensity(fwd.attn_mass.detach(), p)
+        return LossBreakdown(total, parts)
+
+    def _log_intensity(self, mass: torch.Tensor, p: Packed) -> None:
+        if self.global_step % self.cfg.log_every:
+            return
+        for task, name in ((0, "und"), (1, "gen")):
+            sel = (p.task == task) & p.aia_valid
+            if sel.any():
+                for layer, v in enumerate(mass[:, sel].float().mean(1)):
+                    self.log(f"intensity/{name}_L{layer}", v)
+
+
+class DecoderSystem(StageSystem):
+    """Stage 3: the pixel decoder learns codes -> pixels; it never sees the backbone."""
+
+    def __init__(self, model: LatentUMModel, decoder_cfg: DecoderConfig, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.model = model
+        q = model.cfg.quantizer
+        self.decoder = PixelDecoder(decoder_cfg, code_dim=q.dim, grid=model.cfg.encoder.grid)
+        set_trainable(model, [])
+
+    def losses(self, pixels: torch.Tensor) -> LossBreakdown:
+        m, R = self.model, self.decoder.cfg.resolution
+        with torch.no_grad():
+            codes = m.quantizer.codes_from_ids(m.image_ids(pixels))
+        x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
+        if x.size(-1) != R:
+            x = F.interpolate(x, size=(R, R), mode="area")
+        return self.decoder.loss(x.to(self.device), codes.float())

@@ -1,0 +1,279 @@
+"""MoME backbone and KV cache: cache equals no-cache, routing isolation, fork/replay, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentum.config import BackboneConfig
+from latentum.model.backbone import AttentionSpans, MoMEBackbone
+from latentum.model.cache import KVCache
+
+CFG = BackboneConfig(vocab_size=50, dim=32, depth=2, heads=4, kv_heads=2, ffn_hidden=64, max_seq_len=64)
+TOL = 1e-5
+
+
+@pytest.fixture
+def model() -> MoMEBackbone:
+    torch.manual_seed(0)
+    m = MoMEBackbone(CFG)
+    # Make the branches differ clearly so that a routing mistake changes the numbers.
+    with torch.no_grad():
+        for p in m.branch_parameters("gen"):
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _left_padded(B: int, T: int, pads: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CFG.vocab_size, (B, T), generator=g)
+    valid = torch.arange(T)[None, :] >= torch.tensor(pads)[:, None]  # (B, T)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    gen_mask = torch.rand(B, T, generator=g) < 0.5
+    return ids, valid, positions, gen_mask
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_shapes_and_logits(model):
+    B, T = 3, 5
+    ids, valid, pos, gen = _left_padded(B, T, [0, 1, 2])
+    out = model(model.embed(ids), gen, pos, key_valid=valid)
+    assert out.hidden.shape == (B, T, CFG.dim) and out.attn_mass is None
+    assert model.logits(out.hidden).shape == (B, T, CFG.vocab_size)
+    spans = AttentionSpans(query=torch.ones(B, T, dtype=torch.bool), key=torch.zeros(B, T, dtype=torch.bool))
+    out = model(model.embed(ids), gen, pos, key_valid=valid, spans=spans)
+    assert out.attn_mass.shape == (CFG.depth, B)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_incremental_decoding_equals_full_forward(model, grad):
+    """Prefill then token by token through the cache (left padding, mixed routing) == one forward."""
+    B, T, P = 3, 9, 4
+    ids, valid, pos, gen = _left_padded(B, T, [0, 2, 3])
+    x = model.embed(ids)
+    with torch.set_grad_enabled(grad):
+        full = model(x, gen, pos, key_valid=valid).hidden
+        cache = model.new_cache(B, max_len=16)
+        steps = [model(x[:, :P], gen[:, :P], pos[:, :P], cache=cache, key_valid=valid[:, :P]).hidden]
+        for t in range(P, T):
+            s = slice(t, t + 1)
+            steps.append(model(x[:, s], gen[:, s], pos[:, s], cache=cache, key_valid=valid[:, s]).hidden)
+    assert cache.length == T
+    assert torch.isfinite(full).all()
+    assert _max_diff(torch.cat(steps, 1), full) < TOL
+
+
+def test_chunked_prefill_with_mixed_routing_equals_no_cache(model):
+    B, T = 2, 10
+    ids, _, pos, _ = _left_padded(B, T, [0, 0])
+    gen = torch.zeros(B, T, dtype=torch.bool)
+    gen[0, 3:7] = True  # a gen span mid-sequence in one row, the other row all und
+    gen[1, ::3] = True  # scattered gen tokens
+    x = model.embed(ids)
+    with torch.no_grad():
+        full = model(x, gen, pos).hidden
+        cache = model.new_cache(B, max_len=T)
+        chunks, start = [], 0
+        for size in (3, 1, 4, 2):
+            s = slice(start, start + size)
+            chunks.append(model(x[:, s], gen[:, s], pos[:, s], cache=cache).hidden)
+            start += size
+    assert _max_diff(torch.cat(chunks, 1), full) < TOL
+
+
+@torch.no_grad()
+def test_fork_generate_discard_replay_equals_fresh_prefill(model):
+    """LatentUM §4: fork, generate through gen, discard the fork, replay through und == a fresh prefill."""
+    B, P, G = 2, 5, 4
+    ids = torch.randint(0, CFG.vocab_size, (B, P + G))
+    x = model.embed(ids)
+    pos = torch.arange(P + G).expand(B, -1)
+    und = torch.zeros(B, P + G, dtype=torch.bool)
+    cache = model.new_cache(B, max_len=32)
+    model(x[:, :P], und[:, :P], pos[:, :P], cache=cache)
+    k_before = cache.k[:, :, :, :P].clone()
+
+    fork = cache.fork()
+    for t in range(P, P + G):  # the gen branch fills the fork only
+        model(x[:, t : t + 1], ~und[:, t : t + 1], pos[:, t : t + 1], cache=fork)
+    assert fork.length == P + G and cache.length == P
+    assert torch.equal(cache.k[:, :, :, :P], k_before)
+
+    fresh = model(x, und, pos).hidden[:, P:]  # no cache, everything through und
+    replay = model(x[:, P:], und[:, P:], pos[:, P:], cache=cache).hidden
+    assert _max_diff(replay, fresh) < TOL
+
+    model(model.embed(ids[:, :3]), und[:, :3], pos[:, :3] + P + G, cache=cache)  # junk to throw away
+    cache.truncate(P)
+    replay2 = model(x[:, P:], und[:, P:], pos[:, P:], cache=cache).hidden
+    assert _max_diff(replay2, fresh) < TOL
+    with pytest.raises(ValueError, match="length"):
+        cache.truncate(P + G + 1)
+
+
+@torch.no_grad()
+def test_cache_reorder_selects_batch_rows(model):
+    B, T, P = 2, 6, 4
+    ids, _, pos, gen = _left_padded(B, T, [0, 0], seed=1)
+    x = model.embed(ids)
+    index = torch.tensor([1, 0, 1])  # CFG-style doubling with repeats
+    full = model(x[index], gen[index], pos[index]).hidden
+    cache = model.new_cache(B, max_len=T)
+    model(x[:, :P], gen[:, :P], pos[:, :P], cache=cache)
+    cache.reorder(index)
+    assert cache.batch == 3
+    tail = model(x[index, P:], gen[index, P:], pos[index, P:], cache=cache).hidden
+    assert _max_diff(tail, full[:, P:]) < TOL
+
+
+def test_cache_overflow_and_failed_forward_leave_cache_unchanged(model):
+    cache = model.new_cache(1, max_len=4)
+    x = model.embed(torch.zeros(1, 3, dtype=torch.long))
+    pos = torch.arange(3)[None]
+    gen = torch.zeros(1, 3, dtype=torch.bool)
+    model(x, gen, pos, cache=cache)
+    with pytest.raises(ValueError, match="max_len"):
+        model(x, gen, pos, cache=cache)
+    assert cache.length == 3
+    with pytest.raises(ValueError, match="KVCache"):
+        KVCache(depth=0, batch=1, kv_heads=1, head_dim=2, max_len=4)
+
+
+def test_routing_isolates_branch_gradients(model):
+    """Attention limited to same-branch keys: a loss on one branch's tokens never reaches the other."""
+    B, T = 2, 8
+    ids, _, pos, gen = _left_padded(B, T, [0, 0], seed=3)
+    gen[:, 0], gen[:, 1] = True, False  # both branches present in every row
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None]
+    same = gen[:, :, None] == gen[:, None, :]
+    for loss_on, silent in ((gen, "und"), (~gen, "gen")):
+        model.zero_grad()
+        hidden = model(model.embed(ids), gen, pos, attn_mask=causal & same).hidden
+        (hidden[loss_on] ** 2).sum().backward()
+        live = "gen" if silent == "und" else "und"
+        assert all(p.grad is None or not p.grad.any() for p in model.branch_parameters(silent))
+        assert any(p.grad is not None and p.grad.any() for p in model.branch_parameters(live))
+        assert model.embedding.weight.grad.any()
+
+
+def test_parameter_groups_partition_the_model(model):
+    groups = [list(model.branch_parameters("und")), list(model.branch_parameters("gen")),
+              list(model.shared_parameters())]
+    ids = [{id(p) for p in g} for g in groups]
+    assert sum(len(s) for s in ids) == len({id(p) for p in model.parameters()})
+    assert len(ids[0] | ids[1] | ids[2]) == len(list(model.parameters()))
+    assert len(groups[0]) == len(groups[1]) > 0
+    with pytest.raises(ValueError, match="branch"):
+        list(model.branch_parameters("vision"))
+
+
+@torch.no_grad()
+def test_init_generation_branch_makes_branches_identical(model):
+    B, T = 2, 7
+    ids, _, pos, gen = _left_padded(B, T, [0, 0], seed=4)
+    x = model.embed(ids)
+    und_only = model(x, torch.zeros_like(gen), pos).hidden
+    assert _max_diff(model(x, gen, pos).hidden, und_only) > 1e-3  # branches differ before the copy
+    model.init_generation_branch()
+    assert _max_diff(model(x, gen, pos).hidden, und_only) < TOL
+    assert _max_diff(model(x, torch.ones_like(gen), pos).hidden, und_only) < TOL
+
+
+@torch.no_grad()
+def test_block_mask_generation_block_sees_only_a_prefix(model):
+    """LatentUM dual sequence: U causal; a gen block sees U up to its delimiter and itself causally."""
+    B, U, G, cut = 2, 6, 3, 3  # the block sees U[:cut]
+    ids = torch.randint(0, CFG.vocab_size, (B, U + G))
+    x = model.embed(ids)
+    S = U + G
+    mask = torch.zeros(S, S, dtype=torch.bool)
+    mask[:U, :U] = torch.ones(U, U, dtype=torch.bool).tril()
+    mask[U:, :cut] = True
+    mask[U:, U:] = torch.ones(G, G, dtype=torch.bool).tril()
+    pos = torch.cat([torch.arange(U), torch.arange(cut, cut + G)]).expand(B, -1)
+    gen = torch.zeros(B, S, dtype=torch.bool)
+    gen[:, U:] = True
+    out = model(x, gen, pos, attn_mask=mask.expand(B, S, S).clone()).hidden
+    ref_u = model(x[:, :U], gen[:, :U], pos[:, :U]).hidden
+    sel = torch.cat([torch.arange(cut), torch.arange(U, S)])
+    ref_g = model(x[:, sel], gen[:, sel], pos[:, sel]).hidden[:, cut:]
+    assert _max_diff(out[:, :U], ref_u) < TOL
+    assert _max_diff(out[:, U:], ref_g) < TOL
+
+
+def test_padding_queries_stay_finite_in_value_and_gradient(model):
+    B, T = 2, 6
+    ids, valid, pos, gen = _left_padded(B, T, [3, 0], seed=5)
+    hidden = model(model.embed(ids), gen, pos, key_valid=valid).hidden
+    assert torch.isfinite(hidden).all()
+    hidden.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_attention_mass_wiring(model):
+    """The key span = every allowed key gives mass 1; an empty key span gives 0; an empty query span 0."""
+    B, T = 3, 6
+    ids, valid, pos, gen = _left_padded(B, T, [0, 2, 0], seed=6)
+    query = valid.clone()
+    query[2] = False  # empty query span
+    full = model(model.embed(ids), gen, pos, key_valid=valid, spans=AttentionSpans(query, valid)).attn_mass
+    assert torch.allclose(full[:, :2], torch.ones(CFG.depth, 2), atol=TOL)
+    assert torch.equal(full[:, 2], torch.zeros(CFG.depth))
+    none = model(model.embed(ids), gen, pos, key_valid=valid,
+                 spans=AttentionSpans(query, torch.zeros_like(valid))).attn_mass
+    assert torch.equal(none, torch.zeros(CFG.depth, B))
+    half = torch.zeros_like(valid)
+    half[:, :4] = True
+    part = model(model.embed(ids), gen, pos, key_valid=valid, spans=AttentionSpans(query, half)).attn_mass
+    assert ((part[:, :2] > 0) & (part[:, :2] < 1)).all()
+
+
+def test_bad_inputs_name_the_argument(model):
+    x = model.embed(torch.zeros(1, 4, dtype=torch.long))
+    pos = torch.arange(4)[None]
+    gen = torch.zeros(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="gen_mask"):
+        model(x, gen.float(), pos)
+    with pytest.raises(ValueError, match="positions"):
+        model(x, gen, pos[:, :3])
+    with pytest.raises(ValueError, match="attn_mask"):
+        model(x, gen, pos, attn_mask=torch.ones(1, 4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x must be"):
+        model(x[..., :8], gen, pos)
+    with pytest.raises(TypeError, match="ids"):
+        model.embed(torch.zeros(1, 4))
+
+
+@torch.no_grad()
+def test_left_padding_does_not_change_valid_tokens(model):
+    """A left-padded row computes exactly what the same tokens compute alone, unpadded."""
+    B, T, pad = 2, 7, 3
+    ids, valid, pos, gen = _left_padded(B, T, [pad, 0], seed=7)
+    padded = model(model.embed(ids), gen, pos, key_valid=valid).hidden[0, pad:]
+    alone = model(model.embed(ids[:1, pad:]), gen[:1, pad:], pos[:1, pad:]).hidden[0]
+    assert _max_diff(padded, alone) < TOL
+
+
+def test_bf16_autocast_with_cache_runs(model):
+    B, T = 2, 5
+    ids, valid, pos, gen = _left_padded(B, T, [1, 0], seed=8)
+    cache = model.new_cache(B, max_len=8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(model.embed(ids[:, :4]), gen[:, :4], pos[:, :4], cache=cache, key_valid=valid[:, :4])
+        out = model(model.embed(ids[:, 4:]), gen[:, 4:], pos[:, 4:], cache=cache)
+    assert torch.isfinite(out.hidden).all() and cache.length == T
+
+
+@torch.no_grad()
+def test_rope_positions_matter_only_relatively(model):
+    B, T = 2, 6
+    ids, _, pos, gen = _left_padded(B, T, [0, 0], seed=9)
+    x = model.embed(ids)
+    base = model(x, gen, pos).hidden
+    assert _max_diff(model(x, gen, pos + 11).hidden, base) < 1e-4  # a constant shift changes nothing
+    gapped = pos.clone()
+    gapped[:, 3:] += 5
+    assert _max_diff(model(x, gen, gapped).hidden[:, 3:], base[:, 3:]) > 1e-3

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from latentum.config import HeadConfig
+from latentum.generation.sampling import GREEDY, SamplingParams
+from latentum.model.heads import DepthHead, VisualProjector
+
+D, G, K, M = 16, 4, 11, 6
+
+
+@pytest.fixture(scope="module")
+def head():
+    torch.manual_seed(0)
+    return DepthHead(HeadConfig(depth=2, heads=2, mlp_ratio=2), D, G, K).eval()
+
+
+def h_(seed=0, m=M):
+    return torch.randn(m, D, generator=torch.Generator().manual_seed(seed))
+
+
+def ids_(seed=0, m=M):
+    return torch.randint(0, K, (m, G), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_shape_and_loss(head):
+    logits = head(h_(), ids_())
+    assert logits.shape == (M, G, K)
+    out = head.loss(h_(), ids_())
+    assert torch.isfinite(out.total) and set(out.parts) == {"ce", *(f"acc/d{g}" for g in range(G))}
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, K), ids_().reshape(-1))
+    assert torch.allclose(out.total, ref, atol=1e-6)
+
+
+def test_causal_over_depth(head):
+    """Logits at depth g see only ids[:, :g]: changing ids at >= g leaves depths <= g unchanged."""
+    ids = ids_()
+    base = head(h_(), ids)
+    for g in range(G):
+        other = ids.clone()
+        other[:, g:] = (other[:, g:] + 1 + torch.arange(G - g)) % K
+        changed = head(h_(), other)
+        assert torch.allclose(changed[:, : g + 1], base[:, : g + 1], atol=1e-6)
+        if g + 1 < G:
+            assert not torch.allclose(changed[:, g + 1:], base[:, g + 1:])
+
+
+def test_greedy_sample_is_consistent_with_teacher_forcing(head):
+    ids = head.sample(h_(), GREEDY)
+    assert ids.shape == (M, G) and ids.dtype == torch.long
+    assert torch.equal(head(h_(), ids).argmax(-1), ids)
+
+
+def test_seeded_sampling_is_reproducible_and_in_range(head):
+    p = SamplingParams(temperature=1.0, top_k=5)
+    a = head.sample(h_(), p, generator=torch.Generator().manual_seed(3))
+    b = head.sample(h_(), p, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() < K
+
+
+def test_cfg_scale_one_equals_no_cfg(head):
+    p = SamplingParams(temperature=1.0)
+    plain = head.sample(h_(), p, generator=torch.Generator().manual_seed(1))
+    cfg1 = head.sample(h_(), p, generator=torch.Generator().manual_seed(1), h_uncond=h_(9), cfg_scale=1.0)
+    assert torch.equal(plain, cfg1)
+
+
+def test_cfg_guides_logits_at_every_depth(head):
+    """Greedy CFG ids equal argmax of l_u + s (l_c - l_u) from teacher forcing on those same ids."""
+    s = 3.0
+    ids = head.sample(h_(), GREEDY, h_uncond=h_(9), cfg_scale=s)
+    l_c, l_u = head(h_(), ids), head(h_(9), ids)
+    assert torch.equal((l_u + s * (l_c - l_u)).argmax(-1), ids)
+    assert not torch.equal(ids, head.sample(h_(), GREEDY))  # guidance does change something here
+
+
+def test_single_codebook_head():
+    head = DepthHead(HeadConfig(depth=1, heads=2), D, 1, K)
+    assert head(h_(), ids_()[:, :1]).shape == (M, 1, K)
+    assert head.sample(h_(), GREEDY).shape == (M, 1)
+
+
+def test_gradient_reaches_h_and_every_depth_embedding(head):
+    h = h_().requires_grad_()
+    head.loss(h, ids_()).total.backward()
+    assert h.grad.abs().sum() > 0
+    assert all(e.weight.grad is not None and e.weight.grad.abs().sum() > 0 for e in head.embeds)
+    head.zero_grad()
+
+
+def test_bad_inputs(head):
+    with pytest.raises(ValueError, match="ids"):
+        head(h_(), ids_()[:, :2])
+    with pytest.raises(ValueError, match="ids"):
+        head(h_(), ids_() + K)
+    with pytest.raises(ValueError, match="h "):
+        head(torch.zeros(M, D + 1), ids_())
+    with pytest.raises(ValueError, match="h_uncond"):
+        head.sample(h_(), GREEDY, h_uncond=h_(m=M + 1), cfg_scale=2.0)
+    with pytest.raises(ValueError, match="heads"):
+        DepthHead(HeadConfig(heads=3), D, G, K)
+
+
+def test_visual_projector():
+    proj = VisualProjector(8, D)
+    assert proj(torch.randn(2, 5, 8)).shape == (2, 5, D)
+    with pytest.raises(ValueError, match="z_q"):
+        proj(torch.randn(2, 5, 9))

@@ -1,0 +1,161 @@
+"""VSP samplers: every answer is correct by construction (checked against simulate / the map / the pixel
+oracle), labels are balanced, texts stay inside ``vocabulary()``, sampling is fast."""
+
+import time
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+
+from latentum.data import frozenlake as fl
+from latentum.data import vsp
+from latentum.data.sample import Sample
+
+STYLES = fl.STYLES
+
+
+def draws(sampler, n, seed=0, style=None, canvas=128):
+    """n samples over all sizes (and both styles unless one is given)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        s = style or STYLES[i % 2]
+        out.append(sampler(rng, 3 + i % 6, s, canvas))
+    return out
+
+
+def texts(sample: Sample) -> list[str]:
+    return [x for x in sample.user + sample.assistant if isinstance(x, str)]
+
+
+@pytest.mark.parametrize("task, sampler", list(vsp.SAMPLERS.items()))
+def test_every_sampler_shape_and_meta(task, sampler):
+    for s in draws(sampler, 12, canvas=64):
+        assert isinstance(s, Sample) and s.task == task
+        m = s.meta["map"]
+        assert isinstance(m, fl.LakeMap) and m.size == s.meta["size"]
+        assert all(im.shape == (64, 64, 3) for im in s.images)
+        # the input map image shows exactly this map with the player at its start
+        user_img = next(x for x in s.user if isinstance(x, np.ndarray))
+        style = s.meta["style"]
+        assert fl.read_canvas(user_img, m.size, style=style) == fl.state_of(m, None, style)
+
+
+def test_plan_sample_follows_bfs_and_imagined_boards_are_the_simulated_ones():
+    for s in draws(vsp.plan_sample, 24):
+        m, plan, style = s.meta["map"], s.meta["actions"], s.meta["style"]
+        assert s.user[0] == vsp.PLAN_PROMPT and isinstance(s.user[1], np.ndarray)
+        assert plan == fl.shortest_plan(m) and len(s.assistant) == 2 * len(plan) + 1
+        assert s.assistant[-1] == vsp.DONE and s.assistant[0::2][:-1] == plan
+        assert fl.simulate(m, plan, "gym").success and fl.simulate(m, plan, "strict").success
+        positions = fl.simulate(m, plan, "strict").positions
+        for k, (a, img) in enumerate(zip(plan, s.assistant[1::2])):
+            np.testing.assert_array_equal(img, fl.render_canvas(m, positions[k + 1], style, a))
+            assert fl.read_canvas(img, m.size).player == positions[k + 1]
+        assert positions[-1] == m.goal
+
+
+def test_text_plan_sample_is_one_string():
+    for s in draws(vsp.text_plan_sample, 12):
+        m = s.meta["map"]
+        assert s.assistant == [" ".join(fl.shortest_plan(m) + ["Done"])]
+        assert not any(isinstance(x, np.ndarray) for x in s.assistant)
+
+
+def test_hole_sample_correct_and_balanced():
+    samples = draws(vsp.hole_sample, 200)
+    for s in samples:
+        m = s.meta["map"]
+        words = s.user[1].split()
+        r, c = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
+        assert s.assistant == [vsp.YES if (r, c) in m.holes else vsp.NO]
+    yes = np.mean([s.assistant[0] == vsp.YES for s in samples])
+    assert 0.4 < yes < 0.6
+
+
+def test_relation_sample_matches_vsp_t2_semantics():
+    samples = draws(vsp.relation_sample, 120)
+    for s in samples:
+        m, words = s.meta["map"], s.assistant[0].split()
+        (pr, pc), (gr, gc) = m.player, m.goal
+        assert ("Above" in words) == (pr < gr) and ("Below" in words) == (pr > gr)
+        assert ("Left" in words) == (pc < gc) and ("Right" in words) == (pc > gc)
+        assert words == sorted(words, key=vsp.RELATIONS.index) and 1 <= len(words) <= 2
+    assert len({s.assistant[0] for s in samples}) == 8  # all 8 non-empty answers occur
+
+
+def test_grid_sample_has_one_true_option_and_a_near_miss():
+    samples = draws(vsp.grid_sample, 60)
+    for s in samples:
+        m, opts = s.meta["map"], s.meta["options"]
+        truth = m.text_grid()
+        assert [k for k, v in opts.items() if v == truth] == s.assistant
+        assert len(set(opts.values())) == 4
+        assert all(f"{k} : {v}" in s.user[1] for k, v in opts.items())
+        one_off = [v for v in opts.values()
+                   if len(v) == len(truth) and sum(a != b for a, b in zip(v, truth)) == 1]
+        assert len(one_off) >= 1
+    assert {s.assistant[0] for s in samples} == set(vsp.OPTIONS)
+
+
+def test_player_sample_answer_is_the_pixel_player():
+    for s in draws(vsp.player_sample, 30):
+        m = s.meta["map"]
+        _, r, _, c = s.assistant[0].split()
+        assert (int(r) - 1, int(c) - 1) == m.player
+        assert fl.read_canvas(s.user[0], m.size).player == m.player
+
+
+def test_safety_sample_correct_balanced_and_all_lengths():
+    samples = draws(vsp.safety_sample, 200)
+    for s in samples:
+        m, actions = s.meta["map"], s.meta["actions"]
+        assert s.user[1] == vsp.SAFETY_Q.format(actions=" ".join(actions))
+        safe = fl.simulate(m, actions, "gym").reason != "hole"
+        assert s.assistant == [vsp.YES if safe else vsp.NO]
+    assert {len(s.meta["actions"]) for s in samples} == set(vsp.SAFETY_LENGTHS)
+    assert 0.4 < np.mean([s.assistant[0] == vsp.YES for s in samples]) < 0.6
+
+
+def test_vocabulary_covers_every_text_with_a_word_level_tokenizer():
+    vocab = vsp.vocabulary()
+    table = {w: i for i, w in enumerate(sorted(vocab | {"<unk>"}))}
+    tok = Tokenizer(WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    unk = table["<unk>"]
+    for sampler in vsp.SAMPLERS.values():
+        for s in draws(sampler, 40, seed=3):
+            for t in texts(s):
+                assert set(t.split()) <= vocab, t
+                assert unk not in tok.encode(t).ids
+    assert "Done" in vocab and "?" in vocab and "/" in vocab and ":" in vocab
+
+
+@pytest.mark.parametrize("sampler", list(vsp.SAMPLERS.values()))
+def test_samplers_are_seeded(sampler):
+    a, b = draws(sampler, 4, seed=11), draws(sampler, 4, seed=11)
+    for x, y in zip(a, b):
+        assert texts(x) == texts(y)
+        assert all(np.array_equal(i, j) for i, j in zip(x.images, y.images))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(size=9, style="classic"), "size"),
+    (dict(size=4, style="pixel"), "style"),
+    (dict(size=4, style="classic", canvas=100), "canvas"),
+])
+def test_samplers_reject_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        vsp.plan_sample(np.random.default_rng(0), **kwargs)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_plan_sample_is_fast(style):
+    rng = np.random.default_rng(0)
+    vsp.plan_sample(rng, 8, style)  # builds the tile atlas once
+    t = time.perf_counter()
+    for _ in range(20):
+        vsp.plan_sample(rng, 8, style)
+    assert (time.perf_counter() - t) / 20 < 0.010
