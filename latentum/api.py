@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentum.config import DecoderConfig, ModelConfig, from_dict, to_dict
+from latentum.config import ModelConfig, from_dict, to_dict
 from latentum.data.tokenizer import TextTokenizer
 from latentum.generation.engine import Decoder
 from latentum.generation.sampling import GREEDY, SamplingParams
@@ -25,7 +25,8 @@ FORMAT_VERSION = 1
 
 @dataclass
 class LatentImage:
-    """A generated image as discrete semantic tokens: ``ids`` (N, G), N = grid * grid in raster order."""
+    """A generated image as discrete semantic tokens: ``ids`` (N, G), N = grid * grid in raster order (the
+    active top-left grid of the canvas; a FrozenLake thought of an N x N map has grid N)."""
 
     ids: torch.Tensor
 
@@ -187,7 +188,9 @@ class LatentUM:
         return images[0] if single else images
 
     def render_ids(self, ids: torch.Tensor, *, seed: int = 0, steps: int | None = None) -> np.ndarray:
-        codes = self.model.quantizer.codes_from_ids(ids.to(self.model.device))
+        """Active-grid ids (B, g*g, G) -> uint8 pixels (B, R, R, 3); tokens outside the grid are background."""
+        ids = self.model.full_canvas_ids(ids.to(self.model.device))
+        codes = self.model.quantizer.codes_from_ids(ids)
         return self.decoder.render(codes, steps=steps, generator=_generator(seed))
 
     # --- planning ---------------------------------------------------------------------------------------
@@ -227,6 +230,3 @@ def save_model_folder(model: LatentUMModel, tokenizer: TextTokenizer, path: str 
     save_model(model, str(path / "model.safetensors"))
     tokenizer.save(path)
 
-
-def decoder_config_of(path: str | Path) -> DecoderConfig:
-    return from_dict(DecoderConfig, json.loads((Path(path) / "config.json").read_text())["decoder"])

@@ -205,6 +205,11 @@ class TrainConfig:
     aia: AIAConfig = field(default_factory=AIAConfig)
     code_noise: float = 0.15
     """Stage 2: probability of replacing each code of a read-back latent by a random one (LatentUM §8)."""
+    aia_queries: int = 16
+    """AIA intensity per sample is estimated from at most this many random rows of its query span (an
+    unbiased estimate of the span mean; the full span costs Q x S logits per head and layer)."""
+    bucket: int = 4
+    """Draw ``bucket`` batches of samples at once and batch them by length, so rows pad less."""
     cfg_dropout: float = 0.1
     """Stage 2: probability of dropping the prompt of a text-to-image sample (classifier-free guidance)."""
 

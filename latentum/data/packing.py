@@ -6,7 +6,11 @@ features) and assistant images (latent codes, "read back"). Each G block is ``<i
 latent tokens, routed to the generation branch; it sees U strictly before that image's ``<img>`` and itself,
 and re-uses U's positions, exactly what inference sees after forking the cache.
 
-Legend: B rows, T packed length, N tokens per image, G codebooks per token.
+Images are canvases whose content sits top-left (``latentum.data.canvas``): an image with an active g x g
+grid contributes g * g tokens. ``ImageSlots`` map those tokens between the packed rows and the full
+``canvas_grid ** 2`` token grid of the encoder.
+
+Legend: B rows, T packed length, I images, C = canvas_grid ** 2 canvas tokens, G codebooks per token.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from latentum.data.canvas import active_grid, active_index
 from latentum.data.sample import Sample
 from latentum.data.tokenizer import TextTokenizer
 
@@ -25,11 +30,12 @@ UND, GEN = 0, 1
 
 @dataclass
 class ImageSlots:
-    """Where images go: ``pixels[i]`` fills the N placeholder rows starting at flat index ``start[i]``."""
+    """Where image tokens go: packed row ``rows[m]`` (flat into B*T) takes canvas token ``src[m]`` (flat into
+    I*C) of ``pixels``. G blocks share the pixels of ``Packed.latents`` (their ``pixels`` is empty)."""
 
     pixels: np.ndarray  # (I, H, W, 3) uint8
-    start: torch.Tensor  # (I,) flat index into B*T of the first image token
-    owner: torch.Tensor  # (I,) index of the image in the batch's latent list (G blocks) or -1
+    rows: torch.Tensor  # (M,) flat index into B*T
+    src: torch.Tensor  # (M,) flat index into I*C
 
 
 @dataclass
@@ -44,10 +50,9 @@ class Packed:
     text_targets: torch.Tensor  # (B, T) next text token id or IGNORE
     inputs: ImageSlots  # user images: continuous encoder features
     latents: ImageSlots  # assistant images read back through the und branch (one per image)
-    gen_blocks: ImageSlots  # the same images as G blocks (owner = index into ``latents``)
-    code_query: torch.Tensor  # (M,) flat indices whose hidden state predicts the next image token's codes
-    code_owner: torch.Tensor  # (M,) index into ``latents`` of the predicted token's image
-    code_token: torch.Tensor  # (M,) which of the image's N tokens is predicted
+    gen_blocks: ImageSlots  # the chosen latents again, as G blocks (``src`` indexes the latents' tokens)
+    code_query: torch.Tensor  # (M,) flat indices into B*T whose hidden state predicts an image token's codes
+    code_src: torch.Tensor  # (M,) flat index into the latents' I*C canvas tokens: the predicted token
     task: torch.Tensor  # (B,) AIA task per row: UND or GEN
     aia_valid: torch.Tensor  # (B,) bool, False for rows whose prompt was dropped (CFG)
     aia_query: torch.Tensor  # (B, T) bool, the task's query span
@@ -58,7 +63,7 @@ class Packed:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         for k in ("inputs", "latents", "gen_blocks"):
             s = moved[k]
-            moved[k] = ImageSlots(s.pixels, s.start.to(device), s.owner.to(device))
+            moved[k] = ImageSlots(s.pixels, s.rows.to(device), s.src.to(device))
         return Packed(**moved)
 
 
@@ -67,12 +72,12 @@ class _Row:
     ids: list[int]
     labels: list[int]
     is_image: list[bool]
-    inputs: list[tuple[np.ndarray, int]]
-    latents: list[tuple[np.ndarray, int]]  # (pixels, start of its N tokens in U)
+    inputs: list[tuple[np.ndarray, int, int]]  # (pixels, start of its tokens in U, active grid g)
+    latents: list[tuple[np.ndarray, int, int]]
     opens: list[int]  # U index of each latent's <img>
 
 
-def _tokenize_row(sample: Sample, tok: TextTokenizer, n_tokens: int, drop_prompt: bool) -> _Row:
+def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_prompt: bool) -> _Row:
     r = _Row([tok.bos_id], [IGNORE], [False], [], [], [])
     for turn, items in (("user", sample.user), ("assistant", sample.assistant)):
         for item in items:
@@ -86,8 +91,9 @@ def _tokenize_row(sample: Sample, tok: TextTokenizer, n_tokens: int, drop_prompt
                 if supervised:
                     r.opens.append(len(r.ids))
                 _extend(r, [tok.img_start_id], supervised, False)
-                (r.latents if supervised else r.inputs).append((item, len(r.ids)))
-                _extend(r, [tok.image_id] * n_tokens, False, True)
+                g = active_grid(item, canvas_grid)
+                (r.latents if supervised else r.inputs).append((item, len(r.ids), g))
+                _extend(r, [tok.image_id] * g * g, False, True)
                 _extend(r, [tok.img_end_id], False, False)
     _extend(r, [tok.eos_id], True, False)
     return r
@@ -100,64 +106,96 @@ def _extend(r: _Row, ids: list[int], supervised: bool, image: bool) -> None:
     r.is_image += [image] * len(ids)
 
 
-def pack(samples: list[Sample], tok: TextTokenizer, n_tokens: int, *, max_gen_images: int = 4,
-         drop_prompt: list[bool] | None = None, rng: np.random.Generator | None = None) -> Packed:
-    """Pack ``samples`` into one batch. ``max_gen_images`` caps G blocks per row (a random subset)."""
+def pack(samples: list[Sample], tok: TextTokenizer, canvas_grid: int = 8, *, max_gen_images: int = 4,
+         drop_prompt: list[bool] | None = None, rng: np.random.Generator | None = None,
+         aia_queries: int | None = None) -> Packed:
+    """Pack ``samples`` into one batch. ``max_gen_images`` caps G blocks per row (a random subset);
+    ``aia_queries`` keeps at most that many random rows of each AIA query span."""
     rng = rng or np.random.default_rng(0)
     drop_prompt = drop_prompt or [False] * len(samples)
-    rows = [_tokenize_row(s, tok, n_tokens, d) for s, d in zip(samples, drop_prompt)]
+    rows = [_tokenize_row(s, tok, canvas_grid, d) for s, d in zip(samples, drop_prompt)]
     chosen = [sorted(rng.choice(len(r.latents), min(len(r.latents), max_gen_images), replace=False).tolist())
               if r.latents else [] for r in rows]
-    lengths = [len(r.ids) + len(c) * (n_tokens + 1) for r, c in zip(rows, chosen)]
+    lengths = [len(r.ids) + sum(r.latents[i][2] ** 2 + 1 for i in c) for r, c in zip(rows, chosen)]
     B, T = len(rows), max(lengths)
-    out = _Builder(B, T, tok.pad_id)
+    out = _Builder(B, T, tok.pad_id, canvas_grid)
     for b, (r, c) in enumerate(zip(rows, chosen)):
-        out.add_row(b, r, c, n_tokens, tok, samples[b].task, drop_prompt[b])
-    return out.finish(samples)
+        out.add_row(b, r, c, tok, samples[b].task, drop_prompt[b])
+    packed = out.finish(samples)
+    if aia_queries:
+        packed.aia_query = subsample_rows(packed.aia_query, aia_queries, rng)
+    return packed
+
+
+def subsample_rows(mask: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """Keep at most k random True entries per row of a (B, T) bool mask."""
+    scores = torch.from_numpy(rng.random(mask.shape)).masked_fill(~mask, 2.0)  # unchosen sort last
+    keep = torch.zeros_like(mask)
+    top = scores.topk(min(k, mask.size(1)), dim=1, largest=False).indices
+    keep.scatter_(1, top, True)
+    return keep & mask
+
+
+def approx_length(sample: Sample, canvas_grid: int = 8) -> int:
+    """Cheap estimate of a sample's packed length (for length bucketing)."""
+    n = 0
+    for item in sample.user + sample.assistant:
+        n += len(item.split()) if isinstance(item, str) else active_grid(item, canvas_grid) ** 2 + 2
+    return n
 
 
 class _Builder:
     """Fills the (B, T) tensors row by row; the (B, T, T) mask is built once, vectorised, in ``finish``."""
 
-    def __init__(self, B: int, T: int, pad_id: int):
-        self.B, self.T = B, T
+    def __init__(self, B: int, T: int, pad_id: int, canvas_grid: int):
+        self.B, self.T, self.grid = B, T, canvas_grid
         self.ids = torch.full((B, T), pad_id, dtype=torch.long)
         self.positions = torch.zeros(B, T, dtype=torch.long)
         self.block = torch.full((B, T), -1, dtype=torch.long)  # 0 = U, k > 0 = G block k, -1 = pad
         self.anchor = torch.zeros(B, T, dtype=torch.long)  # G tokens see U keys < anchor
         self.labels = torch.full((B, T), IGNORE, dtype=torch.long)
         self.is_image = torch.zeros(B, T, dtype=torch.bool)
-        self.inputs, self.latents, self.gen = [], [], []  # (pixels, flat start, owner)
-        self.code_query, self.code_owner, self.code_token = [], [], []
+        self.slots = {"inputs": ([], [], []), "latents": ([], [], []), "gen": ([], [], [])}  # pixels, rows, src
+        self.code_query, self.code_src = [], []
         self.task, self.aia_valid = [], []
 
-    def add_row(self, b: int, r: _Row, chosen: list[int], N: int, tok: TextTokenizer, task: str,
-                dropped: bool) -> None:
-        L, T = len(r.ids), self.T
+    def _place(self, kind: str, b: int, start: int, g: int, image: int, pixels=None) -> list[int]:
+        """Record the g*g active tokens of canvas image ``image`` at U/G index ``start`` of row b."""
+        pix, rows, src = self.slots[kind]
+        if pixels is not None:
+            pix.append(pixels)
+        C = self.grid**2
+        canvas = [image * C + i for i in active_index(g, self.grid)]
+        rows += range(b * self.T + start, b * self.T + start + g * g)
+        src += canvas
+        return canvas
+
+    def add_row(self, b: int, r: _Row, chosen: list[int], tok: TextTokenizer, task: str, dropped: bool) -> None:
+        L = len(r.ids)
         self.ids[b, :L] = torch.tensor(r.ids)
         self.positions[b, :L] = torch.arange(L)
         self.block[b, :L] = 0
         self.labels[b, :L] = torch.tensor(r.labels)
         self.is_image[b, :L] = torch.tensor(r.is_image)
-        self.inputs += [(px, b * T + s, -1) for px, s in r.inputs]
-        first_latent = len(self.latents)
-        self.latents += [(px, b * T + s, -1) for px, s in r.latents]
+        for px, start, g in r.inputs:
+            self._place("inputs", b, start, g, len(self.slots["inputs"][0]), px)
+        first = len(self.slots["latents"][0])
+        canvas_tokens = [self._place("latents", b, start, g, first + i, px)
+                         for i, (px, start, g) in enumerate(r.latents)]
         at = L
         for k, li in enumerate(chosen, start=1):
-            p = r.opens[li]  # U index of this image's <img>
-            sl = slice(at, at + N + 1)
+            p, g = r.opens[li], r.latents[li][2]  # U index of this image's <img>, its active grid
+            n = g * g
             self.ids[b, at] = tok.img_start_id
-            self.ids[b, at + 1:at + N + 1] = tok.image_id
-            self.positions[b, sl] = torch.arange(p, p + N + 1)
-            self.block[b, sl], self.anchor[b, sl] = k, p
-            self.is_image[b, at + 1:at + N + 1] = True
-            owner = first_latent + li
-            self.gen.append((r.latents[li][0], b * T + at + 1, owner))
-            # <img> and latents 0..N-2 predict latents 0..N-1.
-            self.code_query += range(b * T + at, b * T + at + N)
-            self.code_owner += [owner] * N
-            self.code_token += range(N)
-            at += N + 1
+            self.ids[b, at + 1:at + n + 1] = tok.image_id
+            self.positions[b, at:at + n + 1] = torch.arange(p, p + n + 1)
+            self.block[b, at:at + n + 1], self.anchor[b, at:at + n + 1] = k, p
+            self.is_image[b, at + 1:at + n + 1] = True
+            self._place("gen", b, at + 1, g, first + li)
+            # <img> and the image's tokens 0..n-2 predict its tokens 0..n-1.
+            self.code_query += range(b * self.T + at, b * self.T + at + n)
+            self.code_src += canvas_tokens[li]
+            at += n + 1
         # Rows with G blocks regularise generation attention (AIA is single-task per sample, as in AIA's code).
         self.task.append(GEN if chosen else UND)
         self.aia_valid.append(not dropped)
@@ -179,9 +217,9 @@ class _Builder:
         return Packed(
             ids=self.ids, positions=self.positions, gen_mask=gen_mask, valid=valid,
             attn_mask=block_mask(self.block, self.anchor), text_targets=labels_next,
-            inputs=_slots(self.inputs), latents=_slots(self.latents), gen_blocks=_slots(self.gen),
-            code_query=code_query, code_owner=torch.tensor(self.code_owner, dtype=torch.long),
-            code_token=torch.tensor(self.code_token, dtype=torch.long), task=task,
+            inputs=_slots(*self.slots["inputs"]), latents=_slots(*self.slots["latents"]),
+            gen_blocks=_slots(*self.slots["gen"]), code_query=code_query,
+            code_src=torch.tensor(self.code_src, dtype=torch.long), task=task,
             aia_valid=torch.tensor(self.aia_valid), aia_query=torch.where(is_gen, gen_q, und_q),
             aia_key=torch.where(is_gen, text_keys, image_keys), tasks=[s.task for s in samples])
 
@@ -199,12 +237,9 @@ def block_mask(block: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return same | prefix | eye
 
 
-def _slots(items: list[tuple[np.ndarray, int, int]]) -> ImageSlots:
-    if not items:
-        return ImageSlots(np.zeros((0, 1, 1, 3), np.uint8), torch.zeros(0, dtype=torch.long),
-                          torch.zeros(0, dtype=torch.long))
-    shapes = {px.shape for px, _, _ in items}
-    if len(shapes) != 1:
+def _slots(pixels: list[np.ndarray], rows: list[int], src: list[int]) -> ImageSlots:
+    shapes = {px.shape for px in pixels}
+    if len(shapes) > 1:
         raise ValueError(f"all images in a batch must share the canvas size, got {sorted(shapes)}")
-    return ImageSlots(np.stack([px for px, _, _ in items]), torch.tensor([s for _, s, _ in items]),
-                      torch.tensor([o for _, _, o in items]))
+    stacked = np.stack(pixels) if pixels else np.zeros((0, 1, 1, 3), np.uint8)
+    return ImageSlots(stacked, torch.tensor(rows, dtype=torch.long), torch.tensor(src, dtype=torch.long))

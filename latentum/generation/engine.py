@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from latentum.data.canvas import active_grid, active_index
 from latentum.data.sample import Item
 from latentum.generation.sampling import SamplingParams, sample_logits
 from latentum.model.cache import KVCache
@@ -56,32 +57,38 @@ class Decoder:
         return self.feed(torch.cat([open_, emb, close], dim=1), gen)
 
     def feed_input_images(self, pixels: np.ndarray):
-        """Feed observed images (B, H, W, 3) as <img> + continuous features + </img>, und branch."""
+        """Feed observed images (B, H, W, 3), all with the same active grid, as <img> + continuous features
+        of the active tokens + </img>, und branch."""
         B = len(pixels)
+        grid = self.model.cfg.encoder.grid
+        index = torch.tensor(active_index(active_grid(pixels[0], grid), grid), device=self.model.device)
         open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
-        emb = self.model.input_embeddings(pixels).to(open_.dtype)
+        emb = self.model.input_embeddings(pixels)[:, index].to(open_.dtype)
         return self.feed(torch.cat([open_, emb, close], dim=1))
 
     def prefill(self, prompts: list[list[Item]], drop_text: bool = False):
         """Left-pad and feed ``<bos>`` + each row's user items (text and input images)."""
-        rows = [prompt_tokens(p, self.tok, self.model.tokens_per_image, drop_text) for p in prompts]
+        grid = self.model.cfg.encoder.grid
+        rows = [prompt_tokens(p, self.tok, grid, drop_text) for p in prompts]
         T = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), T), self.tok.pad_id, dtype=torch.long)
         valid = torch.zeros(len(rows), T, dtype=torch.bool)
-        starts, pixels = [], []
+        dst, src, pixels = [], [], []
         for b, (row, images) in enumerate(rows):
             off = T - len(row)
             ids[b, off:] = torch.tensor(row)
             valid[b, off:] = True
-            starts += [b * T + off + s for s, _ in images]
-            pixels += [px for _, px in images]
+            for start, g, px in images:
+                dst += range(b * T + off + start, b * T + off + start + g * g)
+                src += [len(pixels) * grid**2 + i for i in active_index(g, grid)]
+                pixels.append(px)
         dev = self.model.device
         x = self.model.backbone.embed(ids.to(dev))
         if pixels:
-            emb = self.model.input_embeddings(np.stack(pixels))  # (I, N, D)
-            N, D = emb.shape[1], emb.shape[2]
-            rows_idx = (torch.tensor(starts, device=dev)[:, None] + torch.arange(N, device=dev)).reshape(-1)
-            x = x.reshape(-1, D).index_copy(0, rows_idx, emb.reshape(-1, D).to(x.dtype)).view(len(rows), T, D)
+            D = x.size(-1)
+            emb = self.model.input_embeddings(np.stack(pixels)).reshape(-1, D)  # (I*C, D)
+            emb = emb[torch.tensor(src, device=dev)].to(x.dtype)
+            x = x.reshape(-1, D).index_copy(0, torch.tensor(dst, device=dev), emb).view(len(rows), T, D)
         return self.feed(x, valid=valid.to(dev))
 
     def _token_embeddings(self, ids: list[int], B: int) -> list[torch.Tensor]:
@@ -103,10 +110,11 @@ class Decoder:
         return sample_logits(logits, params, generator)
 
     def generate_latent(self, params: SamplingParams, generator=None, uncond: Decoder | None = None,
-                        cfg_scale: float = 1.0) -> torch.Tensor:
-        """Generate one image (B, N, G) with the generation branch, continuing this cache in place.
-        With ``uncond`` (a decoder over prompt-dropped rows), codes use classifier-free guidance."""
-        N = self.model.tokens_per_image
+                        cfg_scale: float = 1.0, grid: int | None = None) -> torch.Tensor:
+        """Generate one image of ``grid`` x ``grid`` active tokens (default: the whole canvas) -> (B, N, G)
+        with the generation branch, continuing this cache in place. With ``uncond`` (a decoder over
+        prompt-dropped rows), codes use classifier-free guidance."""
+        N = (grid or self.model.cfg.encoder.grid) ** 2
         B = self.batch
         out = []
         h = self.feed(self._token_embeddings([self.tok.img_start_id], B)[0], gen=True)[:, -1]
@@ -123,12 +131,12 @@ class Decoder:
                 hu = uncond.feed(emb, gen=True)[:, -1]
         return torch.stack(out, dim=1)
 
-    def think(self, params: SamplingParams, generator=None, reread=None) -> torch.Tensor:
+    def think(self, params: SamplingParams, generator=None, reread=None, grid: int | None = None) -> torch.Tensor:
         """Fork, generate a latent image on the fork, discard it, replay the image through the und branch.
         ``reread`` (ids -> ids) may transform the image before it is read (e.g. a pixel round trip).
         Returns the generated ids (B, N, G); afterwards ``last`` predicts the text after ``</img>``."""
         mark, pos = self.cache.length, self.next_pos.clone()
-        ids = self.generate_latent(params, generator)
+        ids = self.generate_latent(params, generator, grid=grid)
         self.cache.truncate(mark)
         self.next_pos = pos
         self.feed_latents(ids if reread is None else reread(ids))
@@ -141,17 +149,18 @@ class Decoder:
         self.last = self.last[index]
 
 
-def prompt_tokens(items: list[Item], tok, n_tokens: int, drop_text: bool = False):
-    """User items -> (token ids, [(start of image tokens, pixels)]) for ``<bos>`` + items."""
+def prompt_tokens(items: list[Item], tok, canvas_grid: int, drop_text: bool = False):
+    """User items -> (token ids, [(start of image tokens, active grid, pixels)]) for ``<bos>`` + items."""
     ids, images = [tok.bos_id], []
     for i, item in enumerate(items):
         if isinstance(item, str):
             t = tok.encode(item)
             ids += [tok.pad_id] * len(t) if drop_text else t
         elif isinstance(item, np.ndarray):
+            g = active_grid(item, canvas_grid)
             ids.append(tok.img_start_id)
-            images.append((len(ids), item))
-            ids += [tok.image_id] * n_tokens + [tok.img_end_id]
+            images.append((len(ids), g, item))
+            ids += [tok.image_id] * g * g + [tok.img_end_id]
         else:
             raise TypeError(f"prompt item {i} must be str or an image array, got {type(item).__name__}")
     return ids, images

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from latentum.data.canvas import active_grid, active_index
 from latentum.data.frozenlake import ACTIONS
 from latentum.data.vsp import PLAN_PROMPT, TEXT_PLAN_PROMPT
 from latentum.generation.sampling import SamplingParams
@@ -33,10 +34,25 @@ class Plan:
 
 def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingParams, generator,
               thoughts: str = "latent") -> list[Plan]:
-    from latentum.api import LatentImage
-
+    """Plan every canvas; rows are batched by map size (maps of one size share the thought length)."""
     if thoughts not in THOUGHT_MODES:
         raise ValueError(f"thoughts must be one of {THOUGHT_MODES}, got {thoughts!r}")
+    grid = api.config.encoder.grid
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(canvases):
+        groups.setdefault(active_grid(c, grid), []).append(i)
+    plans: list[Plan | None] = [None] * len(canvases)
+    for g, idx in sorted(groups.items()):
+        for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, max_steps, params, generator, thoughts),
+                        idx):
+            plans[i] = p
+    return plans
+
+
+def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, generator,
+                thoughts: str) -> list[Plan]:
+    from latentum.api import LatentImage
+
     t0 = time.perf_counter()
     tok = api.tokenizer
     move_ids = [tok.encode(a)[0] for a in ACTIONS]
@@ -47,7 +63,7 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
     prompt = TEXT_PLAN_PROMPT if thoughts == "none" else PLAN_PROMPT
     dec.prefill([[prompt, c] for c in canvases])
     rows = torch.arange(B)  # which plan each decoder row belongs to
-    reread = _pixel_round_trip(api) if thoughts == "pixel" else None
+    reread = _pixel_round_trip(api, g) if thoughts == "pixel" else None
     for _ in range(max_steps):
         nxt = dec.sample_text(params, generator, allowed=move_ids + [done_id]).cpu()
         going = nxt != done_id
@@ -64,7 +80,7 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
             rows, nxt = rows[keep], nxt[keep]
         dec.feed_ids(nxt[:, None])
         if thoughts != "none":
-            ids = dec.think(params, generator, reread=reread).cpu()
+            ids = dec.think(params, generator, reread=reread, grid=g).cpu()
             for r, x in zip(rows.tolist(), ids):
                 plans[r].thoughts.append(LatentImage(x))
     seconds = (time.perf_counter() - t0) / B
@@ -73,13 +89,14 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
     return plans
 
 
-def _pixel_round_trip(api):
+def _pixel_round_trip(api, g: int):
     """ids -> pixel decoder -> canvas -> vision encoder -> MBAQ ids: the pixel-mediated baseline."""
-    canvas = api.canvas
+    canvas, grid = api.canvas, api.config.encoder.grid
+    index = torch.tensor(active_index(g, grid))
 
     def reread(ids: torch.Tensor) -> torch.Tensor:
         pixels = api.render_ids(ids)
-        up = np.stack([np.asarray(Image.fromarray(p).resize((canvas, canvas), Image.NEAREST)) for p in pixels])
-        return api.model.image_ids(up)
+        up = np.stack([np.asarray(Image.fromarray(p).resize((canvas, canvas), Image.BILINEAR)) for p in pixels])
+        return api.model.image_ids(up)[:, index.to(api.model.device)]
 
     return reread

@@ -65,7 +65,8 @@ def span_attention_mass(q: Tensor, k: Tensor, allowed: Tensor, query_mask: Tenso
     q_sel = q.gather(2, idx[:, None, :, None].expand(B, H, Q, d))  # (B, H, Q, d)
     ok = allowed.gather(1, idx[:, :, None].expand(B, Q, S)) & slot[:, :, None]  # (B, Q, S)
     q_sel = rearrange(q_sel.float(), "b (k r) q d -> b k r q d", k=k.shape[1])
-    logits = torch.einsum("bkrqd,bksd->bkrqs", q_sel, k.float()) * d**-0.5  # (B, K, r, Q, S)
+    with torch.autocast(q.device.type, enabled=False):  # the LSE needs fp32 even under bf16 autocast
+        logits = torch.einsum("bkrqd,bksd->bkrqs", q_sel, k.float()) * d**-0.5  # (B, K, r, Q, S)
     # A finite floor instead of -inf keeps empty rows NaN-free in value and gradient; they are zeroed below.
     floor = torch.finfo(torch.float32).min
     ok = ok[:, None, None]  # (B, 1, 1, Q, S)

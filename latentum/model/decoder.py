@@ -129,7 +129,8 @@ class PixelDecoder(nn.Module):
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"folder {str(folder)!r} has no {name}; expected a save_pretrained output")
+                raise FileNotFoundError(f"folder {str(folder)!r} has no {name}; "
+                                        "expected a PixelDecoder.save_pretrained output")
         meta = json.loads((folder / CONFIG_NAME).read_text())
         model = cls(DecoderConfig(**meta["decoder"]), code_dim=meta["code_dim"], grid=meta["grid"])
         model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))

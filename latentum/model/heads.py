@@ -37,7 +37,7 @@ class VisualProjector(nn.Module):
 
 
 class _Block(nn.Module):
-    """Pre-norm block: RMSNorm -> causal SDPA with q/k RMSNorm -> residual; RMSNorm -> GELU MLP -> residual."""
+    """Pre-norm block: RMSNorm -> causal SDPA (q/k RMSNorm) -> residual; RMSNorm -> GELU MLP -> residual."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int):
         super().__init__()
@@ -67,7 +67,8 @@ class DepthHead(nn.Module):
         if dim % cfg.heads != 0:
             raise ValueError(f"dim={dim} must divide by head.heads={cfg.heads}")
         if codebooks < 1 or codebook_size < 2:
-            raise ValueError(f"codebooks must be >= 1 and codebook_size >= 2, got {codebooks}, {codebook_size}")
+            raise ValueError(f"codebooks must be >= 1 and codebook_size >= 2, "
+                             f"got {codebooks}, {codebook_size}")
         self.dim, self.codebooks, self.codebook_size = dim, codebooks, codebook_size
         # E_g for g < G-1: the last id is never fed back (nothing comes after it).
         self.embeds = nn.ModuleList(nn.Embedding(codebook_size, dim) for _ in range(codebooks - 1))

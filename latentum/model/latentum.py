@@ -3,7 +3,7 @@
 Only wiring lives here: each part is its own module. The pixel decoder is deliberately not a member; it is
 trained and loaded separately (DESIGN.md, "Pixel decoder").
 
-Legend: B rows, T sequence, I images, N tokens per image, G codebooks, D backbone width, F encoder width.
+Legend: B rows, T sequence, I images, N tokens per image, C canvas tokens, G codebooks, D width, F encoder width.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from latentum.config import ModelConfig
+from latentum.data.canvas import active_index
 from latentum.data.packing import Packed
 from latentum.model.backbone import AttentionSpans, MoMEBackbone
 from latentum.model.encoder import VisionEncoder
@@ -25,7 +26,7 @@ from latentum.model.quantizer import MBAQ
 class PackedForward(NamedTuple):
     hidden: torch.Tensor  # (B, T, D) after the final norm
     attn_mass: torch.Tensor | None  # (L, B) AIA intensities, when spans were requested
-    latent_ids: torch.Tensor  # (I, N, G) clean codes of the batch's assistant images
+    latent_ids: torch.Tensor  # (I, C, G) clean canvas codes of the batch's assistant images
 
 
 class LatentUMModel(nn.Module):
@@ -45,10 +46,6 @@ class LatentUMModel(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.lm_head.weight.device
 
-    @property
-    def tokens_per_image(self) -> int:
-        return self.cfg.encoder.num_tokens
-
     # --- images -----------------------------------------------------------------------------------------
     def image_features(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (I, H, W, 3) canvases -> encoder features (I, N, F)."""
@@ -63,7 +60,7 @@ class LatentUMModel(nn.Module):
         """Discrete semantic tokens (I, N, G) of images: encoder -> MBAQ."""
         if len(pixels) == 0:
             G = self.cfg.quantizer.codebooks
-            return torch.zeros(0, self.tokens_per_image, G, dtype=torch.long, device=self.device)
+            return torch.zeros(0, self.cfg.encoder.num_tokens, G, dtype=torch.long, device=self.device)
         return self.quantizer.encode(self.image_features(pixels)).ids
 
     def latent_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
@@ -72,23 +69,22 @@ class LatentUMModel(nn.Module):
 
     # --- packed training forward ----------------------------------------------------------------------
     def embed_packed(self, p: Packed, latent_ids: torch.Tensor, read_ids: torch.Tensor | None = None):
-        """Token embeddings with the image rows filled in. ``read_ids`` (default ``latent_ids``) are the
-        codes the understanding branch reads back (noised in training, LatentUM §8)."""
+        """Token embeddings with the image rows filled in. ``latent_ids`` (I, C, G) are the latents' canvas
+        codes; ``read_ids`` (default ``latent_ids``) are what the und branch reads back (noised in training,
+        LatentUM §8) while G blocks always get the clean codes."""
         x = self.backbone.embed(p.ids)
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         read_ids = latent_ids if read_ids is None else read_ids
         fills = []
-        if len(p.inputs.start):
-            fills.append((p.inputs.start, self.input_embeddings(p.inputs.pixels)))
-        if len(p.latents.start):
-            fills.append((p.latents.start, self.latent_embeddings(read_ids)))
-        if len(p.gen_blocks.start):
-            fills.append((p.gen_blocks.start, self.latent_embeddings(latent_ids[p.gen_blocks.owner])))
-        for start, emb in fills:
-            N = emb.size(1)
-            rows = (start[:, None] + torch.arange(N, device=x.device)).reshape(-1)  # (I*N,)
-            x = x.index_copy(0, rows, emb.reshape(-1, D).to(x.dtype))
+        if len(p.inputs.rows):
+            fills.append((p.inputs, self.input_embeddings(p.inputs.pixels)))
+        if len(p.latents.rows):
+            fills.append((p.latents, self.latent_embeddings(read_ids)))
+        if len(p.gen_blocks.rows):
+            fills.append((p.gen_blocks, self.latent_embeddings(latent_ids)))
+        for slots, emb in fills:  # emb (I, C, D) over the whole canvas; take the active tokens
+            x = x.index_copy(0, slots.rows, emb.reshape(-1, D)[slots.src].to(x.dtype))
         return x.view(B, T, D)
 
     def forward_packed(self, p: Packed, *, code_noise: float = 0.0, with_aia: bool = False,
@@ -99,6 +95,23 @@ class LatentUMModel(nn.Module):
         spans = AttentionSpans(query=p.aia_query, key=p.aia_key) if with_aia else None
         out = self.backbone(x, p.gen_mask, p.positions, attn_mask=p.attn_mask, key_valid=p.valid, spans=spans)
         return PackedForward(out.hidden, out.attn_mass, latent_ids)
+
+    # --- canvas layout ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def background_ids(self) -> torch.Tensor:
+        """Codes (C, G) of an all-black canvas: what the tokens outside an image's active grid hold."""
+        if not hasattr(self, "_background"):
+            S = self.cfg.encoder.image_size
+            self._background = self.image_ids(np.zeros((1, S, S, 3), np.uint8))[0]
+        return self._background.to(self.device)
+
+    def full_canvas_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Active-grid ids (B, g*g, G) -> canvas ids (B, C, G), background outside the top-left g x g."""
+        g = int(round(ids.size(1) ** 0.5))
+        full = self.background_ids()[None].repeat(ids.size(0), 1, 1)
+        index = torch.tensor(active_index(g, self.cfg.encoder.grid), device=full.device)
+        full[:, index] = ids.to(full.device)
+        return full
 
 
 def corrupt_codes(ids: torch.Tensor, prob: float, codebook_size: int,

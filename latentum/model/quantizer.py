@@ -82,7 +82,10 @@ class MBAQ(nn.Module):
         z = self.down(features)  # (B, N, D)
         if self.training:
             self._set_dead_code_threshold(z.shape[0] * z.shape[1])
-        _, ids, _ = self.vq(z)  # ids (B, N, G); library loss is zero (commitment_weight=0)
+        # fp32 nearest-code search: bf16 autocast distances would blur the argmin (the library disables
+        # autocast for CUDA only).
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            _, ids, _ = self.vq(z.float())  # ids (B, N, G); library loss is zero (commitment_weight=0)
         ids = ids.long()
         q = self.codes_from_ids(ids)  # (B, N, D), exact codebook vectors, grad to the codebook
         loss = self._vq_loss(z, q)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from latentum.config import TrainConfig
-from latentum.data.packing import pack
+from latentum.data.packing import approx_length, pack
 from latentum.data.tokenizer import TextTokenizer
 from latentum.data.worlds import TaskMixture
 
@@ -24,28 +24,31 @@ class SampleStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         rng = np.random.default_rng([self.cfg.seed, self.rank, worker, self.restart])
-        while True:
-            yield [self.mixture(rng) for _ in range(self.cfg.batch_size)], int(rng.integers(2**31))
+        B, k = self.cfg.batch_size, max(1, self.cfg.bucket)
+        while True:  # draw k batches, batch them by length, yield them in random order
+            pool = sorted((self.mixture(rng) for _ in range(B * k)), key=approx_length)
+            for i in rng.permutation(k):
+                yield pool[i * B:(i + 1) * B], int(rng.integers(2**31))
 
 
 class PackCollate:
     """Batch of Samples -> Packed, with classifier-free-guidance prompt dropout on text-to-image rows."""
 
-    def __init__(self, tok: TextTokenizer, n_tokens: int, cfg: TrainConfig, max_gen_images: int = 4):
-        self.tok, self.n_tokens, self.cfg, self.max_gen_images = tok, n_tokens, cfg, max_gen_images
+    def __init__(self, tok: TextTokenizer, canvas_grid: int, cfg: TrainConfig, max_gen_images: int = 4):
+        self.tok, self.grid, self.cfg, self.max_gen_images = tok, canvas_grid, cfg, max_gen_images
 
     def __call__(self, item):
         samples, seed = item
         rng = np.random.default_rng(seed)
         drop = [s.task == "shapes_t2i" and rng.random() < self.cfg.cfg_dropout for s in samples]
-        return pack(samples, self.tok, self.n_tokens, max_gen_images=self.max_gen_images, drop_prompt=drop,
-                    rng=rng)
+        return pack(samples, self.tok, self.grid, max_gen_images=self.max_gen_images, drop_prompt=drop,
+                    rng=rng, aia_queries=self.cfg.aia_queries)
 
 
-def packed_loader(cfg: TrainConfig, tok: TextTokenizer, n_tokens: int, canvas: int, rank: int = 0,
+def packed_loader(cfg: TrainConfig, tok: TextTokenizer, canvas_grid: int, canvas: int, rank: int = 0,
                   restart: int = 0, num_workers: int = 0) -> DataLoader:
     ds = SampleStream(cfg, canvas, rank, restart)
-    return DataLoader(ds, batch_size=None, collate_fn=PackCollate(tok, n_tokens, cfg), num_workers=num_workers,
+    return DataLoader(ds, batch_size=None, collate_fn=PackCollate(tok, canvas_grid, cfg), num_workers=num_workers,
                       persistent_workers=num_workers > 0)
 
 

@@ -90,7 +90,7 @@ def train_stage(recipe: RecipeConfig, stage: str, out: str | Path, *, resume: bo
     loader = (torch.utils.data.DataLoader(ImageStream(cfg, canvas, rank, restart), batch_size=None,
                                           num_workers=num_workers)
               if stage == "decoder" else
-              packed_loader(cfg, tok, model.tokens_per_image, canvas, rank, restart, num_workers))
+              packed_loader(cfg, tok, recipe.model.encoder.grid, canvas, rank, restart, num_workers))
     t0 = time.time()
     trainer.fit(system, train_dataloaders=loader, ckpt_path=ckpt_path)
     if trainer.global_rank == 0:

@@ -119,9 +119,8 @@ class MBAQSystem(StageSystem):
         m = self.model
         x = m.backbone.embed(p.ids)
         B, T, D = x.shape
-        N = image_emb.size(1)
-        rows = (p.inputs.start[:, None] + torch.arange(N, device=x.device)).reshape(-1)
-        x = x.reshape(B * T, D).index_copy(0, rows, image_emb.reshape(-1, D).to(x.dtype)).view(B, T, D)
+        emb = image_emb.reshape(-1, D)[p.inputs.src].to(x.dtype)
+        x = x.reshape(B * T, D).index_copy(0, p.inputs.rows, emb).view(B, T, D)
         return m.backbone(x, p.gen_mask, p.positions, attn_mask=p.attn_mask, key_valid=p.valid).hidden
 
 
@@ -145,7 +144,7 @@ class MoMESystem(StageSystem):
         parts, total = {}, 0.0
         if len(p.code_query):
             h = fwd.hidden.reshape(-1, fwd.hidden.size(-1))[p.code_query]
-            code = m.head.loss(h, fwd.latent_ids[p.code_owner, p.code_token])
+            code = m.head.loss(h, fwd.latent_ids.reshape(-1, fwd.latent_ids.size(-1))[p.code_src])
             total = total + code.total
             parts.update({"code_ce": code.total, **{f"code/{k}": v for k, v in code.parts.items()}})
         if cfg.train_understanding and (p.text_targets != IGNORE).any():

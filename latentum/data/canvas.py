@@ -1,0 +1,31 @@
+"""Image layout on the model's square canvas: content sits top-left, the rest is pure black.
+
+FrozenLake maps of N x N cells fill only the top-left N x N patches of the 8 x 8 patch canvas, so the backbone
+reads and generates just those N * N "active" tokens (like variable-resolution models, a small image costs
+few tokens). Full-bleed images (Shapes) use every patch. The active grid is read from the pixels.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+def active_grid(image: np.ndarray, grid: int = 8) -> int:
+    """Smallest g such that every pixel outside the top-left g x g cells (of a grid x grid canvas) is black."""
+    cell = image.shape[0] // grid
+    lit = image.reshape(image.shape[0], image.shape[1], -1).any(-1)  # (H, W)
+    rows, cols = np.nonzero(lit.any(1))[0], np.nonzero(lit.any(0))[0]
+    if rows.size == 0:
+        return grid
+    extent = max(int(rows[-1]), int(cols[-1])) + 1
+    return max(1, min(grid, -(-extent // cell)))
+
+
+@lru_cache(maxsize=None)
+def active_index(g: int, grid: int = 8) -> tuple[int, ...]:
+    """Raster indices, among the grid * grid canvas tokens, of the top-left g x g active tokens."""
+    if not 1 <= g <= grid:
+        raise ValueError(f"active grid must be in 1..{grid}, got {g}")
+    return tuple(r * grid + c for r in range(g) for c in range(g))

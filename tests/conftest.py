@@ -1,0 +1,47 @@
+"""Shared fixtures: a model trained end to end by the debug recipe, and an untrained model folder.
+
+Both are session-scoped: the debug run takes ~10-30 s on 2 CPU cores and several test files read it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_RECIPE = ROOT / "configs" / "debug.yaml"
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory) -> Path:
+    """Run folder of ``configs/debug.yaml`` trained through all four stages; the final model is
+    ``<run>/model`` (with ``decoder/``), each stage's files are under ``<run>/<stage>``."""
+    from latentum.config import load_recipe
+    from latentum.train.run import train_all
+
+    out = tmp_path_factory.mktemp("debug_run")
+    # Progress bars only clutter captured output; pass progress=False once train_all accepts it.
+    quiet = {"progress": False} if "progress" in inspect.signature(train_all).parameters else {}
+    final = train_all(load_recipe(str(DEBUG_RECIPE)), out, **quiet)
+    assert Path(final) == out / "model"
+    return out
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory) -> Path:
+    """A loadable model folder with random weights (debug-recipe sizes, no decoder/): for tests of argument
+    handling that must not depend on training working."""
+    from latentum.api import save_model_folder
+    from latentum.config import load_recipe
+    from latentum.data.worlds import default_tokenizer
+    from latentum.model.latentum import LatentUMModel
+
+    cfg = copy.deepcopy(load_recipe(str(DEBUG_RECIPE)).model)
+    tok = default_tokenizer()
+    cfg.backbone.vocab_size = tok.vocab_size
+    out = tmp_path_factory.mktemp("untrained") / "model"
+    save_model_folder(LatentUMModel(cfg), tok, out)
+    return out
