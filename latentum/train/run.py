@@ -43,6 +43,24 @@ class WeightDigest(Callback):
         (self.folder / f"digest_rank{trainer.global_rank}.txt").write_text(h.hexdigest())
 
 
+class StepPrinter(Callback):
+    """One plain line every ``every`` steps (loss, s/step): readable in a nohup log, unlike a live bar."""
+
+    def __init__(self, every: int):
+        self.every, self.t0 = every, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.t0 is None:
+            self.t0 = (time.time(), step)
+        if step % self.every == 0 and trainer.is_global_zero:
+            t, s = self.t0
+            rate = (time.time() - t) / max(1, step - s)
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+            print(f"[{pl_module.__class__.__name__}] step {step}/{trainer.max_steps} loss {loss:.4f} "
+                  f"{rate:.2f} s/step", flush=True)
+
+
 def build_model(recipe: RecipeConfig, out: Path, stage: str) -> LatentUMModel:
     """Stage 0 starts fresh; later stages load the previous stage's export (weights, not optimiser state)."""
     prev = PREVIOUS[stage]
@@ -80,9 +98,10 @@ def train_stage(recipe: RecipeConfig, stage: str, out: str | Path, *, resume: bo
     trainer = L.Trainer(
         accelerator="auto", devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
         max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, log_every_n_steps=cfg.log_every,
-        logger=[CSVLogger(folder, name="logs"), TensorBoardLogger(folder, name="tb")],
+        logger=[CSVLogger(folder, name="logs", flush_logs_every_n_steps=cfg.log_every),
+                TensorBoardLogger(folder, name="tb")],
         callbacks=[ModelCheckpoint(folder / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every),
-                   WeightDigest(folder)],
+                   WeightDigest(folder), StepPrinter(cfg.log_every)],
         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
         limit_val_batches=0, num_sanity_val_steps=0)
     canvas = recipe.model.encoder.image_size

@@ -1,0 +1,137 @@
+"""Decoding invariants on a tiny random model: training's dual sequence equals inference's fork, fork+replay
+equals a fresh prefill, batching with left padding changes nothing, and samplers are seeded."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from latentum.api import LatentImage, LatentUM
+from latentum.config import load_recipe
+from latentum.data import vsp
+from latentum.data.canvas import active_grid, active_index
+from latentum.data.packing import pack
+from latentum.data.worlds import default_tokenizer
+from latentum.generation.engine import Decoder
+from latentum.generation.sampling import GREEDY, SamplingParams, sample_logits
+from latentum.model.latentum import LatentUMModel
+
+TOK = default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = copy.deepcopy(load_recipe("configs/debug.yaml").model)
+    cfg.backbone.vocab_size = TOK.vocab_size
+    m = LatentUMModel(cfg).eval()
+    # Make the branches differ so routing mistakes show up.
+    with torch.no_grad():
+        for p in m.backbone.branch_parameters("gen"):
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return vsp.plan_sample(np.random.default_rng(3), 3, "classic", canvas=64)
+
+
+def _feed_until_first_thought(dec: Decoder, s, model):
+    """Prefill the user turn, then the first move token (the next token would be <img>)."""
+    dec.prefill([s.user])
+    dec.feed_ids(torch.tensor([TOK.encode(s.assistant[0])]))
+
+
+def _one_move_sample():
+    for seed in range(1000):
+        s = vsp.plan_sample(np.random.default_rng(seed), 3, "classic", canvas=64)
+        if len(s.meta["actions"]) == 1:
+            return s
+    raise AssertionError("no one-move map found")
+
+
+@torch.no_grad()
+def test_training_gen_block_equals_inference_fork(model):
+    s = _one_move_sample()  # U: prompt, map, move, thought, Done; one G block for the thought
+    p = pack([s], TOK, 8)
+    fwd = model.forward_packed(p)
+    gen_rows = p.gen_mask[0].nonzero().flatten()  # <img> + n latent tokens
+    g = active_grid(s.assistant[1], 8)
+    act = fwd.latent_ids[0][list(active_index(g, 8))]  # (n, G)
+    dec = Decoder(model, TOK, 1, 512)
+    _feed_until_first_thought(dec, s, model)
+    h0 = dec.feed(dec._token_embeddings([TOK.img_start_id], 1)[0], gen=True)
+    h1 = dec.feed(model.latent_embeddings(act[None, :-1]), gen=True)
+    infer = torch.cat([h0, h1], dim=1)[0]  # (n, D)
+    train = fwd.hidden[0, gen_rows[:-1]]
+    torch.testing.assert_close(infer, train, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_think_fork_and_replay_equals_fresh_prefill(model, sample):
+    params = SamplingParams(temperature=1.0)
+    a = Decoder(model, TOK, 1, 512)
+    _feed_until_first_thought(a, sample, model)
+    ids = a.think(params, torch.Generator().manual_seed(0), grid=3)
+    b = Decoder(model, TOK, 1, 512)
+    _feed_until_first_thought(b, sample, model)
+    b.feed_latents(ids)
+    assert a.cache.length == b.cache.length
+    L = a.cache.length
+    torch.testing.assert_close(a.cache.k[:, :, :, :L], b.cache.k[:, :, :, :L])
+    torch.testing.assert_close(a.cache.v[:, :, :, :L], b.cache.v[:, :, :, :L])
+    torch.testing.assert_close(a.text_logits(), b.text_logits())
+
+
+@torch.no_grad()
+def test_cached_decoding_equals_one_forward(model, sample):
+    p = pack([vsp.hole_sample(np.random.default_rng(0), 4, "gymnasium", canvas=64)], TOK, 8)
+    full = model.forward_packed(p).hidden[0]
+    dec = Decoder(model, TOK, 1, 512)
+    s = vsp.hole_sample(np.random.default_rng(0), 4, "gymnasium", canvas=64)
+    dec.prefill([s.user])
+    n = dec.cache.length
+    torch.testing.assert_close(dec.last[0], full[n - 1], atol=2e-5, rtol=1e-4)
+    for t in p.ids[0, n:int(p.valid[0].sum())]:
+        dec.feed_ids(t.view(1, 1))
+        n += 1
+        torch.testing.assert_close(dec.last[0], full[n - 1], atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_single_rows(model):
+    api = LatentUM(model, TOK)
+    prompts = ["a red circle", "two squares and a blue triangle"]
+    both = api.generate_images(prompts, cfg_scale=2.0, temperature=0.0)
+    for prompt, latent in zip(prompts, both):
+        single = api.generate_images([prompt], cfg_scale=2.0, temperature=0.0)[0]
+        assert torch.equal(single.ids, latent.ids)
+
+
+def test_sampling_is_seeded_and_filters():
+    logits = torch.randn(64, 50)
+    params = SamplingParams(temperature=0.9, top_k=5, top_p=0.9)
+    a = sample_logits(logits, params, torch.Generator().manual_seed(1))
+    b = sample_logits(logits, params, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    top5 = logits.topk(5, dim=-1).indices
+    assert (top5 == a[:, None]).any(-1).all()
+    assert torch.equal(sample_logits(logits, GREEDY), logits.argmax(-1))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+
+
+@torch.no_grad()
+def test_plan_and_generate_return_well_formed_results(model):
+    api = LatentUM(model, TOK)
+    from latentum.data import frozenlake as fl
+
+    m = fl.generate_map(4, np.random.default_rng(0))
+    plan = api.plan(fl.render(m, style="classic"), max_steps=3, sampling=SamplingParams(1.0), seed=0)
+    assert len(plan.actions) <= 3 and set(plan.actions) <= set("LDRU")
+    assert all(isinstance(t, LatentImage) and t.ids.shape == (16, 2) for t in plan.thoughts)
+    out = api.generate(["Plan a safe path", fl.render(m)], max_images=1, max_new_tokens=4)
+    assert all(isinstance(x, (str, LatentImage)) for x in out)
+    assert isinstance(api.answer(fl.render(m), "Where is the player ?"), str)

@@ -1,0 +1,102 @@
+"""Packing invariants: the dual sequence U ++ G, its mask, labels, routing, image slots and AIA spans."""
+
+import numpy as np
+import torch
+
+from latentum.data import frozenlake as fl
+from latentum.data import vsp
+from latentum.data.canvas import active_grid, active_index
+from latentum.data.packing import GEN, IGNORE, UND, block_mask, pack, subsample_rows
+from latentum.data.sample import Sample
+from latentum.data.worlds import default_tokenizer
+
+TOK = default_tokenizer()
+
+
+def _plan(seed=0, size=4):
+    return vsp.plan_sample(np.random.default_rng(seed), size, "gymnasium", canvas=64)
+
+
+def test_active_grid_reads_map_size():
+    for size in range(3, 9):
+        m = fl.generate_map(size, np.random.default_rng(size))
+        assert active_grid(fl.render_canvas(m, canvas=64), 8) == size
+    assert active_grid(np.full((64, 64, 3), 255, np.uint8)) == 8
+    assert active_index(2, 8) == (0, 1, 8, 9)
+
+
+def test_plan_row_layout_and_labels():
+    s = _plan()
+    p = pack([s], TOK, 8, max_gen_images=2)
+    g = s.meta["size"]
+    n_moves = len(s.meta["actions"])
+    u_len = int((p.gen_mask[0] == 0).logical_and(p.valid[0]).sum())
+    assert p.gen_mask[0].sum() == 2 * (g * g + 1)  # two G blocks of <img> + g*g tokens
+    assert len(p.code_query) == 2 * g * g
+    # Supervised text: every move, each <img> opening, "Done" and <eos>.
+    targets = p.text_targets[0][p.text_targets[0] != IGNORE].tolist()
+    assert targets.count(TOK.img_start_id) == n_moves
+    assert TOK.decode(targets) == " ".join(s.meta["actions"] + ["Done"])
+    assert targets[-1] == TOK.eos_id
+    # Image slots: one input image and n_moves read-back latents, g*g tokens each.
+    assert len(p.inputs.rows) == g * g and len(p.latents.rows) == n_moves * g * g
+    assert (p.ids.view(-1)[p.latents.rows] == TOK.image_id).all()
+    assert u_len == int(p.valid[0].sum()) - 2 * (g * g + 1)
+    assert p.task.tolist() == [GEN]
+
+
+def test_gen_blocks_see_only_their_prefix_and_reuse_positions():
+    s = _plan(1, 3)
+    p = pack([s], TOK, 8, max_gen_images=3)
+    mask, gen = p.attn_mask[0], p.gen_mask[0]
+    first = int(gen.nonzero()[0])
+    anchor = int(p.positions[0, first])  # the U index of the image's <img>
+    assert p.ids[0, anchor] == TOK.img_start_id and p.ids[0, first] == TOK.img_start_id
+    seen_u = mask[first, :first].nonzero().flatten()
+    assert seen_u.max() == anchor - 1  # strictly before the U <img>, as after a cache fork
+    assert not mask[:first, first:].any()  # U never sees G
+    n = active_grid(s.assistant[1], 8) ** 2
+    assert (p.positions[0, first:first + n + 1] == torch.arange(anchor, anchor + n + 1)).all()
+
+
+def test_block_mask_padding_rows_see_themselves():
+    block = torch.tensor([[0, 0, 1, 1, -1]])
+    anchor = torch.tensor([[0, 0, 1, 1, 0]])
+    m = block_mask(block, anchor)[0]
+    assert m[4].tolist() == [False, False, False, False, True]
+    assert m[2].tolist() == [True, False, True, False, False]
+    assert m[3].tolist() == [True, False, True, True, False]
+
+
+def test_understanding_rows_span_answers_and_images():
+    s = vsp.hole_sample(np.random.default_rng(0), 5, "classic", canvas=64)
+    p = pack([s], TOK, 8)
+    assert p.task.tolist() == [UND]
+    assert p.aia_query[0].sum() == (p.text_targets[0] != IGNORE).sum()
+    assert p.aia_key[0].sum() == 25  # the 5x5 active image tokens
+
+
+def test_prompt_dropout_pads_text_and_disables_aia():
+    rng = np.random.default_rng(0)
+    from latentum.data import shapes
+
+    s = shapes.t2i_sample(rng, canvas=64)
+    p = pack([s, s], TOK, 8, drop_prompt=[False, True])
+    n_prompt = len(TOK.encode(s.user[0]))
+    assert (p.ids[1, 1:1 + n_prompt] == TOK.pad_id).all()
+    assert (p.ids[0, 1:1 + n_prompt] != TOK.pad_id).all()
+    assert p.aia_valid.tolist() == [True, False]
+
+
+def test_subsample_rows_keeps_at_most_k_of_the_span():
+    mask = torch.rand(4, 50) < 0.5
+    keep = subsample_rows(mask, 5, np.random.default_rng(0))
+    assert (keep <= mask).all()
+    assert (keep.sum(1) == mask.sum(1).clamp(max=5)).all()
+
+
+def test_sample_rejects_bad_items():
+    import pytest
+
+    with pytest.raises(TypeError, match="Sample.user"):
+        Sample(user=[np.zeros((4, 4), np.uint8)], assistant=["x"], task="t")
