@@ -135,7 +135,7 @@ def assemble(out: str | Path, model_stage: str = "mome") -> Path:
 
 
 def train_all(recipe: RecipeConfig, out: str | Path, *, resume: bool = False, num_workers: int = 0,
-              stages: list[str] | None = None) -> Path:
+              stages: list[str] | None = None, progress: bool = True) -> Path:
     for stage in stages or [s for s in STAGES if s in recipe.stages]:
-        train_stage(recipe, stage, out, resume=resume, num_workers=num_workers)
+        train_stage(recipe, stage, out, resume=resume, num_workers=num_workers, progress=progress)
     return assemble(out, "mome" if "mome" in recipe.stages else "mbaq")

@@ -1,0 +1,95 @@
+"""The public API on the model the debug recipe trains: well-formed results, clear errors, exact save/load."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentum import LatentImage, LatentUM
+from latentum.data import frozenlake as fl
+
+
+@pytest.fixture(scope="module")
+def api(debug_run):
+    return LatentUM.from_pretrained(debug_run / "model")
+
+
+@pytest.fixture(scope="module")
+def lake():
+    m = fl.generate_map(4, np.random.default_rng(0))
+    return m, fl.render(m, style="classic")
+
+
+def test_answer_accepts_array_pil_and_path(api, lake, tmp_path):
+    _, image = lake
+    path = tmp_path / "map.png"
+    Image.fromarray(image).save(path)
+    answers = [api.answer(x, "Is there a hole at row 1 column 1 ?") for x in (image, Image.fromarray(image), path)]
+    assert all(isinstance(a, str) for a in answers)
+    assert answers[0] == answers[1] == answers[2]  # greedy decoding of the same pixels
+    assert api.answer_batch([image, image], ["Where is the player ?"] * 2) == [api.answer(image, "Where is the player ?")] * 2
+
+
+def test_generate_images_render_and_read_back(api):
+    latents = api.generate_images(["a red circle", "two squares"], cfg_scale=3.0, seed=0)
+    assert len(latents) == 2 and all(isinstance(x, LatentImage) for x in latents)
+    assert latents[0].ids.shape == (64, api.config.quantizer.codebooks)
+    assert int(latents[0].ids.max()) < api.config.quantizer.codebook_size
+    again = api.generate_images(["a red circle", "two squares"], cfg_scale=3.0, seed=0)
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(latents, again))  # seeded
+    image = api.render(latents[0], seed=0)
+    assert isinstance(image, Image.Image) and image.size == (32, 32)
+    assert np.array_equal(np.asarray(image), np.asarray(api.render(latents[0], seed=0)))
+    assert isinstance(api.answer(latents[0], "How many circles are there ?"), str)  # und branch, no pixels
+
+
+def test_generate_and_plan(api, lake):
+    m, image = lake
+    out = api.generate(["Plan a safe path for the player to the goal .", image], max_images=2, max_new_tokens=6)
+    assert isinstance(out, list) and all(isinstance(x, (str, LatentImage)) for x in out)
+    plan = api.plan(image, max_steps=4, seed=0)
+    assert set(plan.actions) <= set("LDRU") and len(plan.actions) <= 4
+    assert len(plan.thoughts) == len(plan.actions)
+    assert all(t.ids.shape[0] == m.size**2 for t in plan.thoughts)
+
+
+def test_save_load_round_trip_is_bit_identical(api, tmp_path):
+    api.render(api.generate_images(["a circle"], seed=1)[0])  # loads the decoder so it is saved too
+    api.save_pretrained(tmp_path / "copy")
+    back = LatentUM.from_pretrained(tmp_path / "copy")
+    a, b = api.model.state_dict(), back.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    da, db = api.decoder.state_dict(), back.decoder.state_dict()
+    assert all(torch.equal(da[k], db[k]) for k in da)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (np.zeros((10, 20, 3), np.uint8), ValueError, "square"),
+    (np.zeros((64, 64), np.uint8), ValueError, "uint8 \\(H, W, 3\\)"),
+    (np.zeros((64, 64, 3), np.float32), ValueError, "uint8"),
+    ("does/not/exist.png", ValueError, "no such file"),
+    (42, TypeError, "PIL image"),
+])
+def test_bad_images_are_named(api, bad, err, match):
+    with pytest.raises(err, match=match):
+        api.answer(bad, "Where is the player ?")
+
+
+def test_bad_arguments_are_named(api, lake, tmp_path):
+    _, image = lake
+    with pytest.raises(ValueError, match="question"):
+        api.answer(image, "")
+    with pytest.raises(ValueError, match="cfg_scale"):
+        api.generate_images(["a circle"], cfg_scale=0.5)
+    with pytest.raises(ValueError, match="prompts"):
+        api.generate_images([])
+    with pytest.raises(TypeError, match="seed"):
+        api.plan(image, seed="0")
+    with pytest.raises(ValueError, match="max_steps"):
+        api.plan(image, max_steps=0)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        api.plan(text)
+    with pytest.raises(ValueError, match="not a latentum model folder"):
+        LatentUM.from_pretrained(tmp_path)
