@@ -197,6 +197,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
+    init_from: str | None = None
+    """Start from this exported model folder instead of the previous stage's export (e.g. a baseline that
+    shares another recipe's stages 0-1)."""
     tasks: dict[str, float] = field(default_factory=dict)
     """Task name -> sampling weight for this stage's data mixture."""
     map_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])

@@ -61,17 +61,25 @@ class StepPrinter(Callback):
                   f"{rate:.2f} s/step", flush=True)
 
 
+def init_folder(recipe: RecipeConfig, out: Path, stage: str) -> Path | None:
+    """The exported model a stage starts from: ``init_from`` if set, else the previous stage's export."""
+    cfg = recipe.stages[stage]
+    if cfg.init_from:
+        return Path(cfg.init_from)
+    prev = PREVIOUS[stage]
+    return out / prev / "export" if prev else None
+
+
 def build_model(recipe: RecipeConfig, out: Path, stage: str) -> LatentUMModel:
     """Stage 0 starts fresh; later stages load the previous stage's export (weights, not optimiser state)."""
-    prev = PREVIOUS[stage]
-    if prev is None:
+    folder = init_folder(recipe, out, stage)
+    if folder is None:
         cfg = copy.deepcopy(recipe.model)
         cfg.backbone.vocab_size = default_tokenizer().vocab_size
         return LatentUMModel(cfg)
-    folder = out / prev / "export"
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"stage {stage!r} starts from stage {prev!r}, but {folder} has no export; "
-                                f"train {prev!r} first (latentum train --stage {prev})")
+        raise FileNotFoundError(f"stage {stage!r} starts from {folder}, which holds no exported model; "
+                                f"train stage {PREVIOUS[stage]!r} first (latentum train --stage {PREVIOUS[stage]})")
     model = LatentUM.from_pretrained(folder).model
     if stage == "mome":
         model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
@@ -88,8 +96,8 @@ def train_stage(recipe: RecipeConfig, stage: str, out: str | Path, *, resume: bo
     folder.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(recipe, out, stage)
-    prev = PREVIOUS[stage]
-    tok = TextTokenizer.load(out / prev / "export") if prev else default_tokenizer()
+    start = init_folder(recipe, out, stage)
+    tok = TextTokenizer.load(start) if start else default_tokenizer()
     system = (DecoderSystem(model, recipe.decoder, cfg) if stage == "decoder" else
               {"vlm": VLMSystem, "mbaq": MBAQSystem, "mome": MoMESystem}[stage](model, cfg))
     ckpt = folder / "checkpoints" / "last.ckpt"
