@@ -83,13 +83,18 @@ def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, floa
     return out
 
 
-def latency(api, canvases, thoughts: str, n: int) -> float:
-    times = []
+def latency(api, canvases, thoughts: str, n: int) -> dict[str, float]:
+    """Batch-1 wall time on the first ``n`` maps: median seconds per plan and per move."""
+    per_plan, per_step = [], []
     for c in canvases[:n]:
         t0 = time.perf_counter()
-        api.plan_batch([c], thoughts=thoughts)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) if times else float("nan")
+        plan = api.plan_batch([c], thoughts=thoughts)[0]
+        dt = time.perf_counter() - t0
+        per_plan.append(dt)
+        per_step.append(dt / max(1, len(plan.actions)))
+    if not per_plan:
+        return {"sec_per_plan": float("nan"), "sec_per_step": float("nan")}
+    return {"sec_per_plan": statistics.median(per_plan), "sec_per_step": statistics.median(per_step)}
 
 
 def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic"), per_level: int = 100,
@@ -107,18 +112,18 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
                    "distinct_maps": len({(m.holes, m.player, m.goal) for m in maps})}
             plans = api.plan_batch(canvases, thoughts="latent")
             row["latent"] = {**plan_metrics(maps, plans), **thought_fidelity(api, maps, plans, style, True),
-                             "sec_per_plan": latency(api, canvases, "latent", latency_maps),
+                             **latency(api, canvases, "latent", latency_maps),
                              "steps": float(np.mean([len(p.actions) for p in plans]))}
             row["qa"] = qa_metrics(api, level, style, per_level, seed)
             if text_api is not None:
                 tplans = text_api.plan_batch(canvases, thoughts="none")
                 row["text"] = {**plan_metrics(maps, tplans),
-                               "sec_per_plan": latency(text_api, canvases, "none", latency_maps),
+                               **latency(text_api, canvases, "none", latency_maps),
                                "steps": float(np.mean([len(p.actions) for p in tplans]))}
             if pixel:
                 pplans = api.plan_batch(canvases, thoughts="pixel")
                 row["pixel"] = {**plan_metrics(maps, pplans),
-                                "sec_per_plan": latency(api, canvases, "pixel", latency_maps),
+                                **latency(api, canvases, "pixel", latency_maps),
                                 "steps": float(np.mean([len(p.actions) for p in pplans]))}
             rows.append(row)
     return {"rows": rows, "summary": summarize(rows)}
@@ -132,7 +137,7 @@ def summarize(rows: list[dict]) -> dict:
         for planner in ("latent", "text", "pixel"):
             if planner in sub[0]:
                 s[planner] = {k: float(np.mean([r[planner][k] for r in sub]))
-                              for k in ("gym", "strict", "sec_per_plan", "steps")}
+                              for k in ("gym", "strict", "sec_per_plan", "sec_per_step", "steps")}
                 s[planner]["min_strict"] = float(min(r[planner]["strict"] for r in sub))
         s["latent"]["fidelity_read"] = float(np.nanmean([r["latent"]["fidelity_read"] for r in sub]))
         if "fidelity_pixel" in sub[0]["latent"]:
@@ -151,7 +156,7 @@ def print_report(report: dict) -> None:
                 v = s[planner]
                 extra = "".join(f" {k}={v[k]:.3f}" for k in ("fidelity_pixel", "fidelity_read") if k in v)
                 print(f"  {planner:6s} gym={v['gym']:.3f} strict={v['strict']:.3f} min_strict={v['min_strict']:.3f}"
-                      f" sec/plan={v['sec_per_plan']:.3f} steps={v['steps']:.2f}{extra}")
+                      f" s/plan={v['sec_per_plan']:.3f} s/step={v['sec_per_step']:.3f} steps={v['steps']:.2f}{extra}")
         print("  qa     " + " ".join(f"{k}={v:.3f}" for k, v in s["qa"].items()))
 
 
