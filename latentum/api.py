@@ -99,6 +99,8 @@ class LatentUM:
         if not cfg_file.is_file():
             raise ValueError(f"path: {str(path)!r} is not a latentum model folder (no config.json)")
         meta = json.loads(cfg_file.read_text())
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise ValueError(f"path: {str(cfg_file)!r} is not a latentum config (no 'model' section)")
         cfg = from_dict(ModelConfig, meta["model"])
         model = LatentUMModel(cfg)
         load_model(model, str(path / "model.safetensors"), device=str(device))

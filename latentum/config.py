@@ -106,6 +106,10 @@ class HeadConfig:
     heads: int = 4
     mlp_ratio: int = 4
 
+    def __post_init__(self):
+        for name in ("depth", "heads", "mlp_ratio"):
+            _check(getattr(self, name) >= 1, f"head.{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass
 class AIAStage:
@@ -224,6 +228,11 @@ class TrainConfig:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(all(w >= 0 for w in self.tasks.values()), f"task weights must be >= 0, got {self.tasks}")
         _check(all(3 <= s <= 8 for s in self.map_sizes), f"map_sizes must be within 3..8, got {self.map_sizes}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.log_every > 0 and self.checkpoint_every > 0, "log_every and checkpoint_every must be > 0")
+        _check(self.devices >= 1, f"devices must be >= 1, got {self.devices}")
+        for name in ("code_noise", "cfg_dropout"):
+            _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 STAGES = ("vlm", "mbaq", "mome", "decoder")

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import latentum.train.run  # noqa: F401  (Lightning's log handler keeps the stderr it sees at import: not capsys's)
 from latentum.cli import build_parser, main
+from latentum.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "eval", "plan", "generate", "answer", "demo")
@@ -76,10 +78,17 @@ def test_bad_model_folder_exits_2_naming_it(command, tmp_path, capsys):
     assert "Traceback" not in err and out == ""
 
 
-def test_model_folder_without_weights_exits_2(tmp_path, capsys):
-    (tmp_path / "config.json").write_text("{}")
+def test_model_folder_without_weights_exits_2(untrained_model, tmp_path, capsys):
+    (tmp_path / "config.json").write_bytes((untrained_model / "config.json").read_bytes())
     code, _, err = run(["answer", "map.png", "q ?", "--model", tmp_path], capsys)
-    assert code == 2 and "error:" in err and "Traceback" not in err
+    assert code == 2 and "latentum answer: error:" in err and "model.safetensors" in err
+
+
+def test_foreign_config_json_exits_2(tmp_path, capsys):
+    """A folder whose config.json is not a latentum config (e.g. a Hugging Face model) is a usage error."""
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    code, _, err = run(["answer", "map.png", "q ?", "--model", tmp_path], capsys)
+    assert code == 2 and "latentum answer: error:" in err
 
 
 @pytest.mark.parametrize("content", [b"this is not a png\n", None], ids=["not-an-image", "missing"])
@@ -126,13 +135,11 @@ def test_plan_and_answer_run_on_a_map(untrained_model, tmp_path, capsys):
 
 
 def test_generate_writes_one_png_per_prompt(debug_run, tmp_path, capsys):
-    from latentum.api import decoder_config_of
-
     prompts = ["a red circle", "two blue squares"]
     code, out, err = run(["generate", *prompts, "--model", debug_run / "model", "--out", tmp_path], capsys)
     assert code == 0, err
     files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == ["00.png", "01.png"]
-    side = decoder_config_of(debug_run / "model" / "decoder").resolution
+    side = load_recipe(str(ROOT / "configs" / "debug.yaml")).decoder.resolution  # what debug_run trained
     assert all(Image.open(f).size == (side, side) for f in files)
     assert all(p in out for p in prompts)

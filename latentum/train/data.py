@@ -1,4 +1,4 @@
-"""Infinite, seeded streams of packed batches drawn from the built-in worlds (or a user's JSONL)."""
+"""Infinite, seeded streams of packed batches drawn from the built-in worlds."""
 
 from __future__ import annotations
 

@@ -108,7 +108,8 @@ def train_stage(recipe: RecipeConfig, stage: str, out: str | Path, *, resume: bo
         max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, log_every_n_steps=cfg.log_every,
         logger=[CSVLogger(folder, name="logs", flush_logs_every_n_steps=cfg.log_every),
                 TensorBoardLogger(folder, name="tb")],
-        callbacks=[ModelCheckpoint(folder / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every),
+        callbacks=[ModelCheckpoint(folder / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
+                                   enable_version_counter=False),
                    WeightDigest(folder), StepPrinter(cfg.log_every)],
         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
         limit_val_batches=0, num_sanity_val_steps=0)

@@ -1,0 +1,202 @@
+"""The training pipeline: the debug recipe trains every stage and exports a loadable model, a stage resumes
+from its checkpoint, two DDP ranks stay identical, and stage 2 without ``train_understanding`` leaves every
+part but the generation side bit-identical."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentum.config import STAGES, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug.yaml"
+
+
+def global_step(stage_folder: Path) -> int:
+    ckpt = torch.load(stage_folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return int(ckpt["global_step"])
+
+
+def logged_steps(stage_folder: Path) -> list[list[int]]:
+    """Steps written to the CSV log, one list per logger version (one version per fit)."""
+    runs = []
+    for version in sorted((stage_folder / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        with open(version / "metrics.csv") as f:
+            runs.append(sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("loss")}))
+    return runs
+
+
+# --- (a) the whole recipe -------------------------------------------------------------------------------
+def test_debug_recipe_trains_every_stage(debug_run):
+    recipe = load_recipe(str(DEBUG))
+    assert set(recipe.stages) == set(STAGES)
+    for stage, cfg in recipe.stages.items():
+        folder = debug_run / stage
+        assert (folder / "export" / "config.json").is_file(), stage
+        assert (folder / "export" / "model.safetensors").is_file(), stage
+        assert global_step(folder) == cfg.steps, stage
+        assert logged_steps(folder)[-1] == list(range(cfg.steps)), stage  # log_every is 1 in debug.yaml
+
+
+def test_exported_model_loads_with_its_decoder(debug_run):
+    from latentum.api import LatentImage, LatentUM
+
+    model_dir = debug_run / "model"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "decoder/config.json",
+                 "decoder/model.safetensors"):
+        assert (model_dir / name).is_file(), name
+    api = LatentUM.from_pretrained(model_dir)
+    assert api.decoder_path == model_dir / "decoder"
+    cfg = load_recipe(str(DEBUG)).model
+    assert api.config.backbone.dim == cfg.backbone.dim and api.config.encoder == cfg.encoder
+    assert api.tokenizer.vocab_size == api.config.backbone.vocab_size > 0
+    # The exported weights are the mome stage's, bit for bit.
+    mome = LatentUM.from_pretrained(debug_run / "mome" / "export").model.state_dict()
+    assert all(torch.equal(v, mome[k]) for k, v in api.model.state_dict().items())
+    # The decoder renders codes of the model's own quantizer (shapes agree across the two exports).
+    G, K = cfg.quantizer.codebooks, cfg.quantizer.codebook_size
+    ids = torch.randint(0, K, (cfg.encoder.num_tokens, G), generator=torch.Generator().manual_seed(0))
+    image = np.asarray(api.render(LatentImage(ids)))
+    side = load_recipe(str(DEBUG)).decoder.resolution
+    assert image.shape == (side, side, 3) and image.dtype == np.uint8
+
+
+# --- (b) resume -----------------------------------------------------------------------------------------
+def _more_steps(recipe, stage: str, extra: int):
+    recipe.stages[stage] = dataclasses.replace(recipe.stages[stage], steps=recipe.stages[stage].steps + extra)
+    return recipe
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    from latentum.train.run import train_stage
+
+    recipe = load_recipe(str(DEBUG))
+    first = recipe.stages["vlm"].steps
+    train_stage(recipe, "vlm", tmp_path, progress=False)
+    export = train_stage(_more_steps(recipe, "vlm", 2), "vlm", tmp_path, resume=True, progress=False)
+    assert global_step(tmp_path / "vlm") == first + 2
+    # The resumed fit logs only the new steps: it continued, it did not start over.
+    assert logged_steps(tmp_path / "vlm") == [list(range(first)), [first, first + 1]]
+    assert (export / "model.safetensors").is_file()
+
+
+def test_a_copied_run_folder_resumes_and_keeps_one_last_checkpoint(debug_run, tmp_path):
+    """Runs get copied (off a cluster, into a bigger disk). Resuming the copy must update its last.ckpt;
+    a stale last.ckpt beside a fresh last-v1.ckpt would make the next --resume go back in time."""
+    from latentum.train.run import train_stage
+
+    recipe = load_recipe(str(DEBUG))
+    first = recipe.stages["vlm"].steps
+    shutil.copytree(debug_run / "vlm", tmp_path / "vlm", ignore=shutil.ignore_patterns("export"))
+    train_stage(_more_steps(recipe, "vlm", 2), "vlm", tmp_path, resume=True, progress=False)
+    assert logged_steps(tmp_path / "vlm")[-1] == [first, first + 1]
+    assert [p.name for p in (tmp_path / "vlm" / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert global_step(tmp_path / "vlm") == first + 2
+
+
+def test_without_resume_a_stage_starts_over(debug_run, tmp_path):
+    from latentum.train.run import train_stage
+
+    recipe = load_recipe(str(DEBUG))
+    steps = recipe.stages["vlm"].steps
+    shutil.copytree(debug_run / "vlm", tmp_path / "vlm", ignore=shutil.ignore_patterns("export"))
+    train_stage(recipe, "vlm", tmp_path, resume=False, progress=False)
+    assert logged_steps(tmp_path / "vlm")[-1] == list(range(steps))
+
+
+# --- (c) DDP --------------------------------------------------------------------------------------------
+def test_ddp_two_processes_keep_identical_weights(debug_run, tmp_path):
+    """2-process DDP on CPU (gloo) through the real CLI; each rank writes a digest of its weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
+    cmd = [sys.executable, "-m", "latentum.cli", "train", "--config", str(DEBUG), "--stage", "vlm",
+           "--devices", "2", "--strategy", "ddp", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    digests = [(tmp_path / "vlm" / f"digest_rank{r}.txt").read_text().strip() for r in (0, 1)]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
+    # Rank 1 trained on its own data stream, so the averaged result differs from a single process's.
+    assert digests[0] != (debug_run / "vlm" / "digest_rank0.txt").read_text().strip()
+    assert global_step(tmp_path / "vlm") == load_recipe(str(DEBUG)).stages["vlm"].steps
+
+
+# --- (d) stage 2 freezing -------------------------------------------------------------------------------
+def _gen_side(model) -> set[str]:
+    """State-dict names of what stage 2 always trains: the gen branch, the AR head, the visual projector."""
+    ids = {id(p) for p in model.backbone.branch_parameters("gen")}
+    ids |= {id(p) for m in (model.head, model.visual_projector) for p in m.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def _mome_steps(run: Path, train_understanding: bool, steps: int = 3):
+    """Build stage 2 from the debug run's mbaq export and take a few optimiser steps on one packed batch."""
+    from latentum.data.tokenizer import TextTokenizer
+    from latentum.data.worlds import make_sample
+    from latentum.train.data import PackCollate
+    from latentum.train.run import build_model
+    from latentum.train.systems import MoMESystem
+
+    recipe = load_recipe(str(DEBUG))
+    cfg = dataclasses.replace(recipe.stages["mome"], train_understanding=train_understanding, code_noise=0.0,
+                              cfg_dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(recipe, run, "mome")
+    system = MoMESystem(model, cfg)
+    rng = np.random.default_rng(0)
+    canvas = recipe.model.encoder.image_size
+    # Planning (images in both turns, text targets) and text-to-image: every branch gets gradients.
+    samples = [make_sample(t, rng, map_sizes=[3], canvas=canvas) for t in ("vsp_plan", "shapes_t2i")]
+    tok = TextTokenizer.load(run / "mbaq" / "export")
+    batch = PackCollate(tok, recipe.model.encoder.grid, cfg)((samples, 0))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = system.configure_optimizers()["optimizer"]
+    system.train()
+    system.on_train_epoch_start()  # frozen parts to eval mode, as in the Lightning loop
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        system.losses(batch).total.backward()
+        opt.step()
+    return model, before
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log:UserWarning")  # no Trainer attached here
+def test_stage2_without_understanding_only_changes_the_generation_side(debug_run):
+    model, before = _mome_steps(debug_run, train_understanding=False)
+    gen = _gen_side(model)
+    after = model.state_dict()
+    frozen_changed = [k for k in before if k not in gen and not torch.equal(before[k], after[k])]
+    assert frozen_changed == []  # und branch, shared norms/embeddings, encoder, quantizer (buffers too)
+    for prefix in ("backbone.layers.", "head.", "visual_projector."):
+        names = [k for k in gen if k.startswith(prefix)]
+        assert names and any(not torch.equal(before[k], after[k]) for k in names), prefix
+    und = {id(p) for p in model.backbone.branch_parameters("und")}
+    assert not any(p.requires_grad for p in model.parameters() if id(p) in und)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log:UserWarning")
+def test_stage2_with_understanding_changes_the_und_branch(debug_run):
+    """The contrast case: the same batch does move the und branch when it is trainable, so the test above
+    would notice a broken freeze."""
+    model, before = _mome_steps(debug_run, train_understanding=True)
+    und = {id(p) for p in model.backbone.branch_parameters("und")}
+    names = [n for n, p in model.named_parameters() if id(p) in und]
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in names)
+
+
+@pytest.mark.parametrize("stage", ["mome", "decoder"])
+def test_a_stage_without_its_predecessor_says_what_to_train(stage, tmp_path):
+    from latentum.train.run import train_stage
+
+    with pytest.raises(FileNotFoundError, match="mbaq"):
+        train_stage(load_recipe(str(DEBUG)), stage, tmp_path, progress=False)
