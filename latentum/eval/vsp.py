@@ -157,6 +157,9 @@ def print_report(report: dict) -> None:
                 extra = "".join(f" {k}={v[k]:.3f}" for k in ("fidelity_pixel", "fidelity_read") if k in v)
                 print(f"  {planner:6s} gym={v['gym']:.3f} strict={v['strict']:.3f} min_strict={v['min_strict']:.3f}"
                       f" s/plan={v['sec_per_plan']:.3f} s/step={v['sec_per_step']:.3f} steps={v['steps']:.2f}{extra}")
+        if "pixel" in s:
+            ratio = s["pixel"]["sec_per_step"] / s["latent"]["sec_per_step"]
+            print(f"  pixel-mediated thoughts take {ratio:.2f}x the time per move of latent thoughts")
         print("  qa     " + " ".join(f"{k}={v:.3f}" for k, v in s["qa"].items()))
 
 

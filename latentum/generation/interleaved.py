@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from latentum.data.canvas import active_grid
 from latentum.generation.engine import Decoder
 from latentum.generation.sampling import SamplingParams
 
@@ -99,6 +100,9 @@ def interleaved(api, items: list, max_images: int, max_new_tokens: int, params: 
 
     tok = api.tokenizer
     dec = _prefill(api, [items])
+    # A thought keeps the layout of the last input image (a 4x4 map imagines 4x4 boards); else full canvas.
+    images = [x for x in items if isinstance(x, np.ndarray)]
+    grid = active_grid(images[-1], api.config.encoder.grid) if images else None
     out, text, n_text = [], [], 0
     while n_text < max_new_tokens:
         nxt = dec.sample_text(params, generator)
@@ -115,7 +119,7 @@ def interleaved(api, items: list, max_images: int, max_new_tokens: int, params: 
             text = []
         if sum(isinstance(x, LatentImage) for x in out) >= max_images:
             break
-        out.append(LatentImage(dec.think(params, generator)[0].cpu()))
+        out.append(LatentImage(dec.think(params, generator, grid=grid)[0].cpu()))
     if text:
         out.append(tok.decode(text))
     return out
