@@ -21,6 +21,8 @@ from latentum.generation.sampling import GREEDY, SamplingParams
 from latentum.model.latentum import LatentUMModel
 
 FORMAT_VERSION = 1
+INTERLEAVED_SAMPLING = SamplingParams(temperature=0.7, top_k=50, top_p=0.95)
+"""LatentUM's planner defaults (reference §6)."""
 
 
 @dataclass
@@ -158,7 +160,7 @@ class LatentUM:
 
     @torch.inference_mode()
     def generate(self, inputs: list, *, max_images: int = 16, max_new_tokens: int = 256,
-                 sampling: SamplingParams = SamplingParams(0.7, 50, 0.95), seed: int = 0) -> list:
+                 sampling: SamplingParams = INTERLEAVED_SAMPLING, seed: int = 0) -> list:
         """Interleaved generation: ``inputs`` is a list of str / images; returns list[str | LatentImage]."""
         from latentum.generation.interleaved import interleaved
 

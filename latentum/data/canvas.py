@@ -7,7 +7,7 @@ few tokens). Full-bleed images (Shapes) use every patch. The active grid is read
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -23,7 +23,7 @@ def active_grid(image: np.ndarray, grid: int = 8) -> int:
     return max(1, min(grid, -(-extent // cell)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def active_index(g: int, grid: int = 8) -> tuple[int, ...]:
     """Raster indices, among the grid * grid canvas tokens, of the top-left g x g active tokens."""
     if not 1 <= g <= grid:

@@ -10,11 +10,11 @@ branch reads back).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-Item = Union[str, np.ndarray]
+Item = str | np.ndarray
 
 
 @dataclass

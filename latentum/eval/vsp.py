@@ -168,7 +168,7 @@ def format_table(rows: list[dict]) -> str:
             "| fidelity pixel | fidelity read | perception | safety | s/plan latent | s/plan text | s/plan pixel |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        def g(planner, key):
+        def g(planner, key, r=r):
             return f"{r[planner][key]:.3f}" if planner in r and key in r[planner] else "-"
         lines.append(f"| {r['style']} | {r['level']} | {g('latent', 'gym')} | {g('latent', 'strict')} | "
                      f"{g('text', 'gym')} | {g('text', 'strict')} | {g('pixel', 'gym')} | {g('pixel', 'strict')} | "
