@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--styles", nargs="+", default=["gymnasium", "classic"], help="render styles")
     p.add_argument("--text-model", default=None, help="text-only planner folder for the side-by-side baseline")
     p.add_argument("--pixel", action="store_true", help="also run pixel-mediated thoughts (slow)")
+    p.add_argument("--latency-maps", type=int, default=5,
+                   help="maps per level and style timed one at a time for seconds per plan (default: 5)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
     p = sub.add_parser("plan", help="plan a FrozenLake map image",
@@ -116,7 +118,8 @@ def cmd_eval(args) -> int:
     from latentum.eval.vsp import evaluate_vsp, print_report
 
     report = evaluate_vsp(_load(args), levels=args.levels, styles=args.styles, per_level=args.per_level,
-                          seed=args.seed, text_model=args.text_model, pixel=args.pixel)
+                          seed=args.seed, text_model=args.text_model, pixel=args.pixel,
+                          latency_maps=args.latency_maps)
     print_report(report)
     if args.out:
         import json
