@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from einops import rearrange
+from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -33,6 +34,12 @@ class VisionEncoder(nn.Module):
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
             num_heads=cfg.heads, num_classes=0, class_token=False, global_pool="",
         )
+        # Start the (learnable) position embedding from fixed 2-D sin-cos, as MAE does: timm's default
+        # N(0, 0.02) init is ~100x smaller than the patch content, so "which row and column" was nearly
+        # invisible and a from-scratch model could not learn to read positions (questions about cells).
+        with torch.no_grad():
+            pos = build_sincos2d_pos_embed([cfg.grid, cfg.grid], cfg.width)  # (N, F)
+            self.vit.pos_embed.copy_(pos[None])
 
     def forward(self, pixels: Tensor) -> Tensor:
         """pixels (B, 3, H, W) normalised by :meth:`preprocess` -> last-layer features (B, N, F)."""
