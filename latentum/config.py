@@ -83,6 +83,10 @@ class BackboneConfig:
     ffn_hidden: int = 384
     """SwiGLU hidden size."""
     rope_theta: float = 10000.0
+    attn_logit_scale: float = 24.0
+    """q/k RMSNorm weights start at sqrt(s / sqrt(head_dim)), so attention logits can reach about s. With unit
+    weights and small heads (head_dim 32 caps logits near 5.7) a from-scratch model could not sharpen its
+    attention and never learned to read single image cells; pretrained weights overwrite this init."""
     norm_eps: float = 1e-6
     max_seq_len: int = 4096
 

@@ -213,13 +213,17 @@ class MoMEBackbone(nn.Module):
         - embedding: N(0, 0.02)
         - q/k/v projections, FFN gate/up, lm_head: N(0, 0.02)
         - o_proj and FFN down (the residual writers): N(0, 0.02 / sqrt(2 * depth)) (GPT-2 scaling)
-        - every RMSNorm (input, post-attention, q/k, final): weight 1
+        - q/k RMSNorm: weight sqrt(attn_logit_scale / sqrt(head_dim)) (see BackboneConfig.attn_logit_scale)
+        - every other RMSNorm (input, post-attention, final): weight 1
         """
         std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.depth)
         nn.init.normal_(self.embedding.weight, std=std)
         nn.init.normal_(self.lm_head.weight, std=std)
+        qk = math.sqrt(self.cfg.attn_logit_scale / math.sqrt(self.cfg.head_dim))
         for name, p in self.layers.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                nn.init.constant_(p, qk)
+            elif name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down.weight")):
                 nn.init.normal_(p, std=resid_std)
