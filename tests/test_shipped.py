@@ -1,0 +1,42 @@
+"""The shipped checkpoint: it loads, plans fixed maps of both render styles into valid moves and thoughts, and
+(slow) is held to the VSP targets of issue #3 by the full evaluation."""
+
+from pathlib import Path
+
+import pytest
+
+from latentum import LatentImage, LatentUM
+from latentum.data import frozenlake as fl
+from latentum.eval.vsp import eval_maps, evaluate_vsp
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def api():
+    assert (CKPT / "config.json").is_file(), "checkpoints/tiny is part of the repository"
+    return LatentUM.from_pretrained(CKPT)
+
+
+@pytest.mark.parametrize("style", ["gymnasium", "classic"])
+def test_shipped_model_plans_fixed_maps(api, style):
+    maps = [m for level in (3, 5) for m in eval_maps(level, 2, seed=2024)]
+    plans = api.plan_batch([fl.render(m, style=style) for m in maps], max_steps=6)
+    for m, p in zip(maps, plans):
+        assert set(p.actions) <= set(fl.ACTIONS) and len(p.actions) <= 6
+        assert len(p.thoughts) == len(p.actions)
+        assert all(isinstance(t, LatentImage) and t.grid == m.size for t in p.thoughts)
+        fl.simulate(m, p.actions, "strict")  # scorable under both rules
+    assert api.decoder_path is not None, "the shipped model carries its pixel decoder"
+    thoughts = [t for p in plans for t in p.thoughts]
+    if thoughts:
+        size = api.decoder.cfg.resolution
+        assert api.render(thoughts[0]).size == (size, size)
+
+
+@pytest.mark.slow
+def test_full_vsp_evaluation_meets_targets(api):
+    report = evaluate_vsp(api, per_level=100)
+    for style, s in report["summary"].items():
+        assert s["latent"]["strict"] >= 0.95 and s["latent"]["min_strict"] >= 0.90, style
+        assert s["qa"]["perception"] >= 0.99 and s["qa"]["vsp_safety"] >= 0.95, style
