@@ -38,7 +38,7 @@ def sample():
     return vsp.plan_sample(np.random.default_rng(3), 3, "classic", canvas=64)
 
 
-def _feed_until_first_thought(dec: Decoder, s, model):
+def _feed_until_first_thought(dec: Decoder, s):
     """Prefill the user turn, then the first move token (the next token would be <img>)."""
     dec.prefill([s.user])
     dec.feed_ids(torch.tensor([TOK.encode(s.assistant[0])]))
@@ -61,7 +61,7 @@ def test_training_gen_block_equals_inference_fork(model):
     g = active_grid(s.assistant[1], 8)
     act = fwd.latent_ids[0][list(active_index(g, 8))]  # (n, G)
     dec = Decoder(model, TOK, 1, 512)
-    _feed_until_first_thought(dec, s, model)
+    _feed_until_first_thought(dec, s)
     h0 = dec.feed(dec._token_embeddings([TOK.img_start_id], 1)[0], gen=True)
     h1 = dec.feed(model.latent_embeddings(act[None, :-1]), gen=True)
     infer = torch.cat([h0, h1], dim=1)[0]  # (n, D)
@@ -73,10 +73,10 @@ def test_training_gen_block_equals_inference_fork(model):
 def test_think_fork_and_replay_equals_fresh_prefill(model, sample):
     params = SamplingParams(temperature=1.0)
     a = Decoder(model, TOK, 1, 512)
-    _feed_until_first_thought(a, sample, model)
+    _feed_until_first_thought(a, sample)
     ids = a.think(params, torch.Generator().manual_seed(0), grid=3)
     b = Decoder(model, TOK, 1, 512)
-    _feed_until_first_thought(b, sample, model)
+    _feed_until_first_thought(b, sample)
     b.feed_latents(ids)
     assert a.cache.length == b.cache.length
     L = a.cache.length
