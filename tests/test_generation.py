@@ -62,8 +62,9 @@ def test_training_gen_block_equals_inference_fork(model):
     act = fwd.latent_ids[0][list(active_index(g, 8))]  # (n, G)
     dec = Decoder(model, TOK, 1, 512)
     _feed_until_first_thought(dec, s)
-    h0 = dec.feed(dec._token_embeddings([TOK.img_start_id], 1)[0], gen=True)
-    h1 = dec.feed(model.latent_embeddings(act[None, :-1]), gen=True)
+    cells = torch.tensor(active_index(g, 8))  # each gen input carries the cell it predicts
+    h0 = dec.feed(dec._token_embeddings([TOK.img_start_id], 1)[0] + model.cell_pos(cells[:1]), gen=True)
+    h1 = dec.feed(model.latent_embeddings(act[None, :-1], cells[1:]), gen=True)
     infer = torch.cat([h0, h1], dim=1)[0]  # (n, D)
     train = fwd.hidden[0, gen_rows[:-1]]
     torch.testing.assert_close(infer, train, atol=2e-5, rtol=1e-4)

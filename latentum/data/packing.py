@@ -45,6 +45,7 @@ class Packed:
     ids: torch.Tensor  # (B, T) token ids; image tokens hold the <image> placeholder id
     positions: torch.Tensor  # (B, T) RoPE positions; G blocks repeat their U positions
     gen_mask: torch.Tensor  # (B, T) bool, True = generation branch
+    gen_cells: torch.Tensor  # (B, T) canvas cell each G-block token predicts (its position query), else -1
     valid: torch.Tensor  # (B, T) bool, False = padding
     attn_mask: torch.Tensor  # (B, T, T) bool, True = query may attend to key
     text_targets: torch.Tensor  # (B, T) next text token id or IGNORE
@@ -153,6 +154,7 @@ class _Builder:
         self.positions = torch.zeros(B, T, dtype=torch.long)
         self.block = torch.full((B, T), -1, dtype=torch.long)  # 0 = U, k > 0 = G block k, -1 = pad
         self.anchor = torch.zeros(B, T, dtype=torch.long)  # G tokens see U keys < anchor
+        self.gen_cells = torch.full((B, T), -1, dtype=torch.long)
         self.labels = torch.full((B, T), IGNORE, dtype=torch.long)
         self.is_image = torch.zeros(B, T, dtype=torch.bool)
         self.slots = {"inputs": ([], [], []), "latents": ([], [], []), "gen": ([], [], [])}  # pixels, rows, src
@@ -192,6 +194,7 @@ class _Builder:
             self.block[b, at:at + n + 1], self.anchor[b, at:at + n + 1] = k, p
             self.is_image[b, at + 1:at + n + 1] = True
             self._place("gen", b, at + 1, g, first + li)
+            self.gen_cells[b, at:at + n] = torch.tensor(active_index(g, self.grid))  # <img> + tokens 0..n-2
             # <img> and the image's tokens 0..n-2 predict its tokens 0..n-1.
             self.code_query += range(b * self.T + at, b * self.T + at + n)
             self.code_src += canvas_tokens[li]
@@ -215,7 +218,7 @@ class _Builder:
         image_keys = (self.block == 0) & self.is_image
         is_gen = (task == GEN)[:, None]
         return Packed(
-            ids=self.ids, positions=self.positions, gen_mask=gen_mask, valid=valid,
+            ids=self.ids, positions=self.positions, gen_mask=gen_mask, gen_cells=self.gen_cells, valid=valid,
             attn_mask=block_mask(self.block, self.anchor), text_targets=labels_next,
             inputs=_slots(*self.slots["inputs"]), latents=_slots(*self.slots["latents"]),
             gen_blocks=_slots(*self.slots["gen"]), code_query=code_query,

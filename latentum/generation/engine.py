@@ -114,18 +114,20 @@ class Decoder:
         """Generate one image of ``grid`` x ``grid`` active tokens (default: the whole canvas) -> (B, N, G)
         with the generation branch, continuing this cache in place. With ``uncond`` (a decoder over
         prompt-dropped rows), codes use classifier-free guidance."""
-        N = (grid or self.model.cfg.encoder.grid) ** 2
-        B = self.batch
+        canvas_grid = self.model.cfg.encoder.grid
+        cells = torch.tensor(active_index(grid or canvas_grid, canvas_grid), device=self.model.device)
+        N, B = len(cells), self.batch
         out = []
-        h = self.feed(self._token_embeddings([self.tok.img_start_id], B)[0], gen=True)[:, -1]
-        hu = uncond.feed(uncond._token_embeddings([self.tok.img_start_id], B)[0], gen=True)[:, -1] \
-            if uncond is not None else None
+        # Every gen input carries the cell it predicts: <img> the first, token i the (i+1)-th.
+        start = self._token_embeddings([self.tok.img_start_id], B)[0] + self.model.cell_pos(cells[:1])
+        h = self.feed(start, gen=True)[:, -1]
+        hu = uncond.feed(start, gen=True)[:, -1] if uncond is not None else None
         for i in range(N):
             ids = self.model.head.sample(h, params, generator, h_uncond=hu, cfg_scale=cfg_scale)  # (B, G)
             out.append(ids)
             if i == N - 1:
                 break
-            emb = self.model.latent_embeddings(ids[:, None])  # (B, 1, D)
+            emb = self.model.latent_embeddings(ids[:, None], cells[i + 1:i + 2])  # (B, 1, D)
             h = self.feed(emb, gen=True)[:, -1]
             if uncond is not None:
                 hu = uncond.feed(emb, gen=True)[:, -1]

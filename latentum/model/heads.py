@@ -36,6 +36,32 @@ class VisualProjector(nn.Module):
         return self.net(z_q)
 
 
+class CellPositions(nn.Module):
+    """Learned 2-D position of an image token: a row embedding plus a column embedding of its canvas cell.
+
+    The backbone's RoPE is 1-D, so for an N x N map "row r column c" would be token (r-1)*N + c-1 after
+    ``<img>``, a different offset for every N. Adding the cell's own (row, col) to every image token read by
+    the understanding branch makes cells addressable by content, whatever the map size. Generation-branch
+    tokens carry the cell they *predict* (the next cell in raster order), a position query as in
+    position-instructed AR image models, so the gen branch never has to infer where the raster has got to.
+    """
+
+    def __init__(self, grid: int, dim: int, std: float = 0.1):
+        super().__init__()
+        self.grid = grid
+        self.row = nn.Parameter(torch.randn(grid, dim) * std)  # (grid, D)
+        self.col = nn.Parameter(torch.randn(grid, dim) * std)  # (grid, D)
+
+    def forward(self, cells: Tensor) -> Tensor:
+        """cells (...) long canvas indices r * grid + c, or -1 for "no position" -> (..., D), 0 where -1."""
+        if cells.dtype != torch.long or (cells.numel() and int(cells.max()) >= self.grid**2):
+            raise ValueError(f"cells must be long canvas indices < {self.grid**2} (or -1), got {cells.dtype} "
+                             f"max {int(cells.max()) if cells.numel() else None}")
+        c = cells.clamp(min=0)
+        emb = self.row[c // self.grid] + self.col[c % self.grid]  # (..., D)
+        return emb * (cells >= 0)[..., None].to(emb.dtype)
+
+
 class _Block(nn.Module):
     """Pre-norm block: RMSNorm -> causal SDPA (q/k RMSNorm) -> residual; RMSNorm -> GELU MLP -> residual."""
 

@@ -8,6 +8,7 @@ Legend: B rows, T sequence, I images, N tokens per image, C canvas tokens, G cod
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -19,7 +20,7 @@ from latentum.data.canvas import active_index
 from latentum.data.packing import Packed
 from latentum.model.backbone import AttentionSpans, MoMEBackbone
 from latentum.model.encoder import VisionEncoder
-from latentum.model.heads import DepthHead, VisualProjector
+from latentum.model.heads import CellPositions, DepthHead, VisualProjector
 from latentum.model.quantizer import MBAQ
 
 
@@ -41,6 +42,7 @@ class LatentUMModel(nn.Module):
         self.backbone = MoMEBackbone(cfg.backbone)
         self.visual_projector = VisualProjector(cfg.quantizer.dim, D)
         self.head = DepthHead(cfg.head, D, cfg.quantizer.codebooks, cfg.quantizer.codebook_size)
+        self.cell_pos = CellPositions(cfg.encoder.grid, D)
 
     @property
     def device(self) -> torch.device:
@@ -51,9 +53,13 @@ class LatentUMModel(nn.Module):
         """uint8 (I, H, W, 3) canvases -> encoder features (I, N, F)."""
         return self.encoder(self.encoder.preprocess(pixels).to(self.device))
 
+    def canvas_positions(self) -> torch.Tensor:
+        """(C, D): every canvas cell's own 2-D position embedding, in raster order."""
+        return self.cell_pos(torch.arange(self.cfg.encoder.num_tokens, device=self.device))
+
     def input_embeddings(self, pixels) -> torch.Tensor:
-        """Continuous embeddings of observed images (I, N, D): how the VLM sees a user's image."""
-        return self.feature_projector(self.image_features(pixels))
+        """Continuous embeddings of observed images (I, C, D): how the VLM sees a user's image."""
+        return self.feature_projector(self.image_features(pixels)) + self.canvas_positions()
 
     @torch.no_grad()
     def image_ids(self, pixels) -> torch.Tensor:
@@ -63,9 +69,16 @@ class LatentUMModel(nn.Module):
             return torch.zeros(0, self.cfg.encoder.num_tokens, G, dtype=torch.long, device=self.device)
         return self.quantizer.encode(self.image_features(pixels)).ids
 
-    def latent_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        """(I, N, G) ids -> (I, N, D) embeddings; the same vectors feed both branches (LatentUM §1)."""
-        return self.visual_projector(self.quantizer.codes_from_ids(ids))
+    def latent_embeddings(self, ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """(I, N, G) ids -> (I, N, D) embeddings, each plus the position of its canvas cell in ``cells`` (N,)
+        (-1: none). By default the tokens are a top-left g x g active grid read in raster order (N = g * g)
+        and carry their own cells; generation inputs pass the cells they predict instead."""
+        if cells is None:
+            g = math.isqrt(ids.size(1))
+            if g * g != ids.size(1):
+                raise ValueError(f"ids must hold a square grid of tokens, got {ids.size(1)}; pass cells")
+            cells = torch.tensor(active_index(g, self.cfg.encoder.grid), device=ids.device)
+        return self.visual_projector(self.quantizer.codes_from_ids(ids)) + self.cell_pos(cells.to(ids.device))
 
     # --- packed training forward ----------------------------------------------------------------------
     def embed_packed(self, p: Packed, latent_ids: torch.Tensor, read_ids: torch.Tensor | None = None):
@@ -81,11 +94,12 @@ class LatentUMModel(nn.Module):
             fills.append((p.inputs, self.input_embeddings(p.inputs.pixels)))
         if len(p.latents.rows):
             fills.append((p.latents, self.latent_embeddings(read_ids)))
-        if len(p.gen_blocks.rows):
-            fills.append((p.gen_blocks, self.latent_embeddings(latent_ids)))
+        if len(p.gen_blocks.rows):  # no own position: p.gen_cells adds the cell each G token predicts
+            no_cell = torch.full((latent_ids.size(1),), -1, device=latent_ids.device)
+            fills.append((p.gen_blocks, self.latent_embeddings(latent_ids, no_cell)))
         for slots, emb in fills:  # emb (I, C, D) over the whole canvas; take the active tokens
             x = x.index_copy(0, slots.rows, emb.reshape(-1, D)[slots.src].to(x.dtype))
-        return x.view(B, T, D)
+        return x.view(B, T, D) + self.cell_pos(p.gen_cells).to(x.dtype)
 
     def forward_packed(self, p: Packed, *, code_noise: float = 0.0, with_aia: bool = False,
                        generator: torch.Generator | None = None) -> PackedForward:

@@ -86,8 +86,8 @@ class VLMSystem(StageSystem):
         super().__init__(cfg)
         self.model = model
         bb = model.backbone
-        set_trainable(model, [model.encoder, model.feature_projector, *bb.branch_parameters("und"),
-                              *bb.shared_parameters()])
+        set_trainable(model, [model.encoder, model.feature_projector, model.cell_pos,
+                              *bb.branch_parameters("und"), *bb.shared_parameters()])
 
     def losses(self, p: Packed) -> LossBreakdown:
         fwd = self.model.forward_packed(p)
@@ -106,10 +106,11 @@ class MBAQSystem(StageSystem):
     def losses(self, p: Packed) -> LossBreakdown:
         m = self.model
         feats = m.image_features(p.inputs.pixels).detach()
+        pos = m.canvas_positions().detach()  # (C, D), added to both views as input_embeddings does
         with torch.no_grad():
-            teacher = m.backbone.logits(self._hidden(p, m.feature_projector(feats)))
+            teacher = m.backbone.logits(self._hidden(p, m.feature_projector(feats) + pos))
         q = m.quantizer.encode(feats)
-        student = m.backbone.logits(self._hidden(p, m.quantizer.project(q.codes)))
+        student = m.backbone.logits(self._hidden(p, m.quantizer.project(q.codes) + pos))
         out = mbaq_loss(teacher, student, p.text_targets != IGNORE, q.loss)
         usage = m.quantizer.usage()
         extra = {f"usage/{k}": torch.as_tensor(v, dtype=torch.float32).mean() for k, v in usage.items()}
@@ -133,8 +134,8 @@ class MoMESystem(StageSystem):
         self.model = model
         bb = model.backbone
         trainable = [*bb.branch_parameters("gen"), model.head, model.visual_projector]
-        if cfg.train_understanding:
-            trainable += [*bb.branch_parameters("und"), *bb.shared_parameters()]
+        if cfg.train_understanding:  # cell positions feed both branches, so they move only with und
+            trainable += [*bb.branch_parameters("und"), *bb.shared_parameters(), model.cell_pos]
         set_trainable(model, trainable)
 
     def losses(self, p: Packed) -> LossBreakdown:
