@@ -3,7 +3,7 @@ import torch
 
 from latentum.config import HeadConfig
 from latentum.generation.sampling import GREEDY, SamplingParams
-from latentum.model.heads import DepthHead, VisualProjector
+from latentum.model.heads import CellPositions, DepthHead, VisualProjector
 
 D, G, K, M = 16, 4, 11, 6
 
@@ -105,3 +105,15 @@ def test_visual_projector():
     assert proj(torch.randn(2, 5, 8)).shape == (2, 5, D)
     with pytest.raises(ValueError, match="z_q"):
         proj(torch.randn(2, 5, 9))
+
+
+def test_cell_positions_are_row_plus_column_and_zero_for_none():
+    pos = CellPositions(grid=4, dim=8)
+    cells = torch.tensor([[0, 5, -1], [15, 4, 1]])
+    out = pos(cells)
+    assert out.shape == (2, 3, 8)
+    torch.testing.assert_close(out[0, 1], pos.row[1] + pos.col[1])
+    torch.testing.assert_close(out[1, 0], pos.row[3] + pos.col[3])
+    assert (out[0, 2] == 0).all()
+    with pytest.raises(ValueError, match="cells"):
+        pos(torch.tensor([16]))

@@ -100,3 +100,13 @@ def test_sample_rejects_bad_items():
 
     with pytest.raises(TypeError, match="Sample.user"):
         Sample(user=[np.zeros((4, 4), np.uint8)], assistant=["x"], task="t")
+
+
+def test_gen_tokens_carry_the_cell_they_predict():
+    s = _plan()
+    g = s.meta["size"]
+    p = pack([s], TOK, 8, max_gen_images=1)
+    gen = p.gen_mask[0].nonzero().flatten()  # <img> + g*g tokens of the one G block
+    # <img> predicts cell 0, token k predicts cell k + 1; the last token predicts nothing.
+    assert p.gen_cells[0, gen].tolist() == list(active_index(g, 8)) + [-1]
+    assert (p.gen_cells[0][~p.gen_mask[0]] == -1).all()
