@@ -108,6 +108,19 @@ def test_player_sample_answer_is_the_pixel_player():
         assert fl.read_canvas(s.user[0], m.size).player == m.player
 
 
+def test_describe_sample_is_the_pixel_map_as_text():
+    for s in draws(vsp.describe_sample, 30):
+        m = s.meta["map"]
+        rows = [r.split() for r in s.assistant[0].split(" / ")]
+        assert len(rows) == m.size and all(len(r) == m.size for r in rows)
+        seen = fl.read_canvas(s.user[0], m.size)  # the answer describes what the image shows
+        for r, row in enumerate(rows):
+            for c, letter in enumerate(row):
+                assert (letter == "H") == ((r, c) in seen.holes)
+                assert (letter == "S") == ((r, c) == seen.player)
+                assert (letter == "G") == ((r, c) == seen.goal)
+
+
 def test_safety_sample_correct_balanced_and_all_lengths():
     samples = draws(vsp.safety_sample, 200)
     for s in samples:

@@ -42,6 +42,7 @@ GRID_Q = "Which text grid matches the map ? A : {A} B : {B} C : {C} D : {D}"
 PLAYER_Q = "Where is the player ?"
 PLAYER_A = "row {row} column {col}"
 SAFETY_Q = "Is the action sequence {actions} safe ?"
+DESCRIBE_Q = "Write the map as a text grid ."
 SAFETY_LENGTHS = (1, 3, 5, 7, 9)
 OPTIONS = ("A", "B", "C", "D")
 RELATIONS = ("Above", "Below", "Left", "Right")
@@ -168,6 +169,15 @@ def player_sample(rng: np.random.Generator, size: int, style: str, canvas: int =
     return Sample([_map_image(m, style, canvas), PLAYER_Q], [answer], "vsp_player", _meta(m, style, answer))
 
 
+def describe_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """Write the map as a text grid ("S F H / F F G / ..."): one answer token per cell in raster order, the
+    densest perception signal there is (every cell supervised, not one cell per question)."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    answer = m.text_grid()
+    return Sample([_map_image(m, style, canvas), DESCRIBE_Q], [answer], "vsp_describe", _meta(m, style, answer))
+
+
 # ------------------------------------------------------------------------------------------- reasoning
 
 
@@ -213,6 +223,7 @@ SAMPLERS: dict[str, Sampler] = {
     "vsp_relation": relation_sample,
     "vsp_grid": grid_sample,
     "vsp_player": player_sample,
+    "vsp_describe": describe_sample,
     "vsp_safety": safety_sample,
 }
 """Task name (as used in ``TrainConfig.tasks``) -> sampler."""
@@ -220,7 +231,8 @@ SAMPLERS: dict[str, Sampler] = {
 
 def vocabulary() -> set[str]:
     """Every whitespace-separated word a VSP text can contain (templates, answers, grid letters, indices)."""
-    templates = [PLAN_PROMPT, TEXT_PLAN_PROMPT, HOLE_Q, RELATION_Q, GRID_Q, PLAYER_Q, PLAYER_A, SAFETY_Q]
+    templates = [PLAN_PROMPT, TEXT_PLAN_PROMPT, HOLE_Q, RELATION_Q, GRID_Q, PLAYER_Q, PLAYER_A, SAFETY_Q,
+                 DESCRIBE_Q]
     words = {w for t in templates for w in re.sub(r"\{\w+\}", " ", t).split()}
     words |= set(ACTIONS) | {DONE, YES, NO} | set(RELATIONS) | set(OPTIONS) | set("SFHG") | {"/"}
     words |= {str(i) for i in range(1, MAX_SIZE + 1)}

@@ -13,15 +13,7 @@ from latentum.data.tokenizer import TextTokenizer, build_tokenizer
 
 STYLES = ("gymnasium", "classic")
 
-_VSP = {
-    "vsp_plan": vsp.plan_sample,
-    "vsp_plan_text": vsp.text_plan_sample,
-    "vsp_hole": vsp.hole_sample,
-    "vsp_relation": vsp.relation_sample,
-    "vsp_grid": vsp.grid_sample,
-    "vsp_player": vsp.player_sample,
-    "vsp_safety": vsp.safety_sample,
-}
+_VSP = vsp.SAMPLERS
 _SHAPES = {"shapes_t2i": shapes.t2i_sample, "shapes_qa": shapes.qa_sample}
 TASKS: tuple[str, ...] = tuple(_VSP) + tuple(_SHAPES)
 
