@@ -27,7 +27,7 @@ def test_loss_finite_and_backward(kind):
     out = dec.loss(*data())
     assert torch.isfinite(out.total) and out.total.dim() == 0
     out.total.backward()
-    assert dec.cond.weight.grad.abs().sum() > 0
+    assert dec.cond[-1].weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in dec.unet.parameters() if p.requires_grad)
 
 
@@ -45,7 +45,7 @@ def test_codes_condition_the_output():
     dec = make().eval()
     _, codes = data()
     with torch.no_grad():
-        dec.cond.weight.mul_(50)  # make the (random-init) conditioning path visible
+        dec.cond[-1].weight.mul_(50)  # make the (random-init) conditioning path visible
     a = dec.render(codes, generator=torch.Generator().manual_seed(0))
     b = dec.render(-codes, generator=torch.Generator().manual_seed(0))
     assert not np.array_equal(a, b)
@@ -54,9 +54,9 @@ def test_codes_condition_the_output():
 def test_cond_map_lays_tokens_out_in_raster_order():
     dec = make()
     codes = torch.zeros(1, GRID * GRID, CODE)
-    codes[0, 1 * GRID + 2] = 1.0  # token at row 1, col 2
+    codes[0, 1 * GRID + 2] = torch.arange(CODE).float()  # token at row 1, col 2
     with torch.no_grad():
-        dec.cond.bias.zero_()
+        dec.cond[-1].bias.zero_()
         m = dec.cond_map(codes)[0].abs().sum(0)  # (R, R)
     cell = 16 // GRID
     assert m[cell:2 * cell, 2 * cell:3 * cell].min() > 0

@@ -136,3 +136,19 @@ def test_plan_and_generate_return_well_formed_results(model):
     out = api.generate(["Plan a safe path", fl.render(m)], max_images=1, max_new_tokens=4)
     assert all(isinstance(x, (str, LatentImage)) for x in out)
     assert isinstance(api.answer(fl.render(m), "Where is the player ?"), str)
+
+
+@torch.no_grad()
+def test_visual_projector_starts_as_the_mbaq_up_projection(model, sample):
+    """Stage 2 starts the projector as MBAQ's up-projection: a latent read by the und branch then embeds
+    exactly as the quantized features of the same image did in stage 1 (what MBAQ aligned)."""
+    m = copy.deepcopy(model)
+    canvas = sample.user[1][None]
+    g = active_grid(canvas[0], m.cfg.encoder.grid)
+    index = torch.tensor(active_index(g, m.cfg.encoder.grid))
+    ids = m.image_ids(canvas)[:, index]
+    stage1 = (m.quantizer.project(m.quantizer.encode(m.image_features(canvas)).codes)
+              + m.canvas_positions())[:, index]
+    assert not torch.allclose(m.latent_embeddings(ids), stage1)
+    m.init_visual_projector()
+    torch.testing.assert_close(m.latent_embeddings(ids), stage1)

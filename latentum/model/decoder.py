@@ -3,7 +3,7 @@
 Legend: B batch, R output resolution, S grid side (image tokens per row), N = S * S tokens, Dc code_dim
 (G * per-codebook dim, z_q before the up-projection), Cc cond_channels.
 
-Conditioning is spatial: tokens are raster-ordered patches, so Linear(Dc -> Cc) per token laid out as a
+Conditioning is spatial: tokens are raster-ordered patches, so LayerNorm + Linear(Dc -> Cc) per token laid out as a
 (B, Cc, S, S) map and nearest-upsampled to R lines each code up with the pixels it describes; the map is
 concatenated to the noisy image as extra input channels. LatentUM conditions an MMDiT on z_q as context
 tokens; the channel-concatenated map is the small-UNet equivalent. The decoder never sees LLM states, so it
@@ -57,7 +57,9 @@ class PixelDecoder(nn.Module):
         if cfg.resolution % grid != 0:
             raise ValueError(f"decoder.resolution={cfg.resolution} must be a multiple of grid={grid}")
         self.cfg, self.code_dim, self.grid = cfg, code_dim, grid
-        self.cond = nn.Linear(code_dim, cfg.cond_channels)
+        # z_q entries are small (std ~0.1 in the tiny model) next to unit-variance noise; the LayerNorm gives
+        # the conditioning unit scale so the UNet cannot ignore it and regress to the mean image.
+        self.cond = nn.Sequential(nn.LayerNorm(code_dim), nn.Linear(code_dim, cfg.cond_channels))
         self.unet = _unet(cfg)
         # squaredcos suits small images; "trailing" makes an 8-step DDIM start at pure noise (t = T-1).
         self._sched_kwargs = dict(num_train_timesteps=cfg.train_timesteps, beta_schedule="squaredcos_cap_v2",

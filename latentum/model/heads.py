@@ -23,12 +23,18 @@ from latentum.losses.breakdown import LossBreakdown
 
 
 class VisualProjector(nn.Module):
-    """z_q (..., C) -> backbone input embedding (..., D): how a (generated or read) latent enters the LLM."""
+    """z_q (..., C) -> backbone input embedding (..., D): how a (generated or read) latent enters the LLM.
 
-    def __init__(self, code_dim_total: int, dim: int):
+    It has the layout of the MBAQ up-projection (C -> hidden -> D) so stage 2 can start it as a copy of that
+    projection (:meth:`LatentUMModel.init_visual_projector`): the und branch then reads a latent exactly as it
+    reads the quantized features MBAQ aligned with its behaviour, before any stage-2 step.
+    """
+
+    def __init__(self, code_dim_total: int, dim: int, hidden: int | None = None):
         super().__init__()
         self.code_dim_total = code_dim_total
-        self.net = nn.Sequential(nn.Linear(code_dim_total, dim), nn.GELU(), nn.Linear(dim, dim))
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.Linear(code_dim_total, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, z_q: Tensor) -> Tensor:
         if z_q.size(-1) != self.code_dim_total:

@@ -40,7 +40,7 @@ class LatentUMModel(nn.Module):
         self.feature_projector = nn.Sequential(nn.LayerNorm(F), nn.Linear(F, D), nn.GELU(), nn.Linear(D, D))
         self.quantizer = MBAQ(cfg.quantizer, feature_dim=F, out_dim=D)
         self.backbone = MoMEBackbone(cfg.backbone)
-        self.visual_projector = VisualProjector(cfg.quantizer.dim, D)
+        self.visual_projector = VisualProjector(cfg.quantizer.dim, D, cfg.quantizer.hidden_dim)
         self.head = DepthHead(cfg.head, D, cfg.quantizer.codebooks, cfg.quantizer.codebook_size)
         self.cell_pos = CellPositions(cfg.encoder.grid, D)
 
@@ -68,6 +68,12 @@ class LatentUMModel(nn.Module):
             G = self.cfg.quantizer.codebooks
             return torch.zeros(0, self.cfg.encoder.num_tokens, G, dtype=torch.long, device=self.device)
         return self.quantizer.encode(self.image_features(pixels)).ids
+
+    @torch.no_grad()
+    def init_visual_projector(self) -> None:
+        """Start the visual projector as a copy of MBAQ's up-projection (stage 2 initialisation): latents are
+        then read like the quantized features the frozen VLM was aligned on (reference §1, ``up_proj``)."""
+        self.visual_projector.net.load_state_dict(self.quantizer.up.state_dict())
 
     def latent_embeddings(self, ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         """(I, N, G) ids -> (I, N, D) embeddings, each plus the position of its canvas cell in ``cells`` (N,)

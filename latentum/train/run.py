@@ -83,6 +83,7 @@ def build_model(recipe: RecipeConfig, out: Path, stage: str) -> LatentUMModel:
     model = LatentUM.from_pretrained(folder).model
     if stage == "mome":
         model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
+        model.init_visual_projector()  # latents start out read like MBAQ's quantized features
     return model
 
 
