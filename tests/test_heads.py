@@ -117,3 +117,13 @@ def test_cell_positions_are_row_plus_column_and_zero_for_none():
     assert (out[0, 2] == 0).all()
     with pytest.raises(ValueError, match="cells"):
         pos(torch.tensor([16]))
+
+
+def test_weighted_loss_averages_per_token_ce(head):
+    h, ids = h_(), ids_()
+    per_token = torch.nn.functional.cross_entropy(head(h, ids).permute(0, 2, 1), ids, reduction="none").mean(1)
+    assert torch.allclose(head.loss(h, ids, torch.ones(M)).total, per_token.mean(), atol=1e-6)
+    only_two = torch.zeros(M).index_fill(0, torch.tensor([1, 4]), 1.0)
+    assert torch.allclose(head.loss(h, ids, only_two).total, per_token[[1, 4]].mean(), atol=1e-6)
+    w = torch.rand(M, generator=torch.Generator().manual_seed(1)) + 0.5
+    assert torch.allclose(head.loss(h, ids, w).total, (w * per_token).sum() / w.sum(), atol=1e-6)

@@ -110,3 +110,16 @@ def test_gen_tokens_carry_the_cell_they_predict():
     # <img> predicts cell 0, token k predicts cell k + 1; the last token predicts nothing.
     assert p.gen_cells[0, gen].tolist() == list(active_index(g, 8)) + [-1]
     assert (p.gen_cells[0][~p.gen_mask[0]] == -1).all()
+
+
+def test_changed_tokens_are_the_cells_a_move_touches():
+    s = _plan(seed=3, size=5)
+    n = len(s.meta["actions"])
+    p = pack([s], TOK, 8, max_gen_images=n)
+    g, pos = s.meta["size"], s.meta["positions"]  # positions: the player's cell before each move and after
+    changed = p.code_changed.view(n, g * g)
+    for k in range(n):  # board k+1 differs from board k exactly where the player left and arrived
+        (r0, c0), (r1, c1) = pos[k], pos[k + 1]
+        assert torch.nonzero(changed[k]).flatten().tolist() == sorted({r0 * g + c0, r1 * g + c1})
+    t2i = pack([vsp.describe_sample(np.random.default_rng(0), 3, "gymnasium", canvas=64)], TOK, 8)
+    assert len(t2i.code_changed) == 0

@@ -54,6 +54,7 @@ class Packed:
     gen_blocks: ImageSlots  # the chosen latents again, as G blocks (``src`` indexes the latents' tokens)
     code_query: torch.Tensor  # (M,) flat indices into B*T whose hidden state predicts an image token's codes
     code_src: torch.Tensor  # (M,) flat index into the latents' I*C canvas tokens: the predicted token
+    code_changed: torch.Tensor  # (M,) bool: the token's pixels differ from the previous image's (or no previous)
     task: torch.Tensor  # (B,) AIA task per row: UND or GEN
     aia_valid: torch.Tensor  # (B,) bool, False for rows whose prompt was dropped (CFG)
     aia_query: torch.Tensor  # (B, T) bool, the task's query span
@@ -158,7 +159,7 @@ class _Builder:
         self.labels = torch.full((B, T), IGNORE, dtype=torch.long)
         self.is_image = torch.zeros(B, T, dtype=torch.bool)
         self.slots = {"inputs": ([], [], []), "latents": ([], [], []), "gen": ([], [], [])}  # pixels, rows, src
-        self.code_query, self.code_src = [], []
+        self.code_query, self.code_src, self.code_changed = [], [], []
         self.task, self.aia_valid = [], []
 
     def _place(self, kind: str, b: int, start: int, g: int, image: int, pixels=None) -> list[int]:
@@ -198,6 +199,7 @@ class _Builder:
             # <img> and the image's tokens 0..n-2 predict its tokens 0..n-1.
             self.code_query += range(b * self.T + at, b * self.T + at + n)
             self.code_src += canvas_tokens[li]
+            self.code_changed += changed_tokens(_previous_image(r, li), r.latents[li][0], g, self.grid)
             at += n + 1
         # Rows with G blocks regularise generation attention (AIA is single-task per sample, as in AIA's code).
         self.task.append(GEN if chosen else UND)
@@ -222,9 +224,28 @@ class _Builder:
             attn_mask=block_mask(self.block, self.anchor), text_targets=labels_next,
             inputs=_slots(*self.slots["inputs"]), latents=_slots(*self.slots["latents"]),
             gen_blocks=_slots(*self.slots["gen"]), code_query=code_query,
-            code_src=torch.tensor(self.code_src, dtype=torch.long), task=task,
+            code_src=torch.tensor(self.code_src, dtype=torch.long),
+            code_changed=torch.tensor(self.code_changed, dtype=torch.bool), task=task,
             aia_valid=torch.tensor(self.aia_valid), aia_query=torch.where(is_gen, gen_q, und_q),
             aia_key=torch.where(is_gen, text_keys, image_keys), tasks=[s.task for s in samples])
+
+
+def _previous_image(r: _Row, li: int) -> np.ndarray | None:
+    """The image right before latent ``li`` in the row (input or latent), or None if it is the first."""
+    start = r.latents[li][1]
+    before = [(s, px) for px, s, _ in r.inputs + r.latents if s < start]
+    return max(before, key=lambda x: x[0])[1] if before else None
+
+
+def changed_tokens(prev: np.ndarray | None, cur: np.ndarray, g: int, grid: int) -> list[bool]:
+    """Per active token of ``cur`` (raster over its g x g grid): do its pixels differ from ``prev``'s?
+    With no previous image (or a different size) every token counts as changed. In a planning trajectory
+    only the cells the player left and entered change, so these are the tokens a move has to get right."""
+    if prev is None or prev.shape != cur.shape:
+        return [True] * g * g
+    P = cur.shape[0] // grid
+    diff = (prev != cur).any(-1).reshape(grid, P, grid, P).any((1, 3))  # (grid, grid)
+    return diff.reshape(-1)[list(active_index(g, grid))].tolist()
 
 
 def block_mask(block: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:

@@ -135,14 +135,17 @@ class DepthHead(nn.Module):
         self._check_ids(ids, h.size(0))
         return self._logits(h, ids[:, :-1])
 
-    def loss(self, h: Tensor, ids: Tensor) -> LossBreakdown:
-        """Mean cross-entropy over M * G ids; per-depth accuracy in parts (``acc/d{g}``)."""
+    def loss(self, h: Tensor, ids: Tensor, weight: Tensor | None = None) -> LossBreakdown:
+        """Cross-entropy over M * G ids, averaged with per-token ``weight`` (M,) (default uniform);
+        per-depth accuracy in parts (``acc/d{g}``)."""
         logits = self(h, ids)  # (M, G, K)
-        ce = F.cross_entropy(rearrange(logits.float(), "m g k -> (m g) k"), rearrange(ids, "m g -> (m g)"))
+        ce = F.cross_entropy(rearrange(logits.float(), "m g k -> m k g"), ids, reduction="none")  # (M, G)
+        w = torch.ones_like(ce[:, 0]) if weight is None else weight.to(ce)
+        loss = (ce * w[:, None]).sum() / (w.sum() * ce.size(1)).clamp_min(1e-8)
         with torch.no_grad():
             acc = (logits.argmax(-1) == ids).float().mean(0)  # (G,)
-        parts = {"ce": ce.detach(), **{f"acc/d{g}": acc[g] for g in range(self.codebooks)}}
-        return LossBreakdown(ce, parts)
+        parts = {"ce": ce.detach().mean(), **{f"acc/d{g}": acc[g] for g in range(self.codebooks)}}
+        return LossBreakdown(loss, parts)
 
     @torch.no_grad()
     def sample(self, h: Tensor, params: SamplingParams, generator: torch.Generator | None = None,

@@ -145,9 +145,15 @@ class MoMESystem(StageSystem):
         parts, total = {}, 0.0
         if len(p.code_query):
             h = fwd.hidden.reshape(-1, fwd.hidden.size(-1))[p.code_query]
-            code = m.head.loss(h, fwd.latent_ids.reshape(-1, fwd.latent_ids.size(-1))[p.code_src])
+            ids = fwd.latent_ids.reshape(-1, fwd.latent_ids.size(-1))[p.code_src]
+            weight = 1.0 + (cfg.changed_weight - 1.0) * p.code_changed.float()
+            code = m.head.loss(h, ids, weight)
             total = total + code.total
             parts.update({"code_ce": code.total, **{f"code/{k}": v for k, v in code.parts.items()}})
+            if (~p.code_changed).any() and p.code_changed.any():
+                with torch.no_grad():  # teacher-forced exactness of the tokens a move changes
+                    hit = (m.head(h, ids).argmax(-1) == ids).all(-1)
+                parts["code/acc_changed"] = hit[p.code_changed].float().mean()
         if cfg.train_understanding and (p.text_targets != IGNORE).any():
             ce, acc = text_loss(m, fwd.hidden, p.text_targets)
             total = total + ce
