@@ -94,3 +94,20 @@ def test_bad_arguments_are_named(api, lake, tmp_path):
         api.plan(text)
     with pytest.raises(ValueError, match="not a latentum model folder"):
         LatentUM.from_pretrained(tmp_path)
+
+
+def test_latent_fidelity_is_exact_match_with_the_encoded_true_board(api):
+    from latentum.data.canvas import active_index
+    from latentum.eval.vsp import eval_maps, latent_match
+
+    m = eval_maps(4, 1, seed=7)[0]
+    pos, truth = m.player, []
+    for a in fl.shortest_plan(m):
+        pos = fl.move(m, pos, a)
+        truth.append((m, pos, a))
+    boards = np.stack([fl.render_canvas(m, p, "classic", a, canvas=api.canvas) for _, p, a in truth])
+    ids = list(api.model.image_ids(boards)[:, list(active_index(4, api.config.encoder.grid))].cpu())
+    assert latent_match(api, ids, truth, "classic") == 1.0
+    ids[0] = ids[0].clone()
+    ids[0][5, 0] = (ids[0][5, 0] + 1) % api.config.quantizer.codebook_size  # one wrong code, one wrong thought
+    assert latent_match(api, ids, truth, "classic") == pytest.approx(1 - 1 / len(truth))

@@ -8,7 +8,8 @@ Metrics per style and level:
 - success under the **gym** rule (VSP's scorer) and the **strict** rule (ThinkMorph's);
 - perception QA (hole / relation / text grid) and action-sequence safety accuracy;
 - visual-thought fidelity: the share of thoughts equal to the simulated next state, judged by the pixel oracle
-  on the rendered thought (full board) and by the model reading the latent back ("Where is the player ?");
+  on the rendered thought (full board), by the model reading the latent back ("Where is the player ?"), and
+  in latent space (every token's codes equal those of the true next board, encoded; ``fidelity_latent``);
 - seconds per plan: the median over batch-1 plans of a subset, i.e. latency, not throughput.
 """
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from latentum.data import frozenlake as fl
 from latentum.data import vsp
+from latentum.data.canvas import active_index
 from latentum.data.worlds import make_sample
 
 EVAL_NAMESPACE = 90_210_777
@@ -56,9 +58,11 @@ def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[s
             if pos in m.holes or pos == m.goal:
                 break
     if not ids:
-        return {"fidelity_read": float("nan"), "fidelity_pixel": float("nan"), "thoughts": 0}
+        return {"fidelity_read": float("nan"), "fidelity_latent": float("nan"), "fidelity_pixel": float("nan"),
+                "thoughts": 0}
     read = answer_latents(api, torch.stack(ids), questions)
-    out = {"fidelity_read": float(np.mean([r == a for r, a in zip(read, answers)])), "thoughts": len(ids)}
+    out = {"fidelity_read": float(np.mean([r == a for r, a in zip(read, answers)])),
+           "fidelity_latent": latent_match(api, ids, truth, style), "thoughts": len(ids)}
     if pixel_oracle and api.decoder_path is not None:
         ok = []
         for i in range(0, len(ids), 64):
@@ -67,6 +71,18 @@ def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[s
                 ok.append(fl.read_canvas(img, m.size, style) == fl.state_of(m, pos, style))
         out["fidelity_pixel"] = float(np.mean(ok))
     return out
+
+
+def latent_match(api, ids: list[torch.Tensor], truth: list, style: str) -> float:
+    """Share of thoughts whose codes all equal the codes of the true next board (rendered, then encoded)."""
+    g = truth[0][0].size
+    index = torch.tensor(active_index(g, api.config.encoder.grid))
+    ok = []
+    for i in range(0, len(ids), 64):
+        boards = np.stack([fl.render_canvas(m, pos, style, a, canvas=api.canvas) for m, pos, a in truth[i:i + 64]])
+        true = api.model.image_ids(boards)[:, index.to(api.model.device)].cpu()
+        ok += (torch.stack(ids[i:i + 64]).cpu() == true).flatten(1).all(1).tolist()
+    return float(np.mean(ok))
 
 
 def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, float]:
@@ -139,7 +155,8 @@ def summarize(rows: list[dict]) -> dict:
                 s[planner] = {k: float(np.mean([r[planner][k] for r in sub]))
                               for k in ("gym", "strict", "sec_per_plan", "sec_per_step", "steps")}
                 s[planner]["min_strict"] = float(min(r[planner]["strict"] for r in sub))
-        s["latent"]["fidelity_read"] = float(np.nanmean([r["latent"]["fidelity_read"] for r in sub]))
+        for k in ("fidelity_read", "fidelity_latent"):
+            s["latent"][k] = float(np.nanmean([r["latent"][k] for r in sub]))
         if "fidelity_pixel" in sub[0]["latent"]:
             s["latent"]["fidelity_pixel"] = float(np.nanmean([r["latent"]["fidelity_pixel"] for r in sub]))
         s["qa"] = {k: float(np.mean([r["qa"][k] for r in sub])) for k in sub[0]["qa"]}
@@ -154,7 +171,8 @@ def print_report(report: dict) -> None:
         for planner in ("latent", "text", "pixel"):
             if planner in s:
                 v = s[planner]
-                extra = "".join(f" {k}={v[k]:.3f}" for k in ("fidelity_pixel", "fidelity_read") if k in v)
+                extra = "".join(f" {k}={v[k]:.3f}" for k in ("fidelity_pixel", "fidelity_read", "fidelity_latent")
+                                if k in v)
                 print(f"  {planner:6s} gym={v['gym']:.3f} strict={v['strict']:.3f} min_strict={v['min_strict']:.3f}"
                       f" s/plan={v['sec_per_plan']:.3f} s/step={v['sec_per_step']:.3f} steps={v['steps']:.2f}{extra}")
         if "pixel" in s:
@@ -165,7 +183,8 @@ def print_report(report: dict) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| style | level | latent gym | latent strict | text gym | text strict | pixel gym | pixel strict "
-            "| fidelity pixel | fidelity read | perception | safety | s/plan latent | s/plan text | s/plan pixel |")
+            "| fidelity pixel | fidelity read | fidelity latent | perception | safety "
+            "| s/plan latent | s/plan text | s/plan pixel |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         def g(planner, key, r=r):
@@ -173,6 +192,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['style']} | {r['level']} | {g('latent', 'gym')} | {g('latent', 'strict')} | "
                      f"{g('text', 'gym')} | {g('text', 'strict')} | {g('pixel', 'gym')} | {g('pixel', 'strict')} | "
                      f"{g('latent', 'fidelity_pixel')} | {g('latent', 'fidelity_read')} | "
+                     f"{g('latent', 'fidelity_latent')} | "
                      f"{r['qa']['perception']:.3f} | {r['qa']['vsp_safety']:.3f} | {g('latent', 'sec_per_plan')} | "
                      f"{g('text', 'sec_per_plan')} | {g('pixel', 'sec_per_plan')} |")
     return "\n".join(lines)
