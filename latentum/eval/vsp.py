@@ -6,7 +6,8 @@ chance (a 3x3 board has few configurations); the report counts how many evaluati
 
 Metrics per style and level:
 - success under the **gym** rule (VSP's scorer) and the **strict** rule (ThinkMorph's);
-- perception QA (hole / relation / text grid) and action-sequence safety accuracy;
+- perception QA (hole / relation / text grid) and action-sequence safety accuracy; also ``vsp_describe``, the
+  share of maps the model transcribes exactly as a text grid (reported, not part of ``perception``);
 - visual-thought fidelity: the share of thoughts equal to the simulated next state, judged by the pixel oracle
   on the rendered thought (full board), by the model reading the latent back ("Where is the player ?"), and
   in latent space (every token's codes equal those of the true next board, encoded; ``fidelity_latent``);
@@ -88,11 +89,12 @@ def latent_match(api, ids: list[torch.Tensor], truth: list, style: str) -> float
 def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng([EVAL_NAMESPACE, seed, level, 1])
     out = {}
-    for task in QA_TASKS + ("vsp_safety",):
+    for task in QA_TASKS + ("vsp_safety", "vsp_describe"):
         samples = [make_sample(task, rng, map_sizes=[level], canvas=api.canvas, style=style) for _ in range(n)]
         images = [s.user[0] for s in samples]
         questions = [s.user[1] for s in samples]
-        pred = api.answer_batch(images, questions, max_new_tokens=8)
+        longest = max(len(api.tokenizer.encode(s.assistant[0])) for s in samples)
+        pred = api.answer_batch(images, questions, max_new_tokens=max(8, longest + 2))
         gold = [api.tokenizer.normalize(s.assistant[0]) for s in samples]
         out[task] = float(np.mean([p == g for p, g in zip(pred, gold)]))
     out["perception"] = float(np.mean([out[t] for t in QA_TASKS]))
