@@ -150,7 +150,8 @@ class MoMESystem(StageSystem):
             code = m.head.loss(h, ids, weight)
             total = total + code.total
             parts.update({"code_ce": code.total, **{f"code/{k}": v for k, v in code.parts.items()}})
-            if (~p.code_changed).any() and p.code_changed.any():
+            logging = self.global_step % cfg.log_every == 0
+            if logging and (~p.code_changed).any() and p.code_changed.any():
                 with torch.no_grad():  # teacher-forced exactness of the tokens a move changes
                     hit = (m.head(h, ids).argmax(-1) == ids).all(-1)
                 parts["code/acc_changed"] = hit[p.code_changed].float().mean()
