@@ -157,10 +157,9 @@ def summarize(rows: list[dict]) -> dict:
                 s[planner] = {k: float(np.mean([r[planner][k] for r in sub]))
                               for k in ("gym", "strict", "sec_per_plan", "sec_per_step", "steps")}
                 s[planner]["min_strict"] = float(min(r[planner]["strict"] for r in sub))
-        for k in ("fidelity_read", "fidelity_latent"):
-            s["latent"][k] = float(np.nanmean([r["latent"][k] for r in sub]))
-        if "fidelity_pixel" in sub[0]["latent"]:
-            s["latent"]["fidelity_pixel"] = float(np.nanmean([r["latent"]["fidelity_pixel"] for r in sub]))
+        for k in ("fidelity_read", "fidelity_latent", "fidelity_pixel"):
+            if k in sub[0]["latent"]:
+                s["latent"][k] = float(np.nanmean([r["latent"][k] for r in sub]))
         s["qa"] = {k: float(np.mean([r["qa"][k] for r in sub])) for k in sub[0]["qa"]}
         out[style] = s
     return out
