@@ -111,3 +111,27 @@ def test_latent_fidelity_is_exact_match_with_the_encoded_true_board(api):
     ids[0] = ids[0].clone()
     ids[0][5, 0] = (ids[0][5, 0] + 1) % api.config.quantizer.codebook_size  # one wrong code, one wrong thought
     assert latent_match(api, ids, truth, "classic") == pytest.approx(1 - 1 / len(truth))
+
+
+def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch):
+    """The oracle planner reads exactly the encoded simulated board after each of its own moves."""
+    from latentum.data.canvas import active_index
+    from latentum.eval.vsp import eval_maps, oracle_plans
+    from latentum.generation.engine import Decoder
+
+    seen, feed = [], Decoder.feed_latents
+    monkeypatch.setattr(Decoder, "feed_latents", lambda self, ids: (seen.append(ids.clone()), feed(self, ids))[1])
+    maps = eval_maps(3, 3, seed=5)
+    plans = oracle_plans(api, maps, "classic")
+    assert all(p.thoughts == [] for p in plans) and sum(len(p.actions) for p in plans) > 0
+    # the k-th read holds, for every row still planning (in row order), the true board after k + 1 moves
+    index, expected = list(active_index(3, api.config.encoder.grid)), {}
+    for m, p in zip(maps, plans):
+        pos = m.player
+        for k, a in enumerate(p.actions):
+            pos = fl.move(m, pos, a)
+            board = fl.render_canvas(m, pos, "classic", a, canvas=api.canvas)
+            expected.setdefault(k, []).append(api.model.image_ids(board[None])[0, index])
+    assert len(seen) == len(expected)
+    for k, ids in enumerate(seen):
+        assert torch.equal(ids.cpu(), torch.stack(expected[k]).cpu())

@@ -11,6 +11,8 @@ Metrics per style and level:
 - visual-thought fidelity: the share of thoughts equal to the simulated next state, judged by the pixel oracle
   on the rendered thought (full board), by the model reading the latent back ("Where is the player ?"), and
   in latent space (every token's codes equal those of the true next board, encoded; ``fidelity_latent``);
+- with ``oracle``: success when every thought is replaced by the true next board (encoded), which separates
+  the thoughts' errors from the choice of moves;
 - seconds per plan: the median over batch-1 plans of a subset, i.e. latency, not throughput.
 """
 
@@ -30,6 +32,8 @@ from latentum.data.worlds import make_sample
 
 EVAL_NAMESPACE = 90_210_777
 QA_TASKS = ("vsp_hole", "vsp_relation", "vsp_grid")
+PLANNERS = ("latent", "text", "pixel", "oracle")
+"""latent thoughts; text only (baseline a); pixel-mediated thoughts (baseline b); oracle thoughts (diagnostic)."""
 
 
 def eval_maps(level: int, n: int, seed: int = 0) -> list[fl.LakeMap]:
@@ -86,6 +90,25 @@ def latent_match(api, ids: list[torch.Tensor], truth: list, style: str) -> float
     return float(np.mean(ok))
 
 
+def oracle_plans(api, maps, style: str) -> list:
+    """Plans whose thoughts are the true next boards (rendered, encoded) instead of generated ones: the
+    success the planner's move choice reaches when every visual thought is right (a diagnostic, not a planner)."""
+    from latentum.generation.planner import plan_rows
+    from latentum.generation.sampling import GREEDY
+
+    index = torch.tensor(active_index(maps[0].size, api.config.encoder.grid))
+
+    def oracle(i: int, actions: list[str]) -> torch.Tensor:
+        m, pos = maps[i], maps[i].player
+        for a in actions:
+            pos = fl.move(m, pos, a)
+        board = fl.render_canvas(m, pos, style, actions[-1], canvas=api.canvas)
+        return api.model.image_ids(board[None])[0, index.to(api.model.device)]
+
+    canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
+    return plan_rows(api, canvases, 16, GREEDY, None, thoughts="latent", oracle=oracle)
+
+
 def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng([EVAL_NAMESPACE, seed, level, 1])
     out = {}
@@ -117,7 +140,7 @@ def latency(api, canvases, thoughts: str, n: int) -> dict[str, float]:
 
 def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic"), per_level: int = 100,
                  seed: int = 0, text_model: str | None = None, pixel: bool = False,
-                 latency_maps: int = 5) -> dict:
+                 latency_maps: int = 5, oracle: bool = False) -> dict:
     from latentum.api import LatentUM
 
     text_api = LatentUM.from_pretrained(text_model) if text_model else None
@@ -143,6 +166,11 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
                 row["pixel"] = {**plan_metrics(maps, pplans),
                                 **latency(api, canvases, "pixel", latency_maps),
                                 "steps": float(np.mean([len(p.actions) for p in pplans]))}
+            if oracle:
+                oplans = oracle_plans(api, maps, style)
+                row["oracle"] = {**plan_metrics(maps, oplans), "sec_per_plan": float("nan"),
+                                 "sec_per_step": float("nan"),
+                                 "steps": float(np.mean([len(p.actions) for p in oplans]))}
             rows.append(row)
     return {"rows": rows, "summary": summarize(rows)}
 
@@ -152,7 +180,7 @@ def summarize(rows: list[dict]) -> dict:
     for style in sorted({r["style"] for r in rows}):
         sub = [r for r in rows if r["style"] == style]
         s = {}
-        for planner in ("latent", "text", "pixel"):
+        for planner in PLANNERS:
             if planner in sub[0]:
                 s[planner] = {k: float(np.mean([r[planner][k] for r in sub]))
                               for k in ("gym", "strict", "sec_per_plan", "sec_per_step", "steps")}
@@ -169,7 +197,7 @@ def print_report(report: dict) -> None:
     print(format_table(report["rows"]))
     for style, s in report["summary"].items():
         print(f"\n[{style}] overall")
-        for planner in ("latent", "text", "pixel"):
+        for planner in PLANNERS:
             if planner in s:
                 v = s[planner]
                 extra = "".join(f" {k}={v[k]:.3f}" for k in ("fidelity_pixel", "fidelity_read", "fidelity_latent")

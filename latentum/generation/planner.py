@@ -33,8 +33,11 @@ class Plan:
 
 
 def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingParams, generator,
-              thoughts: str = "latent") -> list[Plan]:
-    """Plan every canvas; rows are batched by map size (maps of one size share the thought length)."""
+              thoughts: str = "latent", oracle=None) -> list[Plan]:
+    """Plan every canvas; rows are batched by map size (maps of one size share the thought length).
+
+    ``oracle`` (evaluation only) replaces the generated thoughts: ``oracle(i, actions) -> ids (N, G)`` gives the
+    true board of canvas i after ``actions``, which the model reads instead of imagining it."""
     if thoughts not in THOUGHT_MODES:
         raise ValueError(f"thoughts must be one of {THOUGHT_MODES}, got {thoughts!r}")
     grid = api.config.encoder.grid
@@ -43,14 +46,15 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
         groups.setdefault(active_grid(c, grid), []).append(i)
     plans: list[Plan | None] = [None] * len(canvases)
     for g, idx in sorted(groups.items()):
-        for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, max_steps, params, generator, thoughts),
-                        idx):
+        row_oracle = (lambda r, actions, idx=idx: oracle(idx[r], actions)) if oracle is not None else None
+        for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, max_steps, params, generator, thoughts,
+                                    row_oracle), idx):
             plans[i] = p
     return plans
 
 
 def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, generator,
-                thoughts: str) -> list[Plan]:
+                thoughts: str, oracle=None) -> list[Plan]:
     from latentum.api import LatentImage
 
     t0 = time.perf_counter()
@@ -79,7 +83,9 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             dec.keep_rows(keep.to(dec.next_pos.device))
             rows, nxt = rows[keep], nxt[keep]
         dec.feed_ids(nxt[:, None])
-        if thoughts != "none":
+        if oracle is not None:
+            dec.feed_latents(torch.stack([oracle(r, plans[r].actions) for r in rows.tolist()]))
+        elif thoughts != "none":
             ids = dec.think(params, generator, reread=reread, grid=g).cpu()
             for r, x in zip(rows.tolist(), ids):
                 plans[r].thoughts.append(LatentImage(x))
