@@ -78,14 +78,19 @@ def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[s
     return out
 
 
+def true_board_ids(api, truth: list, style: str) -> torch.Tensor:
+    """Codes (B, N, G) of the true boards ``truth`` = [(map, player cell, last move)], maps of one size:
+    rendered as the thoughts' targets are, then encoded."""
+    index = torch.tensor(active_index(truth[0][0].size, api.config.encoder.grid), device=api.model.device)
+    boards = np.stack([fl.render_canvas(m, pos, style, a, canvas=api.canvas) for m, pos, a in truth])
+    return api.model.image_ids(boards)[:, index].cpu()
+
+
 def latent_match(api, ids: list[torch.Tensor], truth: list, style: str) -> float:
     """Share of thoughts whose codes all equal the codes of the true next board (rendered, then encoded)."""
-    g = truth[0][0].size
-    index = torch.tensor(active_index(g, api.config.encoder.grid))
     ok = []
     for i in range(0, len(ids), 64):
-        boards = np.stack([fl.render_canvas(m, pos, style, a, canvas=api.canvas) for m, pos, a in truth[i:i + 64]])
-        true = api.model.image_ids(boards)[:, index.to(api.model.device)].cpu()
+        true = true_board_ids(api, truth[i:i + 64], style)
         ok += (torch.stack(ids[i:i + 64]).cpu() == true).flatten(1).all(1).tolist()
     return float(np.mean(ok))
 
@@ -96,14 +101,14 @@ def oracle_plans(api, maps, style: str) -> list:
     from latentum.generation.planner import plan_rows
     from latentum.generation.sampling import GREEDY
 
-    index = torch.tensor(active_index(maps[0].size, api.config.encoder.grid))
-
-    def oracle(i: int, actions: list[str]) -> torch.Tensor:
-        m, pos = maps[i], maps[i].player
-        for a in actions:
-            pos = fl.move(m, pos, a)
-        board = fl.render_canvas(m, pos, style, actions[-1], canvas=api.canvas)
-        return api.model.image_ids(board[None])[0, index.to(api.model.device)]
+    def oracle(rows: list[int], actions: list[list[str]]) -> torch.Tensor:
+        truth = []
+        for i, done in zip(rows, actions):
+            pos = maps[i].player
+            for a in done:
+                pos = fl.move(maps[i], pos, a)
+            truth.append((maps[i], pos, done[-1]))
+        return true_board_ids(api, truth, style)
 
     canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
     return plan_rows(api, canvases, 16, GREEDY, None, thoughts="latent", oracle=oracle)

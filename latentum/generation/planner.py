@@ -36,8 +36,8 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
               thoughts: str = "latent", oracle=None) -> list[Plan]:
     """Plan every canvas; rows are batched by map size (maps of one size share the thought length).
 
-    ``oracle`` (evaluation only) replaces the generated thoughts: ``oracle(i, actions) -> ids (N, G)`` gives the
-    true board of canvas i after ``actions``, which the model reads instead of imagining it."""
+    ``oracle`` (evaluation only) replaces the generated thoughts: ``oracle(rows, actions) -> ids (B, N, G)`` gives
+    the true board of each canvas in ``rows`` after its ``actions``, which the model reads instead of imagining."""
     if thoughts not in THOUGHT_MODES:
         raise ValueError(f"thoughts must be one of {THOUGHT_MODES}, got {thoughts!r}")
     grid = api.config.encoder.grid
@@ -46,7 +46,7 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
         groups.setdefault(active_grid(c, grid), []).append(i)
     plans: list[Plan | None] = [None] * len(canvases)
     for g, idx in sorted(groups.items()):
-        row_oracle = (lambda r, actions, idx=idx: oracle(idx[r], actions)) if oracle is not None else None
+        row_oracle = (lambda rows, actions, idx=idx: oracle([idx[r] for r in rows], actions)) if oracle else None
         for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, max_steps, params, generator, thoughts,
                                     row_oracle), idx):
             plans[i] = p
@@ -84,7 +84,7 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             rows, nxt = rows[keep], nxt[keep]
         dec.feed_ids(nxt[:, None])
         if oracle is not None:
-            dec.feed_latents(torch.stack([oracle(r, plans[r].actions) for r in rows.tolist()]))
+            dec.feed_latents(oracle(rows.tolist(), [plans[r].actions for r in rows.tolist()]))
         elif thoughts != "none":
             ids = dec.think(params, generator, reread=reread, grid=g).cpu()
             for r, x in zip(rows.tolist(), ids):
