@@ -70,6 +70,9 @@ class QuantizerConfig:
         return self.codebooks * self.code_dim
 
 
+IMAGE_ROPES = ("1d", "2d")
+
+
 @dataclass
 class BackboneConfig:
     """MoME decoder-only transformer: shared attention, separate und/gen branches per layer."""
@@ -89,8 +92,15 @@ class BackboneConfig:
     attention and never learned to read single image cells; pretrained weights overwrite this init."""
     norm_eps: float = 1e-6
     max_seq_len: int = 4096
+    image_rope: str = "1d"
+    """"1d": image tokens take consecutive RoPE positions in raster order, like text. "2d": the token of cell
+    (r, c) of an image whose first token sits at p takes (p + r, p + c), half of the rotary frequencies
+    turning with each axis (interleaved), so a cell's neighbours sit at the same relative offset on every map
+    size (Qwen2-VL's M-RoPE without time). Text is unchanged: both axes take its 1-D position."""
 
     def __post_init__(self):
+        _check(self.image_rope in IMAGE_ROPES, f"backbone.image_rope must be one of {IMAGE_ROPES}, "
+               f"got {self.image_rope!r}")
         _check(self.vocab_size >= 0, f"backbone.vocab_size must be >= 0, got {self.vocab_size}")
         _check(self.dim % self.heads == 0, f"backbone.dim={self.dim} must divide by heads={self.heads}")
         _check(self.heads % self.kv_heads == 0,

@@ -277,3 +277,33 @@ def test_rope_positions_matter_only_relatively(model):
     gapped = pos.clone()
     gapped[:, 3:] += 5
     assert _max_diff(model(x, gen, gapped).hidden[:, 3:], base[:, 3:]) > 1e-3
+
+
+def test_two_axis_rope_with_equal_axes_is_the_1d_rope(model):
+    B, T = 2, 6
+    ids, _, pos, gen = _left_padded(B, T, [0, 0], seed=4)
+    x = model.embed(ids)
+    one = model(x, gen, pos).hidden
+    two = model(x, gen, torch.stack([pos, pos], dim=-1)).hidden
+    assert _max_diff(one, two) < 1e-6
+    moved = torch.stack([pos, pos], dim=-1)
+    moved[:, 2:4, 1] += 3  # only the column axis of two tokens moves: the output must change
+    assert _max_diff(model(x, gen, moved).hidden[:, 2:], one[:, 2:]) > 1e-3
+
+
+def test_two_axis_rope_depends_only_on_the_2d_offset():
+    """The score between two tokens depends on (d_row, d_col) only: a neighbour below is the same query
+    offset wherever the pair sits, i.e. on every map size (BackboneConfig.image_rope = "2d")."""
+    from latentum.model.backbone import RotaryEmbedding, apply_rope
+
+    rope = RotaryEmbedding(16, 10000.0)
+    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)  # each (B=1, h=1, T=1, d=16)
+
+    def score(pq, pk):
+        cq, sq = rope(torch.tensor([[pq]]))
+        ck, sk = rope(torch.tensor([[pk]]))
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item()
+
+    below = [score((10 + r, 10 + c), (11 + r, 10 + c)) for r, c in [(0, 0), (2, 5), (6, 1)]]
+    assert max(below) - min(below) < 1e-4
+    assert abs(score((10, 10), (11, 10)) - score((10, 10), (10, 11))) > 1e-4  # below differs from right

@@ -92,6 +92,7 @@ def test_defaults_are_valid(cls):
     (lambda: BackboneConfig(dim=130, heads=4), "dim"),
     (lambda: BackboneConfig(heads=4, kv_heads=3), "kv_heads"),
     (lambda: BackboneConfig(dim=12, heads=4, kv_heads=4), "RoPE"),  # head_dim 3 is odd
+    (lambda: BackboneConfig(image_rope="3d"), "image_rope"),
     (lambda: AIAStage(start=1.0, target=0.1, delta=0.1), "start"),
     (lambda: AIAStage(start=0.0, target=1.5, delta=0.1), "target"),
     (lambda: AIAStage(start=0.0, target=0.1, delta=0.0), "delta"),

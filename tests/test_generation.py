@@ -10,7 +10,7 @@ import torch
 from latentum.api import LatentImage, LatentUM
 from latentum.config import load_recipe
 from latentum.data import vsp
-from latentum.data.canvas import active_grid, active_index
+from latentum.data.canvas import active_grid, active_index, rope_offsets
 from latentum.data.packing import pack
 from latentum.data.worlds import default_tokenizer
 from latentum.generation.engine import Decoder
@@ -20,11 +20,13 @@ from latentum.model.latentum import LatentUMModel
 TOK = default_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["1d", "2d"])
+def model(request):
+    """Every invariant holds for both image RoPE layouts (BackboneConfig.image_rope)."""
     torch.manual_seed(0)
     cfg = copy.deepcopy(load_recipe("configs/debug.yaml").model)
     cfg.backbone.vocab_size = TOK.vocab_size
+    cfg.backbone.image_rope = request.param
     m = LatentUMModel(cfg).eval()
     # Make the branches differ so routing mistakes show up.
     with torch.no_grad():
@@ -64,7 +66,8 @@ def test_training_gen_block_equals_inference_fork(model):
     _feed_until_first_thought(dec, s)
     cells = torch.tensor(active_index(g, 8))  # each gen input carries the cell it predicts
     h0 = dec.feed(dec._token_embeddings([TOK.img_start_id], 1)[0] + model.cell_pos(cells[:1]), gen=True)
-    h1 = dec.feed(model.latent_embeddings(act[None, :-1], cells[1:]), gen=True)
+    offsets = torch.tensor(rope_offsets(g))[:-1]  # token i carries cell i's code and sits at cell i
+    h1 = dec.feed(model.latent_embeddings(act[None, :-1], cells[1:]), gen=True, offsets=offsets)
     infer = torch.cat([h0, h1], dim=1)[0]  # (n, D)
     train = fwd.hidden[0, gen_rows[:-1]]
     torch.testing.assert_close(infer, train, atol=2e-5, rtol=1e-4)

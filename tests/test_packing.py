@@ -5,7 +5,7 @@ import torch
 
 from latentum.data import frozenlake as fl
 from latentum.data import vsp
-from latentum.data.canvas import active_grid, active_index
+from latentum.data.canvas import active_grid, active_index, rope_offsets
 from latentum.data.packing import GEN, IGNORE, UND, block_mask, pack, subsample_rows
 from latentum.data.sample import Sample
 from latentum.data.worlds import default_tokenizer
@@ -123,3 +123,18 @@ def test_changed_tokens_are_the_cells_a_move_touches():
         assert torch.nonzero(changed[k]).flatten().tolist() == sorted({r0 * g + c0, r1 * g + c1})
     t2i = pack([vsp.describe_sample(np.random.default_rng(0), 3, "gymnasium", canvas=64)], TOK, 8)
     assert len(t2i.code_changed) == 0
+
+
+def test_rope_offsets_put_each_image_cell_at_its_2d_position():
+    """Image token (r, c) after position p sits at (p + r, p + c) in U and in its G block; text at (t, t)."""
+    s = vsp.plan_sample(np.random.default_rng(1), 3, "classic", canvas=64)
+    p = pack([s], TOK, 8, max_gen_images=1)
+    pos2 = p.positions[..., None] + p.rope_offsets  # (1, T, 2)
+    image = p.ids[0] == TOK.image_id
+    assert (p.rope_offsets[0][~image] == 0).all()
+    starts = [t for t in range(1, p.ids.size(1)) if image[t] and not image[t - 1]]
+    assert len(starts) == 1 + len(s.meta["actions"]) + 1  # map, thoughts, one G block
+    for t in starts:
+        grid = pos2[0, t:t + 9] - pos2[0, t]  # (9, 2): a 3x3 map
+        assert grid.tolist() == [[r, c] for r in range(3) for c in range(3)]
+    assert rope_offsets(3)[4] == (1 - 4, 1 - 4)

@@ -29,3 +29,13 @@ def active_index(g: int, grid: int = 8) -> tuple[int, ...]:
     if not 1 <= g <= grid:
         raise ValueError(f"active grid must be in 1..{grid}, got {g}")
     return tuple(r * grid + c for r in range(g) for c in range(g))
+
+
+@cache
+def rope_offsets(g: int) -> tuple[tuple[int, int], ...]:
+    """For each active token k = r * g + c of a g x g image: (r - k, c - k). Added to the token's 1-D position
+    p + k (p: the image's first token) it gives the 2-D RoPE position (p + r, p + c) of
+    ``BackboneConfig.image_rope = "2d"``; text tokens take offset (0, 0)."""
+    if g < 1:
+        raise ValueError(f"active grid must be >= 1, got {g}")
+    return tuple((r - (r * g + c), c - (r * g + c)) for r in range(g) for c in range(g))

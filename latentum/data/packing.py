@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from latentum.data.canvas import active_grid, active_index
+from latentum.data.canvas import active_grid, active_index, rope_offsets
 from latentum.data.sample import Sample
 from latentum.data.tokenizer import TextTokenizer
 
@@ -44,6 +44,7 @@ class Packed:
 
     ids: torch.Tensor  # (B, T) token ids; image tokens hold the <image> placeholder id
     positions: torch.Tensor  # (B, T) RoPE positions; G blocks repeat their U positions
+    rope_offsets: torch.Tensor  # (B, T, 2) image tokens' (row, col) offsets for 2-D RoPE (canvas.rope_offsets)
     gen_mask: torch.Tensor  # (B, T) bool, True = generation branch
     gen_cells: torch.Tensor  # (B, T) canvas cell each G-block token predicts (its position query), else -1
     valid: torch.Tensor  # (B, T) bool, False = padding
@@ -153,6 +154,7 @@ class _Builder:
         self.B, self.T, self.grid = B, T, canvas_grid
         self.ids = torch.full((B, T), pad_id, dtype=torch.long)
         self.positions = torch.zeros(B, T, dtype=torch.long)
+        self.rope_offsets = torch.zeros(B, T, 2, dtype=torch.long)
         self.block = torch.full((B, T), -1, dtype=torch.long)  # 0 = U, k > 0 = G block k, -1 = pad
         self.anchor = torch.zeros(B, T, dtype=torch.long)  # G tokens see U keys < anchor
         self.gen_cells = torch.full((B, T), -1, dtype=torch.long)
@@ -170,6 +172,7 @@ class _Builder:
         C = self.grid**2
         canvas = [image * C + i for i in active_index(g, self.grid)]
         rows += range(b * self.T + start, b * self.T + start + g * g)
+        self.rope_offsets[b, start:start + g * g] = torch.tensor(rope_offsets(g))
         src += canvas
         return canvas
 
@@ -220,7 +223,8 @@ class _Builder:
         image_keys = (self.block == 0) & self.is_image
         is_gen = (task == GEN)[:, None]
         return Packed(
-            ids=self.ids, positions=self.positions, gen_mask=gen_mask, gen_cells=self.gen_cells, valid=valid,
+            ids=self.ids, positions=self.positions, rope_offsets=self.rope_offsets, gen_mask=gen_mask,
+            gen_cells=self.gen_cells, valid=valid,
             attn_mask=block_mask(self.block, self.anchor), text_targets=labels_next,
             inputs=_slots(*self.slots["inputs"]), latents=_slots(*self.slots["latents"]),
             gen_blocks=_slots(*self.slots["gen"]), code_query=code_query,

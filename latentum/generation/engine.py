@@ -10,10 +10,12 @@ Legend: B rows, T new tokens, N tokens per image, G codebooks, D width.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from latentum.data.canvas import active_grid, active_index
+from latentum.data.canvas import active_grid, active_index, rope_offsets
 from latentum.data.sample import Item
 from latentum.generation.sampling import SamplingParams, sample_logits
 from latentum.model.cache import KVCache
@@ -33,13 +35,15 @@ class Decoder:
         return self.next_pos.numel()
 
     # --- feeding ----------------------------------------------------------------------------------------
-    def feed(self, x: torch.Tensor, gen: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Append embeddings x (B, T, D) to the cache through one branch; returns hidden (B, T, D)."""
+    def feed(self, x: torch.Tensor, gen: bool = False, valid: torch.Tensor | None = None,
+             offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Append embeddings x (B, T, D) to the cache through one branch; returns hidden (B, T, D).
+        ``offsets`` (B, T, 2) or (T, 2): image tokens' 2-D RoPE offsets (``canvas.rope_offsets``; None: text)."""
         B, T, _ = x.shape
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         positions = self.next_pos[:, None] + valid.long().cumsum(1) - 1
-        positions = positions.clamp(min=0)
+        positions = self.model.rope_positions(positions.clamp(min=0), offsets)
         gen_mask = torch.full((B, T), gen, dtype=torch.bool, device=x.device)
         out = self.model.backbone(x, gen_mask, positions, cache=self.cache, key_valid=valid)
         self.next_pos = self.next_pos + valid.long().sum(1)
@@ -54,17 +58,19 @@ class Decoder:
         B = ids.size(0)
         emb = self.model.latent_embeddings(ids)
         open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
-        return self.feed(torch.cat([open_, emb, close], dim=1), gen)
+        offsets = framed_offsets(math.isqrt(ids.size(1)))
+        return self.feed(torch.cat([open_, emb, close], dim=1), gen, offsets=offsets)
 
     def feed_input_images(self, pixels: np.ndarray):
         """Feed observed images (B, H, W, 3), all with the same active grid, as <img> + continuous features
         of the active tokens + </img>, und branch."""
         B = len(pixels)
         grid = self.model.cfg.encoder.grid
-        index = torch.tensor(active_index(active_grid(pixels[0], grid), grid), device=self.model.device)
+        g = active_grid(pixels[0], grid)
+        index = torch.tensor(active_index(g, grid), device=self.model.device)
         open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
         emb = self.model.input_embeddings(pixels)[:, index].to(open_.dtype)
-        return self.feed(torch.cat([open_, emb, close], dim=1))
+        return self.feed(torch.cat([open_, emb, close], dim=1), offsets=framed_offsets(g))
 
     def prefill(self, prompts: list[list[Item]], drop_text: bool = False):
         """Left-pad and feed ``<bos>`` + each row's user items (text and input images)."""
@@ -73,12 +79,14 @@ class Decoder:
         T = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), T), self.tok.pad_id, dtype=torch.long)
         valid = torch.zeros(len(rows), T, dtype=torch.bool)
+        offsets = torch.zeros(len(rows), T, 2, dtype=torch.long)
         dst, src, pixels = [], [], []
         for b, (row, images) in enumerate(rows):
             off = T - len(row)
             ids[b, off:] = torch.tensor(row)
             valid[b, off:] = True
             for start, g, px in images:
+                offsets[b, off + start:off + start + g * g] = torch.tensor(rope_offsets(g))
                 dst += range(b * T + off + start, b * T + off + start + g * g)
                 src += [len(pixels) * grid**2 + i for i in active_index(g, grid)]
                 pixels.append(px)
@@ -89,7 +97,7 @@ class Decoder:
             emb = self.model.input_embeddings(np.stack(pixels)).reshape(-1, D)  # (I*C, D)
             emb = emb[torch.tensor(src, device=dev)].to(x.dtype)
             x = x.reshape(-1, D).index_copy(0, torch.tensor(dst, device=dev), emb).view(len(rows), T, D)
-        return self.feed(x, valid=valid.to(dev))
+        return self.feed(x, valid=valid.to(dev), offsets=offsets)
 
     def _token_embeddings(self, ids: list[int], B: int) -> list[torch.Tensor]:
         t = torch.tensor(ids, device=self.model.device)
@@ -116,6 +124,7 @@ class Decoder:
         prompt-dropped rows), codes use classifier-free guidance."""
         canvas_grid = self.model.cfg.encoder.grid
         cells = torch.tensor(active_index(grid or canvas_grid, canvas_grid), device=self.model.device)
+        offsets = torch.tensor(rope_offsets(grid or canvas_grid))  # (N, 2): token i sits at its own cell
         N, B = len(cells), self.batch
         out = []
         # Every gen input carries the cell it predicts: <img> the first, token i the (i+1)-th.
@@ -128,9 +137,9 @@ class Decoder:
             if i == N - 1:
                 break
             emb = self.model.latent_embeddings(ids[:, None], cells[i + 1:i + 2])  # (B, 1, D)
-            h = self.feed(emb, gen=True)[:, -1]
+            h = self.feed(emb, gen=True, offsets=offsets[i:i + 1])[:, -1]
             if uncond is not None:
-                hu = uncond.feed(emb, gen=True)[:, -1]
+                hu = uncond.feed(emb, gen=True, offsets=offsets[i:i + 1])[:, -1]
         return torch.stack(out, dim=1)
 
     def think(self, params: SamplingParams, generator=None, reread=None, grid: int | None = None) -> torch.Tensor:
@@ -149,6 +158,12 @@ class Decoder:
         self.cache.reorder(index)
         self.next_pos = self.next_pos[index]
         self.last = self.last[index]
+
+
+def framed_offsets(g: int) -> torch.Tensor:
+    """2-D RoPE offsets (g * g + 2, 2) of ``<img>`` + a g x g image's tokens + ``</img>``."""
+    inner = torch.tensor(rope_offsets(g))
+    return torch.cat([inner.new_zeros(1, 2), inner, inner.new_zeros(1, 2)])
 
 
 def prompt_tokens(items: list[Item], tok, canvas_grid: int, drop_text: bool = False):

@@ -101,8 +101,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions (B, T) -> cos, sin (B, 1, T, d) in fp32, broadcast over heads."""
-        freqs = positions.float()[..., None] * self.inv_freq  # (B, T, d/2)
+        """positions (B, T), or (B, T, 2) per (row, col) axis -> cos, sin (B, 1, T, d) in fp32, broadcast over
+        heads. With two axes, frequency j turns with axis j % 2 (interleaved, so each axis gets fast and slow
+        frequencies); equal axes give exactly the 1-D rotation."""
+        if positions.dim() == 3:
+            axis = torch.arange(self.inv_freq.numel(), device=positions.device) % 2  # (d/2,)
+            pos = positions.float().gather(-1, axis.expand(*positions.shape[:2], -1))  # (B, T, d/2)
+        else:
+            pos = positions.float()[..., None]  # (B, T, 1)
+        freqs = pos * self.inv_freq  # (B, T, d/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, d)
         return emb.cos(), emb.sin()
 
@@ -272,7 +279,8 @@ class MoMEBackbone(nn.Module):
                 spans: AttentionSpans | None = None) -> BackboneOutput:
         """Run T new tokens (embeddings ``x`` (B, T, D)) through every layer.
 
-        ``gen_mask`` (B, T) routes True tokens to the gen branch; ``positions`` (B, T) are RoPE positions.
+        ``gen_mask`` (B, T) routes True tokens to the gen branch; ``positions`` (B, T) are RoPE positions, or
+        (B, T, 2) (row, col) positions with ``image_rope="2d"`` (see ``image_positions``).
         ``attn_mask`` (B, T, S) is True where a query may attend a key, S = cached length + T; when None it
         is causal over [cached keys ; new keys]. Either way keys marked invalid (the cache's stored
         ``key_valid`` and this call's ``key_valid`` (B, T), default all True) are never attended: that is
@@ -318,8 +326,9 @@ class MoMEBackbone(nn.Module):
             raise ValueError(f"x must be (B, T>=1, D={self.cfg.dim}) embeddings, got {tuple(x.shape)}")
         B, T, _ = x.shape
         S = past + T
+        pos_shape = (B, T, 2) if positions.dim() == 3 else (B, T)
         expect = {"gen_mask": (gen_mask, (B, T), (torch.bool,)),
-                  "positions": (positions, (B, T), (torch.int64, torch.int32)),
+                  "positions": (positions, pos_shape, (torch.int64, torch.int32)),
                   "attn_mask": (attn_mask, (B, T, S), (torch.bool,)),
                   "key_valid": (key_valid, (B, T), (torch.bool,))}
         if spans is not None:

@@ -86,6 +86,14 @@ class LatentUMModel(nn.Module):
             cells = torch.tensor(active_index(g, self.cfg.encoder.grid), device=ids.device)
         return self.visual_projector(self.quantizer.codes_from_ids(ids)) + self.cell_pos(cells.to(ids.device))
 
+    def rope_positions(self, positions: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+        """1-D positions (B, T) -> what the backbone's RoPE takes: themselves, or with ``image_rope="2d"``
+        (B, T, 2) row/col positions, ``offsets`` (B, T, 2) or (T, 2) from ``canvas.rope_offsets`` (None: text)."""
+        if self.cfg.backbone.image_rope == "1d":
+            return positions
+        pos = positions[..., None].expand(*positions.shape, 2)
+        return pos if offsets is None else pos + offsets.to(pos.device)
+
     # --- packed training forward ----------------------------------------------------------------------
     def embed_packed(self, p: Packed, latent_ids: torch.Tensor, read_ids: torch.Tensor | None = None):
         """Token embeddings with the image rows filled in. ``latent_ids`` (I, C, G) are the latents' canvas
@@ -113,7 +121,8 @@ class LatentUMModel(nn.Module):
         read_ids = corrupt_codes(latent_ids, code_noise, self.cfg.quantizer.codebook_size, generator)
         x = self.embed_packed(p, latent_ids, read_ids)
         spans = AttentionSpans(query=p.aia_query, key=p.aia_key) if with_aia else None
-        out = self.backbone(x, p.gen_mask, p.positions, attn_mask=p.attn_mask, key_valid=p.valid, spans=spans)
+        positions = self.rope_positions(p.positions, p.rope_offsets)
+        out = self.backbone(x, p.gen_mask, positions, attn_mask=p.attn_mask, key_valid=p.valid, spans=spans)
         return PackedForward(out.hidden, out.attn_mass, latent_ids)
 
     # --- canvas layout ----------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ class MBAQSystem(StageSystem):
         B, T, D = x.shape
         emb = image_emb.reshape(-1, D)[p.inputs.src].to(x.dtype)
         x = x.reshape(B * T, D).index_copy(0, p.inputs.rows, emb).view(B, T, D)
-        return m.backbone(x, p.gen_mask, p.positions, attn_mask=p.attn_mask, key_valid=p.valid).hidden
+        positions = m.rope_positions(p.positions, p.rope_offsets)
+        return m.backbone(x, p.gen_mask, positions, attn_mask=p.attn_mask, key_valid=p.valid).hidden
 
 
 class MoMESystem(StageSystem):
