@@ -121,6 +121,23 @@ def test_describe_sample_is_the_pixel_map_as_text():
                 assert (letter == "G") == ((r, c) == seen.goal)
 
 
+def test_neighbour_sample_names_what_the_image_shows_next_to_the_player():
+    """Checked against the pixels (read_canvas), not the generator's own map; edges appear on every size."""
+    deltas = {"L": (0, -1), "D": (1, 0), "R": (0, 1), "U": (-1, 0)}
+    words = set()
+    for s in draws(vsp.neighbour_sample, 60):
+        m = s.meta["map"]
+        seen = fl.read_canvas(s.user[0], m.size)
+        for a, word in zip(fl.ACTIONS, s.assistant[0].split(), strict=True):
+            r, c = seen.player[0] + deltas[a][0], seen.player[1] + deltas[a][1]
+            if not (0 <= r < m.size and 0 <= c < m.size):
+                assert word == vsp.EDGE
+            else:
+                assert word == ("H" if (r, c) in seen.holes else "G" if (r, c) == seen.goal else "F")
+            words.add(word)
+    assert words == {"F", "H", "G", vsp.EDGE}
+
+
 def test_safety_sample_correct_balanced_and_all_lengths():
     samples = draws(vsp.safety_sample, 200)
     for s in samples:

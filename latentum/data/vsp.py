@@ -43,6 +43,8 @@ PLAYER_Q = "Where is the player ?"
 PLAYER_A = "row {row} column {col}"
 SAFETY_Q = "Is the action sequence {actions} safe ?"
 DESCRIBE_Q = "Write the map as a text grid ."
+NEIGHBOURS_Q = "What is left of , below , right of and above the player ?"
+EDGE = "Edge"
 SAFETY_LENGTHS = (1, 3, 5, 7, 9)
 OPTIONS = ("A", "B", "C", "D")
 RELATIONS = ("Above", "Below", "Left", "Right")
@@ -169,6 +171,22 @@ def player_sample(rng: np.random.Generator, size: int, style: str, canvas: int =
     return Sample([_map_image(m, style, canvas), PLAYER_Q], [answer], "vsp_player", _meta(m, style, answer))
 
 
+def neighbour_words(m: LakeMap, pos: Pos) -> str:
+    """The cells left of, below, right of and above ``pos`` (the move order L D R U): F, H, G or Edge (off
+    the grid)."""
+    return " ".join(m.cell(nxt) if (nxt := move(m, pos, a)) != pos else EDGE for a in ACTIONS)
+
+
+def neighbour_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """What is next to the player, e.g. "F H Edge G": the local perception a safe move needs (our addition to
+    VSP's T1-T4; it asks about a cell relative to another rather than at written coordinates)."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    answer = neighbour_words(m, m.player)
+    return Sample([_map_image(m, style, canvas), NEIGHBOURS_Q], [answer], "vsp_neighbours",
+                  _meta(m, style, answer))
+
+
 def describe_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
     """Write the map as a text grid ("S F H / F F G / ..."): one answer token per cell in raster order, the
     densest perception signal there is (every cell supervised, not one cell per question)."""
@@ -224,6 +242,7 @@ SAMPLERS: dict[str, Sampler] = {
     "vsp_grid": grid_sample,
     "vsp_player": player_sample,
     "vsp_describe": describe_sample,
+    "vsp_neighbours": neighbour_sample,
     "vsp_safety": safety_sample,
 }
 """Task name (as used in ``TrainConfig.tasks``) -> sampler."""
@@ -232,8 +251,8 @@ SAMPLERS: dict[str, Sampler] = {
 def vocabulary() -> set[str]:
     """Every whitespace-separated word a VSP text can contain (templates, answers, grid letters, indices)."""
     templates = [PLAN_PROMPT, TEXT_PLAN_PROMPT, HOLE_Q, RELATION_Q, GRID_Q, PLAYER_Q, PLAYER_A, SAFETY_Q,
-                 DESCRIBE_Q]
+                 DESCRIBE_Q, NEIGHBOURS_Q]
     words = {w for t in templates for w in re.sub(r"\{\w+\}", " ", t).split()}
-    words |= set(ACTIONS) | {DONE, YES, NO} | set(RELATIONS) | set(OPTIONS) | set("SFHG") | {"/"}
+    words |= set(ACTIONS) | {DONE, YES, NO, EDGE} | set(RELATIONS) | set(OPTIONS) | set("SFHG") | {"/"}
     words |= {str(i) for i in range(1, MAX_SIZE + 1)}
     return words
