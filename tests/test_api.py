@@ -135,3 +135,16 @@ def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch):
     assert len(seen) == len(expected)
     for k, ids in enumerate(seen):
         assert torch.equal(ids.cpu(), torch.stack(expected[k]).cpu())
+
+
+def test_neighbour_qa_is_evaluated_when_the_vocabulary_has_its_words(api):
+    from latentum.data import vsp
+    from latentum.data.tokenizer import build_tokenizer
+    from latentum.eval.vsp import QA_TASKS, extra_qa_tasks, qa_metrics
+
+    assert extra_qa_tasks(api.tokenizer) == ("vsp_neighbours",)
+    older = build_tokenizer(sorted(vsp.vocabulary() - {vsp.EDGE}))  # a model trained before the task existed
+    assert extra_qa_tasks(older) == ()
+    out = qa_metrics(api, 3, "classic", 2, seed=0)
+    assert 0.0 <= out["vsp_neighbours"] <= 1.0
+    assert out["perception"] == pytest.approx(np.mean([out[t] for t in QA_TASKS]))  # reported, not averaged in

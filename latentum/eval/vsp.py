@@ -7,7 +7,8 @@ chance (a 3x3 board has few configurations); the report counts how many evaluati
 Metrics per style and level:
 - success under the **gym** rule (VSP's scorer) and the **strict** rule (ThinkMorph's);
 - perception QA (hole / relation / text grid) and action-sequence safety accuracy; also ``vsp_describe``, the
-  share of maps the model transcribes exactly as a text grid (reported, not part of ``perception``);
+  share of maps the model transcribes exactly as a text grid, and ``vsp_neighbours`` (what is next to the
+  player), when the model's vocabulary has its words (both reported, not part of ``perception``);
 - visual-thought fidelity: the share of thoughts equal to the simulated next state, judged by the pixel oracle
   on the rendered thought (full board), by the model reading the latent back ("Where is the player ?"), and
   in latent space (every token's codes equal those of the true next board, encoded; ``fidelity_latent``);
@@ -114,10 +115,16 @@ def oracle_plans(api, maps, style: str) -> list:
     return plan_rows(api, canvases, 16, GREEDY, None, thoughts="latent", oracle=oracle)
 
 
+def extra_qa_tasks(tok) -> tuple[str, ...]:
+    """``vsp_neighbours`` if the tokenizer knows its words (models trained before the task existed do not)."""
+    words = (vsp.NEIGHBOURS_Q + " " + vsp.EDGE).split()
+    return ("vsp_neighbours",) if all(tok.token_to_id(w) is not None for w in words) else ()
+
+
 def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng([EVAL_NAMESPACE, seed, level, 1])
     out = {}
-    for task in QA_TASKS + ("vsp_safety", "vsp_describe"):
+    for task in QA_TASKS + ("vsp_safety", "vsp_describe") + extra_qa_tasks(api.tokenizer):
         samples = [make_sample(task, rng, map_sizes=[level], canvas=api.canvas, style=style) for _ in range(n)]
         images = [s.user[0] for s in samples]
         questions = [s.user[1] for s in samples]
