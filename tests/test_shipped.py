@@ -37,7 +37,7 @@ def test_shipped_model_plans_fixed_maps(api, style):
 @pytest.mark.parametrize("style", ["gymnasium", "classic"])
 def test_shipped_model_solves_most_small_fixed_maps(api, style):
     """Regression guard for the shipped weights and the planner: on ten fixed 3x3 maps it reached the goal
-    8/10 (gymnasium) and 7/10 (classic) under the strict rule when shipped (greedy, so deterministic); a
+    8/10 (gymnasium) and 8/10 (classic) under the strict rule when shipped (greedy, so deterministic); a
     broken image path, cache or sampler drops it to near zero."""
     maps = eval_maps(3, 10, seed=2024)
     plans = api.plan_batch([fl.render(m, style=style) for m in maps], max_steps=6)
