@@ -280,7 +280,7 @@ class MoMEBackbone(nn.Module):
         """Run T new tokens (embeddings ``x`` (B, T, D)) through every layer.
 
         ``gen_mask`` (B, T) routes True tokens to the gen branch; ``positions`` (B, T) are RoPE positions, or
-        (B, T, 2) (row, col) positions with ``image_rope="2d"`` (see ``image_positions``).
+        (B, T, 2) (row, col) positions with ``image_rope="2d"`` (see ``LatentUMModel.rope_positions``).
         ``attn_mask`` (B, T, S) is True where a query may attend a key, S = cached length + T; when None it
         is causal over [cached keys ; new keys]. Either way keys marked invalid (the cache's stored
         ``key_valid`` and this call's ``key_valid`` (B, T), default all True) are never attended: that is
