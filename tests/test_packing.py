@@ -45,6 +45,22 @@ def test_plan_row_layout_and_labels():
     assert p.task.tolist() == [GEN]
 
 
+def test_an_attempt_is_read_but_never_a_target():
+    """A taken-back move is in the row (the model reads it) but not among the targets; its board and the
+    verdict after it are."""
+    s = vsp.retry_plan_sample(np.random.default_rng(1), 5, "classic", canvas=64)
+    k, bad = s.meta["retry"]
+    p = pack([s], TOK, 8)
+    row = p.ids[0][p.valid[0]].tolist()
+    row = row[row.index(TOK.img_end_id):]  # the assistant turn: after the input map (the prompt names moves)
+    targets = p.text_targets[0][p.text_targets[0] != IGNORE].tolist()
+    moves = [TOK.token_to_id(a) for a in fl.ACTIONS] + [TOK.token_to_id(vsp.FELL), TOK.token_to_id("Done")]
+    assert [t for t in row if t in moves] == TOK.encode(" ".join(s.meta["actions"][:k] + [bad, vsp.FELL]
+                                                                 + s.meta["actions"][k:] + ["Done"]))
+    assert TOK.decode(targets) == " ".join(s.meta["actions"][:k] + [vsp.FELL] + s.meta["actions"][k:] + ["Done"])
+    assert targets.count(TOK.img_start_id) == len(s.meta["actions"]) + 1  # the imagined fall is generated too
+
+
 def test_gen_blocks_see_only_their_prefix_and_reuse_positions():
     s = _plan(1, 3)
     p = pack([s], TOK, 8, max_gen_images=3)

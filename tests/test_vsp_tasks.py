@@ -11,7 +11,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from latentum.data import frozenlake as fl
 from latentum.data import vsp
-from latentum.data.sample import Sample
+from latentum.data.sample import Attempt, Sample
 
 STYLES = fl.STYLES
 
@@ -55,6 +55,25 @@ def test_plan_sample_follows_bfs_and_imagined_boards_are_the_simulated_ones():
             np.testing.assert_array_equal(img, fl.render_canvas(m, positions[k + 1], style, a))
             assert fl.read_canvas(img, m.size).player == positions[k + 1]
         assert positions[-1] == m.goal
+
+
+def test_retry_plan_sample_takes_back_one_imagined_fall_and_the_rest_is_the_plan():
+    retried = 0
+    for s in draws(vsp.retry_plan_sample, 36):
+        m, plan, style = s.meta["map"], s.meta["actions"], s.meta["style"]
+        if "retry" not in s.meta:  # no hole beside the path: a plain plan
+            assert not any(isinstance(x, Attempt) for x in s.assistant) and len(s.assistant) == 2 * len(plan) + 1
+            continue
+        retried += 1
+        k, bad = s.meta["retry"]
+        pos = fl.simulate(m, plan, "strict").positions[k]
+        fell = fl.move(m, pos, bad)
+        assert fell in m.holes and isinstance(s.assistant[2 * k], Attempt) and s.assistant[2 * k] == bad
+        np.testing.assert_array_equal(s.assistant[2 * k + 1], fl.render_canvas(m, fell, style, bad))
+        assert s.assistant[2 * k + 2] == vsp.FELL
+        rest = s.assistant[:2 * k] + s.assistant[2 * k + 3:]  # taking the attempt back leaves the BFS plan
+        assert rest[0::2] == plan + [vsp.DONE] and not any(isinstance(x, Attempt) for x in rest)
+    assert retried >= 24
 
 
 def test_text_plan_sample_is_one_string():

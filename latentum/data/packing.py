@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from latentum.data.canvas import active_grid, active_index, rope_offsets
-from latentum.data.sample import Sample
+from latentum.data.sample import Attempt, Sample
 from latentum.data.tokenizer import TextTokenizer
 
 IGNORE = -100
@@ -86,6 +86,7 @@ def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_pro
         for item in items:
             supervised = turn == "assistant"
             if isinstance(item, str):
+                supervised = supervised and not isinstance(item, Attempt)
                 ids = tok.encode(item)
                 if drop_prompt and turn == "user":
                     ids = [tok.pad_id] * len(ids)

@@ -17,6 +17,11 @@ import numpy as np
 Item = str | np.ndarray
 
 
+class Attempt(str):
+    """Assistant text the model reads but is not trained to say: a move it tries and takes back (see
+    ``vsp.retry_plan_sample``). Everything after it (the imagined board, the verdict) is supervised as usual."""
+
+
 @dataclass
 class Sample:
     user: list[Item]

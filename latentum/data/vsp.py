@@ -30,12 +30,15 @@ from latentum.data.frozenlake import (
     render_canvas,
     shortest_plan,
 )
-from latentum.data.sample import Sample
+from latentum.data.sample import Attempt, Sample
 
 PLAN_PROMPT = ("Plan a safe path for the player to the goal . "
                "Move L D R or U one cell at a time and imagine the board after each move .")
 TEXT_PLAN_PROMPT = "Plan a safe path for the player to the goal . Answer with the moves L D R or U ."
 DONE = "Done"
+FELL = "hole"
+"""What the model says after a thought that shows the player in a hole: the move is taken back and another one
+is tried from the board before it (``retry_plan_sample``; the planner drops the move and its thought)."""
 HOLE_Q = "Is there a hole at row {row} column {col} ?"
 RELATION_Q = "Where is the player relative to the goal ?"
 GRID_Q = "Which text grid matches the map ? A : {A} B : {B} C : {C} D : {D}"
@@ -83,6 +86,22 @@ def plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 1
         assistant += [a, render_canvas(m, pos, style, a, canvas=canvas)]
     return Sample([PLAN_PROMPT, _map_image(m, style, canvas)], assistant + [DONE], "vsp_plan",
                   _meta(m, style, " ".join(plan), actions=plan, positions=positions))
+
+
+def retry_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """``plan_sample`` with one imagined mistake taken back: at a step next to a hole the assistant first tries
+    the move into the hole (an ``Attempt``: read, never a target), imagines the board with the player in the
+    hole, says ``FELL``, then makes the BFS move from the board before. The model learns to check the
+    consequence of a move in its own visual thought; maps with no hole beside the path give a plain plan."""
+    sample = plan_sample(rng, size, style, canvas)
+    m, positions = sample.meta["map"], sample.meta["positions"]
+    risky = [(k, a) for k, pos in enumerate(positions[:-1]) for a in ACTIONS if move(m, pos, a) in m.holes]
+    if not risky:
+        return Sample(sample.user, sample.assistant, "vsp_plan_retry", sample.meta)
+    k, bad = risky[rng.integers(len(risky))]
+    fell = render_canvas(m, move(m, positions[k], bad), style, bad, canvas=canvas)
+    assistant = sample.assistant[:2 * k] + [Attempt(bad), fell, FELL] + sample.assistant[2 * k:]
+    return Sample(sample.user, assistant, "vsp_plan_retry", {**sample.meta, "retry": (k, bad)})
 
 
 def text_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
@@ -236,6 +255,7 @@ def safety_sample(rng: np.random.Generator, size: int, style: str, canvas: int =
 Sampler = Callable[[np.random.Generator, int, str, int], Sample]
 SAMPLERS: dict[str, Sampler] = {
     "vsp_plan": plan_sample,
+    "vsp_plan_retry": retry_plan_sample,
     "vsp_plan_text": text_plan_sample,
     "vsp_hole": hole_sample,
     "vsp_relation": relation_sample,
@@ -253,6 +273,6 @@ def vocabulary() -> set[str]:
     templates = [PLAN_PROMPT, TEXT_PLAN_PROMPT, HOLE_Q, RELATION_Q, GRID_Q, PLAYER_Q, PLAYER_A, SAFETY_Q,
                  DESCRIBE_Q, NEIGHBOURS_Q]
     words = {w for t in templates for w in re.sub(r"\{\w+\}", " ", t).split()}
-    words |= set(ACTIONS) | {DONE, YES, NO, EDGE} | set(RELATIONS) | set(OPTIONS) | set("SFHG") | {"/"}
+    words |= set(ACTIONS) | {DONE, FELL, YES, NO, EDGE} | set(RELATIONS) | set(OPTIONS) | set("SFHG") | {"/"}
     words |= {str(i) for i in range(1, MAX_SIZE + 1)}
     return words

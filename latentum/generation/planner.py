@@ -17,8 +17,8 @@ from PIL import Image
 
 from latentum.data.canvas import active_grid, active_index
 from latentum.data.frozenlake import ACTIONS
-from latentum.data.vsp import PLAN_PROMPT, TEXT_PLAN_PROMPT
-from latentum.generation.sampling import SamplingParams
+from latentum.data.vsp import DONE, FELL, PLAN_PROMPT, TEXT_PLAN_PROMPT
+from latentum.generation.sampling import SamplingParams, sample_logits
 
 THOUGHT_MODES = ("latent", "pixel", "none")
 
@@ -29,6 +29,8 @@ class Plan:
     thoughts: list = field(default_factory=list)  # list[LatentImage], one per move
     done: bool = False
     """The model said "Done" (rather than running out of steps)."""
+    retracted: list = field(default_factory=list)
+    """(move, thought) pairs the model took back: its thought showed the player in a hole (``vsp.FELL``)."""
     seconds: float = 0.0
 
 
@@ -60,16 +62,30 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     t0 = time.perf_counter()
     tok = api.tokenizer
     move_ids = [tok.encode(a)[0] for a in ACTIONS]
-    done_id = tok.encode("Done")[0]
+    done_id, fell_id = tok.encode(DONE)[0], tok.token_to_id(FELL)
+    can_retract = thoughts != "none" and fell_id is not None
     B = len(canvases)
     plans = [Plan() for _ in range(B)]
+    banned: list[set[int]] = [set() for _ in range(B)]  # moves taken back at each row's current board
     dec = api.new_decoder(B)
     prompt = TEXT_PLAN_PROMPT if thoughts == "none" else PLAN_PROMPT
     dec.prefill([[prompt, c] for c in canvases])
     rows = torch.arange(B)  # which plan each decoder row belongs to
     reread = _pixel_round_trip(api, g) if thoughts == "pixel" else None
-    for _ in range(max_steps):
-        nxt = dec.sample_text(params, generator, allowed=move_ids + [done_id]).cpu()
+    for step in range(max_steps):
+        retract = can_retract and step > 0
+        nxt = _sample_step(dec, rows, None, move_ids + [done_id] + ([fell_id] if retract else []), params,
+                           generator)
+        fell = nxt == fell_id
+        for r in rows[~fell].tolist():
+            banned[r].clear()  # the last move stood (or there was none): a new board, nothing taken back yet
+        if fell.any():  # take the last move back, say so, and choose again from the board before it
+            for r in rows[fell].tolist():
+                plans[r].retracted.append((plans[r].actions.pop(), plans[r].thoughts.pop()))
+                banned[r].add(move_ids[ACTIONS.index(plans[r].retracted[-1][0])])
+            _feed_some(dec, fell, fell_id)
+            nxt[fell] = _sample_step(dec, rows[fell], banned, move_ids + [done_id], params, generator,
+                                     sub=torch.nonzero(fell).flatten())
         going = nxt != done_id
         for r, t in zip(rows.tolist(), nxt.tolist()):
             if t == done_id:
@@ -93,6 +109,28 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     for p in plans:
         p.seconds = seconds
     return plans
+
+
+def _sample_step(dec, rows: torch.Tensor, banned: list[set[int]] | None, allowed: list[int], params: SamplingParams,
+                 generator, sub: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token of decoder rows ``sub`` (default all; their plans are ``rows``) among ``allowed``, minus the
+    moves each row already took back at its board, ``banned`` (only "Done" stays if every move was)."""
+    logits = dec.text_logits()
+    logits = logits if sub is None else logits[sub.to(logits.device)]
+    mask = torch.full_like(logits, float("-inf"))
+    mask[:, allowed] = 0
+    for i, r in enumerate(rows.tolist() if banned else []):
+        mask[i, sorted(banned[r])] = float("-inf")
+    return sample_logits(logits + mask, params, generator).cpu()
+
+
+def _feed_some(dec, which: torch.Tensor, token: int) -> None:
+    """Feed ``token`` to the rows in ``which`` (B,) bool only: the others get a padding slot no query ever sees,
+    and keep their last hidden state."""
+    last = dec.last
+    ids = torch.full((dec.batch, 1), token, dtype=torch.long)
+    dec.feed_ids(ids, valid=which[:, None].to(dec.next_pos.device))
+    dec.last = torch.where(which[:, None].to(last.device), dec.last, last)
 
 
 def _pixel_round_trip(api, g: int):

@@ -1,0 +1,72 @@
+"""The planner's take-back step: after a thought the model may say "hole" (``vsp.FELL``); the move and its
+thought are dropped and another move is chosen from the board before it."""
+
+import numpy as np
+import pytest
+import torch
+
+from latentum import LatentUM
+from latentum.data import frozenlake as fl
+from latentum.data.vsp import FELL
+from latentum.generation.engine import Decoder
+
+
+@pytest.fixture(scope="module")
+def api(untrained_model):
+    return LatentUM.from_pretrained(untrained_model)
+
+
+def _force_fell(monkeypatch, api, when, never_done: bool = False):
+    """Make "hole" the top token whenever ``when(decoder, logits (B, V)) -> (B,) bool`` holds (and with
+    ``never_done``, "Done" the last resort)."""
+    fell, done = api.tokenizer.token_to_id(FELL), api.tokenizer.token_to_id("Done")
+    real = Decoder.text_logits
+
+    def text_logits(self):
+        logits = real(self)
+        top = logits.max(-1).values + 1.0
+        logits[:, fell] = torch.where(when(self, logits), top, torch.full_like(top, -1e9))
+        if never_done:
+            logits[:, done] = -1e9
+        return logits
+
+    monkeypatch.setattr(Decoder, "text_logits", text_logits)
+
+
+def _maps(n, size=4):
+    rng = np.random.default_rng(3)
+    return [fl.generate_map(size, rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def test_a_model_that_always_falls_tries_each_move_once_then_stops(api, monkeypatch):
+    _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
+    plan = api.plan(fl.render(_maps(1)[0]), max_steps=10)
+    assert plan.actions == [] and plan.thoughts == [] and plan.done
+    assert sorted(a for a, _ in plan.retracted) == sorted(fl.ACTIONS)  # each move tried once, never twice
+
+
+@torch.no_grad()
+def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
+    """Rows that take a move back get a padding slot in the others' cache: batched plans == one at a time."""
+    moves = [api.tokenizer.token_to_id(a) for a in fl.ACTIONS]
+
+    def when(dec, logits):  # a row's own state: its length and its favourite move
+        return (dec.next_pos.cpu() + logits[:, moves].argmax(-1).cpu()) % 3 == 0
+
+    _force_fell(monkeypatch, api, when, never_done=True)
+    images = [fl.render(m) for m in _maps(6)]
+    batch = api.plan_batch(images, max_steps=6)
+    single = [api.plan(im, max_steps=6) for im in images]
+    assert sum(len(p.retracted) for p in batch) > 0  # the test exercises take-backs
+    for b, s in zip(batch, single):
+        assert b.actions == s.actions and [a for a, _ in b.retracted] == [a for a, _ in s.retracted]
+        assert len(b.thoughts) == len(b.actions)
+        assert all(torch.equal(x.ids, y.ids) for x, y in zip(b.thoughts, s.thoughts))
+
+
+@torch.no_grad()
+def test_text_only_plans_never_take_back(api, monkeypatch):
+    _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
+    plan = api.plan_batch([fl.render(_maps(1)[0])], max_steps=3, thoughts="none")[0]
+    assert plan.retracted == [] and len(plan.actions) == 3
