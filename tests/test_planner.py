@@ -43,7 +43,7 @@ def test_a_model_that_always_falls_tries_each_move_once_then_stops(api, monkeypa
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
     plan = api.plan(fl.render(_maps(1)[0]), max_steps=10)
     assert plan.actions == [] and plan.thoughts == [] and plan.done
-    assert sorted(a for a, _ in plan.retracted) == sorted(fl.ACTIONS)  # each move tried once, never twice
+    assert sorted(a for _, a, _ in plan.retracted) == sorted(fl.ACTIONS)  # each move tried once, never twice
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
     single = [api.plan(im, max_steps=6) for im in images]
     assert sum(len(p.retracted) for p in batch) > 0  # the test exercises take-backs
     for b, s in zip(batch, single):
-        assert b.actions == s.actions and [a for a, _ in b.retracted] == [a for a, _ in s.retracted]
+        assert b.actions == s.actions and [(k, a) for k, a, _ in b.retracted] == [(k, a) for k, a, _ in s.retracted]
         assert len(b.thoughts) == len(b.actions)
         assert all(torch.equal(x.ids, y.ids) for x, y in zip(b.thoughts, s.thoughts))
 
@@ -70,3 +70,15 @@ def test_text_only_plans_never_take_back(api, monkeypatch):
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
     plan = api.plan_batch([fl.render(_maps(1)[0])], max_steps=3, thoughts="none")[0]
     assert plan.retracted == [] and len(plan.actions) == 3
+
+
+def test_takeback_metrics_replay_the_kept_moves():
+    from latentum.eval.vsp import takeback_metrics
+    from latentum.generation.planner import Plan
+
+    m = fl.LakeMap.from_desc(["SFH", "FFF", "HFG"])  # player (0, 0); holes (0, 2) and (2, 0)
+    plan = Plan(actions=["R", "D", "D", "R"], retracted=[(1, "R", None), (0, "D", None), (2, "L", None)])
+    # after 1 kept move the player is at (0, 1): R enters (0, 2), a hole; D from (0, 0) does not;
+    # after 2 kept moves (1, 1): L goes to (1, 0), not a hole.
+    assert takeback_metrics([m], [plan]) == {"takebacks": 3.0, "takeback_hole": 1 / 3}
+    assert np.isnan(takeback_metrics([m], [Plan()])["takeback_hole"])

@@ -60,8 +60,8 @@ def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: 
              sizes=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic")) -> list[dict]:
     out = Path(out)
     rows = []
-    print(f"{'style':10s} {'size':>4s} {'map':>3s}  {'plan':24s} {'optimal':>7s} {'gym':>4s} {'strict':>6s} "
-          f"{'sec':>5s}  gif")
+    print(f"{'style':10s} {'size':>4s} {'map':>3s}  {'plan':24s} {'optimal':>7s} {'back':>4s} {'gym':>4s} "
+          f"{'strict':>6s} {'sec':>5s}  gif")
     for style in styles:
         for size in sizes:
             rng = np.random.default_rng([DEMO_NAMESPACE, seed, size])
@@ -76,12 +76,13 @@ def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: 
                 gif = out / f"{style}_{size}x{size}_{i}.gif"
                 write_gif(gif, m, style, plan.actions, _rendered_thoughts(api, plan))
                 rows.append({"style": style, "size": size, "actions": plan.actions, "gym": gym,
-                             "strict": strict, "seconds": sec})
+                             "strict": strict, "seconds": sec, "taken_back": len(plan.retracted)})
                 print(f"{style:10s} {size:4d} {i:3d}  {' '.join(plan.actions)[:24]:24s} "
-                      f"{len(fl.shortest_plan(m)):7d} {'yes' if gym else 'no':>4s} {'yes' if strict else 'no':>6s} "
-                      f"{sec:5.2f}  {gif}")
+                      f"{len(fl.shortest_plan(m)):7d} {len(plan.retracted):4d} {'yes' if gym else 'no':>4s} "
+                      f"{'yes' if strict else 'no':>6s} {sec:5.2f}  {gif}")
     n = len(rows)
     print(f"\nsolved {sum(r['strict'] for r in rows)}/{n} (strict), {sum(r['gym'] for r in rows)}/{n} (gym); "
+          f"{sum(r['taken_back'] for r in rows)} moves taken back (\"back\": the thought showed a fall); "
           f"median {np.median([r['seconds'] for r in rows]):.2f} s per plan; GIFs in {out}/")
     return rows
 
@@ -103,6 +104,7 @@ def plan_image(api, image_path: str, *, max_steps: int = 16, seed: int = 0, gif:
     if gif:
         write_gif(gif, m, state.style, plan.actions, _rendered_thoughts(api, plan))
     verdict = "reaches the goal" if strict.success else f"fails ({strict.reason})"
-    return (f"plan: {' '.join(plan.actions) or '(none)'}\n{len(plan.thoughts)} visual thoughts; "
+    back = "".join(f"\ntook back {a} after {k} moves: its thought showed a fall" for k, a, _ in plan.retracted)
+    return (f"plan: {' '.join(plan.actions) or '(none)'}{back}\n{len(plan.thoughts)} visual thoughts; "
             f"under the strict rule the plan {verdict}; gym rule: {'success' if gym.success else 'failure'}"
             + (f"\nGIF written to {gif}" if gif else ""))

@@ -48,6 +48,19 @@ def plan_metrics(maps, plans) -> dict[str, float]:
     return {"gym": float(np.mean(gym)), "strict": float(np.mean(strict))}
 
 
+def takeback_metrics(maps, plans) -> dict[str, float]:
+    """Moves taken back per plan, and the share of them that really entered a hole (the model's own check)."""
+    real = []
+    for m, p in zip(maps, plans):
+        for k, a, _ in p.retracted:
+            pos = m.player
+            for b in p.actions[:k]:
+                pos = fl.move(m, pos, b)
+            real.append(fl.move(m, pos, a) in m.holes)
+    return {"takebacks": float(np.mean([len(p.retracted) for p in plans])),
+            "takeback_hole": float(np.mean(real)) if real else float("nan")}
+
+
 def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[str, float]:
     """Compare each thought with the simulated board after that move (pixel oracle and model reading)."""
     from latentum.generation.interleaved import answer_latents
@@ -164,7 +177,8 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
             row = {"style": style, "level": level, "maps": len(maps),
                    "distinct_maps": len({(m.holes, m.player, m.goal) for m in maps})}
             plans = api.plan_batch(canvases, thoughts="latent")
-            row["latent"] = {**plan_metrics(maps, plans), **thought_fidelity(api, maps, plans, style, True),
+            row["latent"] = {**plan_metrics(maps, plans), **takeback_metrics(maps, plans),
+                             **thought_fidelity(api, maps, plans, style, True),
                              **latency(api, canvases, "latent", latency_maps),
                              "steps": float(np.mean([len(p.actions) for p in plans]))}
             row["qa"] = qa_metrics(api, level, style, per_level, seed)
@@ -175,7 +189,7 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
                                "steps": float(np.mean([len(p.actions) for p in tplans]))}
             if pixel:
                 pplans = api.plan_batch(canvases, thoughts="pixel")
-                row["pixel"] = {**plan_metrics(maps, pplans),
+                row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans),
                                 **latency(api, canvases, "pixel", latency_maps),
                                 "steps": float(np.mean([len(p.actions) for p in pplans]))}
             if oracle:
@@ -197,9 +211,10 @@ def summarize(rows: list[dict]) -> dict:
                 s[planner] = {k: float(np.mean([r[planner][k] for r in sub]))
                               for k in ("gym", "strict", "sec_per_plan", "sec_per_step", "steps")}
                 s[planner]["min_strict"] = float(min(r[planner]["strict"] for r in sub))
-        for k in ("fidelity_read", "fidelity_latent", "fidelity_pixel"):
-            if k in sub[0]["latent"]:
-                s["latent"][k] = float(np.nanmean([r["latent"][k] for r in sub]))
+        for planner in ("latent", "pixel"):
+            for k in ("fidelity_read", "fidelity_latent", "fidelity_pixel", "takebacks", "takeback_hole"):
+                if planner in sub[0] and k in sub[0][planner]:
+                    s[planner][k] = float(np.nanmean([r[planner][k] for r in sub]))
         s["qa"] = {k: float(np.mean([r["qa"][k] for r in sub])) for k in sub[0]["qa"]}
         out[style] = s
     return out
@@ -212,8 +227,8 @@ def print_report(report: dict) -> None:
         for planner in PLANNERS:
             if planner in s:
                 v = s[planner]
-                extra = "".join(f" {k}={v[k]:.3f}" for k in ("fidelity_pixel", "fidelity_read", "fidelity_latent")
-                                if k in v)
+                extra = "".join(f" {k}={v[k]:.3f}" for k in ("takebacks", "takeback_hole", "fidelity_pixel",
+                                                               "fidelity_read", "fidelity_latent") if k in v)
                 print(f"  {planner:6s} gym={v['gym']:.3f} strict={v['strict']:.3f} min_strict={v['min_strict']:.3f}"
                       f" s/plan={v['sec_per_plan']:.3f} s/step={v['sec_per_step']:.3f} steps={v['steps']:.2f}{extra}")
         if "pixel" in s:

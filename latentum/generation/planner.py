@@ -30,7 +30,8 @@ class Plan:
     done: bool = False
     """The model said "Done" (rather than running out of steps)."""
     retracted: list = field(default_factory=list)
-    """(move, thought) pairs the model took back: its thought showed the player in a hole (``vsp.FELL``)."""
+    """(k, move, thought) for each move the model took back after k kept moves: its thought showed the player
+    in a hole and it said so (``vsp.FELL``)."""
     seconds: float = 0.0
 
 
@@ -81,8 +82,9 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             banned[r].clear()  # the last move stood (or there was none): a new board, nothing taken back yet
         if fell.any():  # take the last move back, say so, and choose again from the board before it
             for r in rows[fell].tolist():
-                plans[r].retracted.append((plans[r].actions.pop(), plans[r].thoughts.pop()))
-                banned[r].add(move_ids[ACTIONS.index(plans[r].retracted[-1][0])])
+                a, t = plans[r].actions.pop(), plans[r].thoughts.pop()
+                plans[r].retracted.append((len(plans[r].actions), a, t))
+                banned[r].add(move_ids[ACTIONS.index(a)])
             _feed_some(dec, fell, fell_id)
             nxt[fell] = _sample_step(dec, rows[fell], banned, move_ids + [done_id], params, generator,
                                      sub=torch.nonzero(fell).flatten())
