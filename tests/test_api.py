@@ -114,7 +114,8 @@ def test_latent_fidelity_is_exact_match_with_the_encoded_true_board(api):
 
 
 def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch):
-    """The oracle planner reads exactly the encoded simulated board after each of its own moves."""
+    """The oracle planner reads exactly the encoded simulated board after each of its own moves (and keeps
+    them as its thoughts, so a move it takes back drops its board too)."""
     from latentum.data.canvas import active_index
     from latentum.eval.vsp import eval_maps, oracle_plans
     from latentum.generation.engine import Decoder
@@ -123,7 +124,7 @@ def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch):
     monkeypatch.setattr(Decoder, "feed_latents", lambda self, ids: (seen.append(ids.clone()), feed(self, ids))[1])
     maps = eval_maps(3, 3, seed=5)
     plans = oracle_plans(api, maps, "classic")
-    assert all(p.thoughts == [] for p in plans) and sum(len(p.actions) for p in plans) > 0
+    assert all(len(p.thoughts) == len(p.actions) for p in plans) and sum(len(p.actions) for p in plans) > 0
     # the k-th read holds, for every row still planning (in row order), the true board after k + 1 moves
     index, expected = list(active_index(3, api.config.encoder.grid)), {}
     for m, p in zip(maps, plans):

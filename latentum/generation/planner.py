@@ -101,12 +101,15 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             dec.keep_rows(keep.to(dec.next_pos.device))
             rows, nxt = rows[keep], nxt[keep]
         dec.feed_ids(nxt[:, None])
-        if oracle is not None:
-            dec.feed_latents(oracle(rows.tolist(), [plans[r].actions for r in rows.tolist()]))
-        elif thoughts != "none":
+        if thoughts == "none":
+            continue
+        if oracle is not None:  # the true board is read in place of a thought, and kept as one
+            ids = oracle(rows.tolist(), [plans[r].actions for r in rows.tolist()]).cpu()
+            dec.feed_latents(ids.to(dec.next_pos.device))
+        else:
             ids = dec.think(params, generator, reread=reread, grid=g).cpu()
-            for r, x in zip(rows.tolist(), ids):
-                plans[r].thoughts.append(LatentImage(x))
+        for r, x in zip(rows.tolist(), ids):
+            plans[r].thoughts.append(LatentImage(x))
     seconds = (time.perf_counter() - t0) / B
     for p in plans:
         p.seconds = seconds
