@@ -37,12 +37,12 @@ def test_shipped_model_plans_fixed_maps(api, style):
 @pytest.mark.parametrize("style", ["gymnasium", "classic"])
 def test_shipped_model_solves_most_small_fixed_maps(api, style):
     """Regression guard for the shipped weights and the planner: on ten fixed 3x3 maps it reached the goal
-    8/10 (gymnasium) and 8/10 (classic) under the strict rule when shipped (greedy, so deterministic); a
-    broken image path, cache or sampler drops it to near zero."""
+    10/10 (gymnasium) and 10/10 (classic) under the strict rule when shipped (greedy, so deterministic; one
+    move taken back in each style); a broken image path, cache or sampler drops it to near zero."""
     maps = eval_maps(3, 10, seed=2024)
     plans = api.plan_batch([fl.render(m, style=style) for m in maps], max_steps=6)
     solved = sum(fl.simulate(m, p.actions, "strict").success for m, p in zip(maps, plans))
-    assert solved >= 6, f"{style}: {solved}/10 fixed 3x3 maps solved"
+    assert solved >= 7, f"{style}: {solved}/10 fixed 3x3 maps solved"
 
 
 @pytest.mark.slow
