@@ -108,13 +108,20 @@ class Decoder:
     def text_logits(self) -> torch.Tensor:
         return self.model.backbone.logits(self.last).float()
 
-    def sample_text(self, params: SamplingParams, generator=None, allowed: list[int] | None = None):
-        """Sample the next text token for every row (B,), optionally restricted to ``allowed`` ids."""
+    def sample_text(self, params: SamplingParams, generator=None, allowed: list[int] | torch.Tensor | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample the next text token of every row (B,), or of ``rows`` only, optionally restricted to
+        ``allowed``: ids for all rows, or a bool (rows, V) mask per row."""
         logits = self.text_logits()
+        if rows is not None:
+            logits = logits[rows.to(logits.device)]
         if allowed is not None:
-            keep = torch.full_like(logits, float("-inf"))
-            keep[:, allowed] = 0
-            logits = logits + keep
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            if isinstance(allowed, torch.Tensor):
+                keep |= allowed.to(keep.device)
+            else:
+                keep[:, allowed] = True
+            logits = logits.masked_fill(~keep, float("-inf"))
         return sample_logits(logits, params, generator)
 
     def generate_latent(self, params: SamplingParams, generator=None, uncond: Decoder | None = None,

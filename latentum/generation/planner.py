@@ -20,7 +20,7 @@ from PIL import Image
 from latentum.data.canvas import active_grid, active_index
 from latentum.data.frozenlake import ACTIONS
 from latentum.data.vsp import DONE, FELL, PLAN_PROMPT, TEXT_PLAN_PROMPT
-from latentum.generation.sampling import SamplingParams, sample_logits
+from latentum.generation.sampling import SamplingParams
 
 THOUGHT_MODES = ("latent", "pixel", "none")
 
@@ -77,8 +77,8 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     reread = _pixel_round_trip(api, g) if thoughts == "pixel" else None
     for step in range(max_steps):
         retract = can_retract and step > 0
-        nxt = _sample_step(dec, rows, None, move_ids + [done_id] + ([fell_id] if retract else []), params,
-                           generator)
+        nxt = dec.sample_text(params, generator, allowed=move_ids + [done_id] + ([fell_id] if retract else []))
+        nxt = nxt.cpu()
         fell = nxt == fell_id
         for r in rows[~fell].tolist():
             banned[r].clear()  # the last move stood (or there was none): a new board, nothing taken back yet
@@ -88,8 +88,10 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
                 plans[r].retracted.append((len(plans[r].actions), a, t))
                 banned[r].add(move_ids[ACTIONS.index(a)])
             _feed_some(dec, fell, fell_id)
-            nxt[fell] = _sample_step(dec, rows[fell], banned, move_ids + [done_id], params, generator,
-                                     sub=torch.nonzero(fell).flatten())
+            allowed = torch.zeros(int(fell.sum()), dec.model.backbone.lm_head.out_features, dtype=torch.bool)
+            for i, r in enumerate(rows[fell].tolist()):  # every move not yet taken back here, and "Done"
+                allowed[i, [t for t in move_ids if t not in banned[r]] + [done_id]] = True
+            nxt[fell] = dec.sample_text(params, generator, allowed=allowed, rows=torch.nonzero(fell).flatten()).cpu()
         going = nxt != done_id
         for r, t in zip(rows.tolist(), nxt.tolist()):
             if t == done_id:
@@ -116,19 +118,6 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     for p in plans:
         p.seconds = seconds
     return plans
-
-
-def _sample_step(dec, rows: torch.Tensor, banned: list[set[int]] | None, allowed: list[int], params: SamplingParams,
-                 generator, sub: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token of decoder rows ``sub`` (default all; their plans are ``rows``) among ``allowed``, minus the
-    moves each row already took back at its board, ``banned`` (only "Done" stays if every move was)."""
-    logits = dec.text_logits()
-    logits = logits if sub is None else logits[sub.to(logits.device)]
-    mask = torch.full_like(logits, float("-inf"))
-    mask[:, allowed] = 0
-    for i, r in enumerate(rows.tolist() if banned else []):
-        mask[i, sorted(banned[r])] = float("-inf")
-    return sample_logits(logits + mask, params, generator).cpu()
 
 
 def _feed_some(dec, which: torch.Tensor, token: int) -> None:
