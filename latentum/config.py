@@ -71,6 +71,7 @@ class QuantizerConfig:
 
 
 IMAGE_ROPES = ("1d", "2d")
+IMAGE_ATTENTIONS = ("causal", "bidirectional")
 
 
 @dataclass
@@ -97,10 +98,17 @@ class BackboneConfig:
     (r, c) of an image whose first token sits at p takes (p + r, p + c), half of the rotary frequencies
     turning with each axis (interleaved), so a cell's neighbours sit at the same relative offset on every map
     size (Qwen2-VL's M-RoPE without time). Text is unchanged: both axes take its 1-D position."""
+    image_attention: str = "causal"
+    """How the tokens of one image read by the understanding branch (an input image, or a thought read back)
+    see each other. "causal": like text, a token sees the tokens before it in raster order. "bidirectional":
+    every token sees the whole image (a prefix-LM over each image, as PaliGemma does), so a cell can gather
+    all four neighbours in one layer. Generation (the gen branch) is always causal: it is autoregressive."""
 
     def __post_init__(self):
         _check(self.image_rope in IMAGE_ROPES, f"backbone.image_rope must be one of {IMAGE_ROPES}, "
                f"got {self.image_rope!r}")
+        _check(self.image_attention in IMAGE_ATTENTIONS, f"backbone.image_attention must be one of "
+               f"{IMAGE_ATTENTIONS}, got {self.image_attention!r}")
         _check(self.vocab_size >= 0, f"backbone.vocab_size must be >= 0, got {self.vocab_size}")
         _check(self.dim % self.heads == 0, f"backbone.dim={self.dim} must divide by heads={self.heads}")
         _check(self.heads % self.kv_heads == 0,

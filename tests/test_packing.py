@@ -6,7 +6,7 @@ import torch
 from latentum.data import frozenlake as fl
 from latentum.data import vsp
 from latentum.data.canvas import active_grid, active_index, rope_offsets
-from latentum.data.packing import GEN, IGNORE, UND, block_mask, pack, subsample_rows
+from latentum.data.packing import GEN, IGNORE, UND, block_mask, pack, same_image, subsample_rows
 from latentum.data.sample import Sample
 from latentum.data.worlds import default_tokenizer
 
@@ -154,3 +154,15 @@ def test_rope_offsets_put_each_image_cell_at_its_2d_position():
         grid = pos2[0, t:t + 9] - pos2[0, t]  # (9, 2): a 3x3 map
         assert grid.tolist() == [[r, c] for r in range(3) for c in range(3)]
     assert rope_offsets(3)[4] == (1 - 4, 1 - 4)
+
+
+def test_image_spans_cover_only_the_images_the_und_branch_reads():
+    s = vsp.plan_sample(np.random.default_rng(0), 3, "classic", canvas=64)
+    p = pack([s], TOK, 8, max_gen_images=1)
+    span = p.image_span[0]
+    n_images = 1 + len(s.meta["actions"])  # the map + one thought per move
+    assert sorted(set(span.tolist()) - {-1}) == list(range(n_images))
+    assert ((span >= 0) == ((p.ids[0] == TOK.image_id) & ~p.gen_mask[0])).all()  # G blocks get no span
+    same = same_image(p.image_span)[0]
+    first = int((span == 0).nonzero()[0])
+    assert same[first, first + 8] and not same[first, first + 9]  # the 3x3 map's 9 tokens, then </img>

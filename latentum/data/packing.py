@@ -49,6 +49,7 @@ class Packed:
     gen_cells: torch.Tensor  # (B, T) canvas cell each G-block token predicts (its position query), else -1
     valid: torch.Tensor  # (B, T) bool, False = padding
     attn_mask: torch.Tensor  # (B, T, T) bool, True = query may attend to key
+    image_span: torch.Tensor  # (B, T) id of the U-read image a token belongs to, -1 elsewhere (see same_image)
     text_targets: torch.Tensor  # (B, T) next text token id or IGNORE
     inputs: ImageSlots  # user images: continuous encoder features
     latents: ImageSlots  # assistant images read back through the und branch (one per image)
@@ -159,6 +160,7 @@ class _Builder:
         self.block = torch.full((B, T), -1, dtype=torch.long)  # 0 = U, k > 0 = G block k, -1 = pad
         self.anchor = torch.zeros(B, T, dtype=torch.long)  # G tokens see U keys < anchor
         self.gen_cells = torch.full((B, T), -1, dtype=torch.long)
+        self.image_span = torch.full((B, T), -1, dtype=torch.long)  # U-read images only
         self.labels = torch.full((B, T), IGNORE, dtype=torch.long)
         self.is_image = torch.zeros(B, T, dtype=torch.bool)
         self.slots = {"inputs": ([], [], []), "latents": ([], [], []), "gen": ([], [], [])}  # pixels, rows, src
@@ -168,8 +170,9 @@ class _Builder:
     def _place(self, kind: str, b: int, start: int, g: int, image: int, pixels=None) -> list[int]:
         """Record the g*g active tokens of canvas image ``image`` at U/G index ``start`` of row b."""
         pix, rows, src = self.slots[kind]
-        if pixels is not None:
+        if pixels is not None:  # a U-read image (G blocks pass none)
             pix.append(pixels)
+            self.image_span[b, start:start + g * g] = int(self.image_span.max()) + 1
         C = self.grid**2
         canvas = [image * C + i for i in active_index(g, self.grid)]
         rows += range(b * self.T + start, b * self.T + start + g * g)
@@ -226,7 +229,7 @@ class _Builder:
         return Packed(
             ids=self.ids, positions=self.positions, rope_offsets=self.rope_offsets, gen_mask=gen_mask,
             gen_cells=self.gen_cells, valid=valid,
-            attn_mask=block_mask(self.block, self.anchor), text_targets=labels_next,
+            attn_mask=block_mask(self.block, self.anchor), image_span=self.image_span, text_targets=labels_next,
             inputs=_slots(*self.slots["inputs"]), latents=_slots(*self.slots["latents"]),
             gen_blocks=_slots(*self.slots["gen"]), code_query=code_query,
             code_src=torch.tensor(self.code_src, dtype=torch.long),
@@ -264,6 +267,14 @@ def block_mask(block: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     prefix = (bq > 0) & (bk == 0) & (i[None, None, :] < anchor[:, :, None])
     eye = torch.eye(T, dtype=torch.bool, device=block.device)[None] & (bq < 0)
     return same | prefix | eye
+
+
+def same_image(span: torch.Tensor, key_span: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) query image ids (+ (B, S) key ids, default the same) -> (B, T, S) bool: both tokens belong to
+    the same U-read image. OR-ed into the causal mask it makes each image bidirectional
+    (``BackboneConfig.image_attention``); -1 (text, G blocks, padding) matches nothing."""
+    key_span = span if key_span is None else key_span
+    return (span[:, :, None] == key_span[:, None, :]) & (span[:, :, None] >= 0)
 
 
 def _slots(pixels: list[np.ndarray], rows: list[int], src: list[int]) -> ImageSlots:

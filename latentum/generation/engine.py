@@ -36,30 +36,43 @@ class Decoder:
 
     # --- feeding ----------------------------------------------------------------------------------------
     def feed(self, x: torch.Tensor, gen: bool = False, valid: torch.Tensor | None = None,
-             offsets: torch.Tensor | None = None) -> torch.Tensor:
+             offsets: torch.Tensor | None = None, span: torch.Tensor | None = None) -> torch.Tensor:
         """Append embeddings x (B, T, D) to the cache through one branch; returns hidden (B, T, D).
-        ``offsets`` (B, T, 2) or (T, 2): image tokens' 2-D RoPE offsets (``canvas.rope_offsets``; None: text)."""
+        ``offsets`` (B, T, 2) or (T, 2): image tokens' 2-D RoPE offsets (``canvas.rope_offsets``; None: text).
+        ``span`` (B, T) or (T,): which image each token belongs to (-1: none), for ``image_attention``;
+        an image is always fed whole, in one call."""
         B, T, _ = x.shape
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         positions = self.next_pos[:, None] + valid.long().cumsum(1) - 1
         positions = self.model.rope_positions(positions.clamp(min=0), offsets)
         gen_mask = torch.full((B, T), gen, dtype=torch.bool, device=x.device)
-        out = self.model.backbone(x, gen_mask, positions, cache=self.cache, key_valid=valid)
+        out = self.model.backbone(x, gen_mask, positions, attn_mask=self._mask(B, T, span), cache=self.cache,
+                                  key_valid=valid)
         self.next_pos = self.next_pos + valid.long().sum(1)
         self.last = out.hidden[:, -1]
         return out.hidden
 
+    def _mask(self, B: int, T: int, span: torch.Tensor | None) -> torch.Tensor | None:
+        """None (causal) unless images in this call are read bidirectionally: then (B, T, past + T)."""
+        if span is None or self.model.cfg.backbone.image_attention == "causal":
+            return None
+        dev, past = self.model.device, self.cache.length
+        span = span.to(dev).expand(B, T)
+        causal = torch.arange(past + T, device=dev)[None, :] <= torch.arange(past, past + T, device=dev)[:, None]
+        key_span = torch.cat([torch.full((B, past), -1, dtype=torch.long, device=dev), span], dim=1)
+        return self.model.attention_mask(causal[None].expand(B, T, past + T), span, key_span)
+
     def feed_ids(self, ids: torch.Tensor, gen: bool = False, valid: torch.Tensor | None = None):
         return self.feed(self.model.backbone.embed(ids.to(self.model.device)), gen, valid)
 
-    def feed_latents(self, ids: torch.Tensor, gen: bool = False):
+    def feed_latents(self, ids: torch.Tensor):
         """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read)."""
         B = ids.size(0)
         emb = self.model.latent_embeddings(ids)
         open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
-        offsets = framed_offsets(math.isqrt(ids.size(1)))
-        return self.feed(torch.cat([open_, emb, close], dim=1), gen, offsets=offsets)
+        g = math.isqrt(ids.size(1))
+        return self.feed(torch.cat([open_, emb, close], dim=1), offsets=framed_offsets(g), span=framed_span(g))
 
     def feed_input_images(self, pixels: np.ndarray):
         """Feed observed images (B, H, W, 3), all with the same active grid, as <img> + continuous features
@@ -70,7 +83,7 @@ class Decoder:
         index = torch.tensor(active_index(g, grid), device=self.model.device)
         open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
         emb = self.model.input_embeddings(pixels)[:, index].to(open_.dtype)
-        return self.feed(torch.cat([open_, emb, close], dim=1), offsets=framed_offsets(g))
+        return self.feed(torch.cat([open_, emb, close], dim=1), offsets=framed_offsets(g), span=framed_span(g))
 
     def prefill(self, prompts: list[list[Item]], drop_text: bool = False):
         """Left-pad and feed ``<bos>`` + each row's user items (text and input images)."""
@@ -80,6 +93,7 @@ class Decoder:
         ids = torch.full((len(rows), T), self.tok.pad_id, dtype=torch.long)
         valid = torch.zeros(len(rows), T, dtype=torch.bool)
         offsets = torch.zeros(len(rows), T, 2, dtype=torch.long)
+        span = torch.full((len(rows), T), -1, dtype=torch.long)
         dst, src, pixels = [], [], []
         for b, (row, images) in enumerate(rows):
             off = T - len(row)
@@ -87,6 +101,7 @@ class Decoder:
             valid[b, off:] = True
             for start, g, px in images:
                 offsets[b, off + start:off + start + g * g] = torch.tensor(rope_offsets(g))
+                span[b, off + start:off + start + g * g] = len(pixels)
                 dst += range(b * T + off + start, b * T + off + start + g * g)
                 src += [len(pixels) * grid**2 + i for i in active_index(g, grid)]
                 pixels.append(px)
@@ -97,7 +112,7 @@ class Decoder:
             emb = self.model.input_embeddings(np.stack(pixels)).reshape(-1, D)  # (I*C, D)
             emb = emb[torch.tensor(src, device=dev)].to(x.dtype)
             x = x.reshape(-1, D).index_copy(0, torch.tensor(dst, device=dev), emb).view(len(rows), T, D)
-        return self.feed(x, valid=valid.to(dev), offsets=offsets)
+        return self.feed(x, valid=valid.to(dev), offsets=offsets, span=span)
 
     def _token_embeddings(self, ids: list[int], B: int) -> list[torch.Tensor]:
         t = torch.tensor(ids, device=self.model.device)
@@ -165,6 +180,13 @@ class Decoder:
         self.cache.reorder(index)
         self.next_pos = self.next_pos[index]
         self.last = self.last[index]
+
+
+def framed_span(g: int) -> torch.Tensor:
+    """Image ids (g * g + 2,) of ``<img>`` + a g x g image's tokens + ``</img>``: 0 inside, -1 for the frame."""
+    span = torch.zeros(g * g + 2, dtype=torch.long)
+    span[0] = span[-1] = -1
+    return span
 
 
 def framed_offsets(g: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from latentum.config import ModelConfig
 from latentum.data.canvas import active_index
-from latentum.data.packing import Packed
+from latentum.data.packing import Packed, same_image
 from latentum.model.backbone import AttentionSpans, MoMEBackbone
 from latentum.model.encoder import VisionEncoder
 from latentum.model.heads import CellPositions, DepthHead, VisualProjector
@@ -94,6 +94,13 @@ class LatentUMModel(nn.Module):
         pos = positions[..., None].expand(*positions.shape, 2)
         return pos if offsets is None else pos + offsets.to(pos.device)
 
+    def attention_mask(self, causal: torch.Tensor, span: torch.Tensor, key_span: torch.Tensor | None = None):
+        """The mask the backbone runs under: ``causal`` (B, T, S), plus every pair of tokens of one U-read
+        image with ``image_attention="bidirectional"`` (``span`` (B, T) / ``key_span`` (B, S) image ids)."""
+        if self.cfg.backbone.image_attention == "causal":
+            return causal
+        return causal | same_image(span, key_span)
+
     # --- packed training forward ----------------------------------------------------------------------
     def embed_packed(self, p: Packed, latent_ids: torch.Tensor, read_ids: torch.Tensor | None = None):
         """Token embeddings with the image rows filled in. ``latent_ids`` (I, C, G) are the latents' canvas
@@ -122,7 +129,8 @@ class LatentUMModel(nn.Module):
         x = self.embed_packed(p, latent_ids, read_ids)
         spans = AttentionSpans(query=p.aia_query, key=p.aia_key) if with_aia else None
         positions = self.rope_positions(p.positions, p.rope_offsets)
-        out = self.backbone(x, p.gen_mask, positions, attn_mask=p.attn_mask, key_valid=p.valid, spans=spans)
+        out = self.backbone(x, p.gen_mask, positions, attn_mask=self.attention_mask(p.attn_mask, p.image_span),
+                            key_valid=p.valid, spans=spans)
         return PackedForward(out.hidden, out.attn_mass, latent_ids)
 
     # --- canvas layout ----------------------------------------------------------------------------------
