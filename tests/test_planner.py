@@ -82,3 +82,37 @@ def test_takeback_metrics_replay_the_kept_moves():
     # after 2 kept moves (1, 1): L goes to (1, 0), not a hole.
     assert takeback_metrics([m], [plan]) == {"takebacks": 3.0, "takeback_hole": 1 / 3}
     assert np.isnan(takeback_metrics([m], [Plan()])["takeback_hole"])
+
+
+@torch.no_grad()
+def test_a_model_that_looks_says_four_words_before_every_move(api, monkeypatch):
+    """A look word first makes the planner take a whole look (4 words), then a move: ``Plan.looks`` lines up
+    with the moves, and batched plans equal one-at-a-time plans."""
+    tok = api.tokenizer
+    looks = [tok.token_to_id(w) for w in ("F", "H", "G", "S", "Edge")]
+    moves = [tok.token_to_id(a) for a in fl.ACTIONS]
+    real = Decoder.text_logits
+
+    def text_logits(self):  # look first, then the model's own favourite move (never "Done")
+        logits = real(self)
+        said_look = torch.isin(self._last_ids, torch.tensor(looks)) if hasattr(self, "_last_ids") else None
+        top = logits.max(-1).values + 1.0
+        if said_look is None or not said_look.any():
+            logits[:, looks[0]] = top
+        logits[:, tok.token_to_id("Done")] = -1e9
+        return logits
+
+    real_feed_ids = Decoder.feed_ids
+
+    def feed_ids(self, ids, *args, **kwargs):
+        self._last_ids = ids[:, -1].cpu()
+        return real_feed_ids(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "text_logits", text_logits)
+    monkeypatch.setattr(Decoder, "feed_ids", feed_ids)
+    images = [fl.render(m) for m in _maps(3)]
+    batch = api.plan_batch(images, max_steps=3)
+    for b, s in zip(batch, [api.plan(im, max_steps=3) for im in images]):
+        assert len(b.actions) == len(b.looks) == 3 and b.actions == s.actions and b.looks == s.looks
+        assert all(look.split()[0] == "F" and len(look.split()) == 4 for look in b.looks)
+        assert all(set(look.split()) <= {"F", "H", "G", "S", "Edge"} for look in b.looks)

@@ -76,6 +76,25 @@ def test_retry_plan_sample_takes_back_one_imagined_fall_and_the_rest_is_the_plan
     assert retried >= 24
 
 
+def test_look_plan_samples_say_what_is_around_the_player_before_each_move():
+    for s in draws(vsp.look_plan_sample, 12):
+        m, plan, style = s.meta["map"], s.meta["actions"], s.meta["style"]
+        positions = fl.simulate(m, plan, "strict").positions
+        looks, moves, boards = s.assistant[0:-1:3], s.assistant[1::3], s.assistant[2::3]
+        assert moves == plan and s.assistant[-1] == vsp.DONE and len(looks) == len(plan)
+        for pos, look, a, board in zip(positions, looks, plan, boards):
+            words = look.split()
+            assert len(words) == 4
+            for w, b in zip(words, fl.ACTIONS):  # left, below, right, above: what that move would enter
+                nxt = fl.move(m, pos, b)
+                assert w == (vsp.EDGE if nxt == pos else m.cell(nxt))
+            assert words[fl.ACTIONS.index(a)] != "H"  # BFS never looks at a hole and walks into it
+            np.testing.assert_array_equal(board, fl.render_canvas(m, fl.move(m, pos, a), style, a))
+    for s in draws(vsp.text_look_plan_sample, 12):
+        words = s.assistant[0].split()
+        assert words[4::5] == s.meta["actions"] and words[-1] == vsp.DONE
+
+
 def test_text_plan_sample_is_one_string():
     for s in draws(vsp.text_plan_sample, 12):
         m = s.meta["map"]

@@ -104,6 +104,31 @@ def retry_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: i
     return Sample(sample.user, assistant, "vsp_plan_retry", {**sample.meta, "retry": (k, bad)})
 
 
+def look_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """``plan_sample`` that looks before each move: [look, a1, board after a1, look, a2, ..., "Done"], where
+    a look is ``neighbour_words`` of the board just seen ("F H Edge G": left, below, right, above). The
+    policy then conditions on what it read off the current board, the local perception a safe move needs;
+    with visual thoughts that board is the model's own imagined one."""
+    sample = plan_sample(rng, size, style, canvas)
+    m, positions = sample.meta["map"], sample.meta["positions"]
+    assistant = []
+    for k, pos in enumerate(positions[:-1]):
+        assistant += [neighbour_words(m, pos), *sample.assistant[2 * k:2 * k + 2]]
+    return Sample(sample.user, assistant + [DONE], "vsp_plan_look", sample.meta)
+
+
+def text_look_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """The text-only counterpart of ``look_plan_sample`` (same looks, no boards), e.g. "F H Edge G R ... Done":
+    with no thoughts to look at, the planner has to track where the player is to say what is around it."""
+    sample = text_plan_sample(rng, size, style, canvas)
+    m, plan = sample.meta["map"], sample.meta["actions"]
+    pos, words = m.player, []
+    for a in plan:
+        words += [neighbour_words(m, pos), a]
+        pos = move(m, pos, a)
+    return Sample(sample.user, [" ".join(words + [DONE])], "vsp_plan_text_look", sample.meta)
+
+
 def text_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
     """Main task without visual thoughts: the whole plan as one text, e.g. "R D D R Done"."""
     _check(size, style, canvas)
@@ -257,6 +282,8 @@ SAMPLERS: dict[str, Sampler] = {
     "vsp_plan": plan_sample,
     "vsp_plan_retry": retry_plan_sample,
     "vsp_plan_text": text_plan_sample,
+    "vsp_plan_look": look_plan_sample,
+    "vsp_plan_text_look": text_look_plan_sample,
     "vsp_hole": hole_sample,
     "vsp_relation": relation_sample,
     "vsp_grid": grid_sample,

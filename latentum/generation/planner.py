@@ -19,10 +19,14 @@ from PIL import Image
 
 from latentum.data.canvas import active_grid, active_index
 from latentum.data.frozenlake import ACTIONS
-from latentum.data.vsp import DONE, FELL, PLAN_PROMPT, TEXT_PLAN_PROMPT
+from latentum.data.vsp import DONE, EDGE, FELL, PLAN_PROMPT, TEXT_PLAN_PROMPT
 from latentum.generation.sampling import SamplingParams
 
 THOUGHT_MODES = ("latent", "pixel", "none")
+LOOK_ORDER = ACTIONS
+"""A look names the cell after each move, in this order (``vsp.neighbour_words``)."""
+LOOK_WORDS = ("F", "H", "G", "S", EDGE)
+"""What a look may name: ice, hole, goal, start (plain ice once the player has left it), off the grid."""
 
 
 @dataclass
@@ -31,6 +35,9 @@ class Plan:
     thoughts: list = field(default_factory=list)  # list[LatentImage], one per move
     done: bool = False
     """The model said "Done" (rather than running out of steps)."""
+    looks: list = field(default_factory=list)
+    """What the model said was around the player before each kept move ("F H Edge G": left, below, right,
+    above), or None where it did not look (models trained on ``vsp_plan_look`` look before every move)."""
     retracted: list = field(default_factory=list)
     """(k, move, thought) for each move the model took back after k kept moves: its thought showed the player
     in a hole and it said so (``vsp.FELL``)."""
@@ -67,6 +74,7 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     move_ids = [tok.encode(a)[0] for a in ACTIONS]
     done_id, fell_id = tok.encode(DONE)[0], tok.token_to_id(FELL)
     can_retract = thoughts != "none" and fell_id is not None
+    look_ids = [i for w in LOOK_WORDS if (i := tok.token_to_id(w)) is not None]
     B = len(canvases)
     plans = [Plan() for _ in range(B)]
     banned: list[set[int]] = [set() for _ in range(B)]  # moves taken back at each row's current board
@@ -75,29 +83,40 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     dec.prefill([[prompt, c] for c in canvases])
     rows = torch.arange(B)  # which plan each decoder row belongs to
     reread = _pixel_round_trip(api, g) if thoughts == "pixel" else None
+    V = dec.model.backbone.lm_head.out_features
+
+    def moves_left(rs: list[int], extra: list[int]) -> torch.Tensor:
+        """(len(rs), V) bool: the moves not yet taken back at each row's board, plus ``extra``."""
+        allowed = torch.zeros(len(rs), V, dtype=torch.bool)
+        for i, r in enumerate(rs):
+            allowed[i, [t for t in move_ids if t not in banned[r]] + extra] = True
+        return allowed
+
     for step in range(max_steps):
         retract = can_retract and step > 0
-        nxt = dec.sample_text(params, generator, allowed=move_ids + [done_id] + ([fell_id] if retract else []))
-        nxt = nxt.cpu()
+        first = move_ids + [done_id] + look_ids + ([fell_id] if retract else [])
+        nxt = dec.sample_text(params, generator, allowed=first).cpu()
         fell = nxt == fell_id
         for r in rows[~fell].tolist():
             banned[r].clear()  # the last move stood (or there was none): a new board, nothing taken back yet
         if fell.any():  # take the last move back, say so, and choose again from the board before it
             for r in rows[fell].tolist():
                 a, t = plans[r].actions.pop(), plans[r].thoughts.pop()
+                plans[r].looks.pop()
                 plans[r].retracted.append((len(plans[r].actions), a, t))
                 banned[r].add(move_ids[ACTIONS.index(a)])
-            _feed_some(dec, fell, fell_id)
-            allowed = torch.zeros(int(fell.sum()), dec.model.backbone.lm_head.out_features, dtype=torch.bool)
-            for i, r in enumerate(rows[fell].tolist()):  # every move not yet taken back here, and "Done"
-                allowed[i, [t for t in move_ids if t not in banned[r]] + [done_id]] = True
+            _feed_some(dec, fell, torch.full_like(nxt, fell_id))
+            allowed = moves_left(rows[fell].tolist(), [done_id])
+            allowed[:, look_ids] = allowed[:, move_ids].any(-1, keepdim=True)  # a look needs a move to follow
             nxt[fell] = dec.sample_text(params, generator, allowed=allowed, rows=torch.nonzero(fell).flatten()).cpu()
+        nxt, looks = _look_then_move(dec, nxt, look_ids, moves_left(rows.tolist(), []), params, generator)
         going = nxt != done_id
-        for r, t in zip(rows.tolist(), nxt.tolist()):
+        for r, t, look in zip(rows.tolist(), nxt.tolist(), looks):
             if t == done_id:
                 plans[r].done = True
             else:
                 plans[r].actions.append(ACTIONS[move_ids.index(t)])
+                plans[r].looks.append(look)
         if not going.any():
             break
         if not going.all():
@@ -120,12 +139,33 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     return plans
 
 
-def _feed_some(dec, which: torch.Tensor, token: int) -> None:
-    """Feed ``token`` to the rows in ``which`` (B,) bool only: the others get a padding slot no query ever sees,
-    and keep their last hidden state."""
+def _look_then_move(dec, nxt: torch.Tensor, look_ids: list[int], moves: torch.Tensor, params, generator):
+    """Rows whose first token ``nxt`` (B,) is a look word say the rest of their look (4 words in all), then
+    choose a move from ``moves`` (B, V) bool. Returns the chosen tokens (B,) and each row's look (or None)."""
+    looking = torch.isin(nxt, torch.tensor(look_ids, dtype=nxt.dtype))
+    if not looking.any():
+        return nxt, [None] * len(nxt)
+    idx = torch.nonzero(looking).flatten()
+    words = [nxt[idx]]
+    _feed_some(dec, looking, nxt)
+    for _ in range(len(LOOK_ORDER) - 1):
+        w = dec.sample_text(params, generator, allowed=look_ids, rows=idx).cpu()
+        words.append(w)
+        _feed_some(dec, looking, torch.zeros_like(nxt).index_put((idx,), w))
+    nxt = nxt.clone()
+    nxt[idx] = dec.sample_text(params, generator, allowed=moves[idx], rows=idx).cpu()
+    said = torch.stack(words, dim=1).tolist()  # (n, 4)
+    looks: list[str | None] = [None] * len(nxt)
+    for i, ids in zip(idx.tolist(), said):
+        looks[i] = " ".join(dec.tok.decode([t]) for t in ids)
+    return nxt, looks
+
+
+def _feed_some(dec, which: torch.Tensor, ids: torch.Tensor) -> None:
+    """Feed ``ids`` (B,) to the rows in ``which`` (B,) bool only: the others get a padding slot no query ever
+    sees, and keep their last hidden state."""
     last = dec.last
-    ids = torch.full((dec.batch, 1), token, dtype=torch.long)
-    dec.feed_ids(ids, valid=which[:, None].to(dec.next_pos.device))
+    dec.feed_ids(ids.view(-1, 1).to(torch.long), valid=which[:, None].to(dec.next_pos.device))
     dec.last = torch.where(which[:, None].to(last.device), dec.last, last)
 
 

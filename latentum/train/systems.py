@@ -123,7 +123,8 @@ class MBAQSystem(StageSystem):
         emb = image_emb.reshape(-1, D)[p.inputs.src].to(x.dtype)
         x = x.reshape(B * T, D).index_copy(0, p.inputs.rows, emb).view(B, T, D)
         positions = m.rope_positions(p.positions, p.rope_offsets)
-        return m.backbone(x, p.gen_mask, positions, attn_mask=p.attn_mask, key_valid=p.valid).hidden
+        return m.backbone(x, p.gen_mask, positions, attn_mask=m.attention_mask(p.attn_mask, p.image_span),
+                           key_valid=p.valid).hidden
 
 
 class MoMESystem(StageSystem):
