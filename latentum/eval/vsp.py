@@ -61,6 +61,19 @@ def takeback_metrics(maps, plans) -> dict[str, float]:
             "takeback_hole": float(np.mean(real)) if real else float("nan")}
 
 
+def look_metrics(maps, plans) -> dict[str, float]:
+    """For models that look before they move (``vsp_plan_look``): ``look_exact``, the share of looks that name
+    the true cells around the player (at the cell its kept moves really reached). Empty for the others."""
+    exact = []
+    for m, p in zip(maps, plans):
+        pos = m.player
+        for a, look in zip(p.actions, p.looks):
+            if look is not None:
+                exact.append(look == vsp.neighbour_words(m, pos))
+            pos = fl.move(m, pos, a)
+    return {"look_exact": float(np.mean(exact))} if exact else {}
+
+
 def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[str, float]:
     """Compare each thought with the simulated board after that move (pixel oracle and model reading)."""
     from latentum.generation.interleaved import answer_latents
@@ -177,19 +190,19 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
             row = {"style": style, "level": level, "maps": len(maps),
                    "distinct_maps": len({(m.holes, m.player, m.goal) for m in maps})}
             plans = api.plan_batch(canvases, thoughts="latent")
-            row["latent"] = {**plan_metrics(maps, plans), **takeback_metrics(maps, plans),
+            row["latent"] = {**plan_metrics(maps, plans), **takeback_metrics(maps, plans), **look_metrics(maps, plans),
                              **thought_fidelity(api, maps, plans, style, True),
                              **latency(api, canvases, "latent", latency_maps),
                              "steps": float(np.mean([len(p.actions) for p in plans]))}
             row["qa"] = qa_metrics(api, level, style, per_level, seed)
             if text_api is not None:
                 tplans = text_api.plan_batch(canvases, thoughts="none")
-                row["text"] = {**plan_metrics(maps, tplans),
+                row["text"] = {**plan_metrics(maps, tplans), **look_metrics(maps, tplans),
                                **latency(text_api, canvases, "none", latency_maps),
                                "steps": float(np.mean([len(p.actions) for p in tplans]))}
             if pixel:
                 pplans = api.plan_batch(canvases, thoughts="pixel")
-                row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans),
+                row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans), **look_metrics(maps, pplans),
                                 **latency(api, canvases, "pixel", latency_maps),
                                 "steps": float(np.mean([len(p.actions) for p in pplans]))}
             if oracle:
@@ -211,10 +224,11 @@ def summarize(rows: list[dict]) -> dict:
                 s[planner] = {k: float(np.mean([r[planner][k] for r in sub]))
                               for k in ("gym", "strict", "sec_per_plan", "sec_per_step", "steps")}
                 s[planner]["min_strict"] = float(min(r[planner]["strict"] for r in sub))
-        for planner in ("latent", "pixel"):
-            for k in ("fidelity_read", "fidelity_latent", "fidelity_pixel", "takebacks", "takeback_hole"):
-                if planner in sub[0] and k in sub[0][planner]:
-                    s[planner][k] = float(np.nanmean([r[planner][k] for r in sub]))
+        for planner in ("latent", "pixel", "text"):
+            for k in ("fidelity_read", "fidelity_latent", "fidelity_pixel", "takebacks", "takeback_hole",
+                      "look_exact"):
+                if planner in sub[0] and any(k in r[planner] for r in sub):
+                    s[planner][k] = float(np.nanmean([r[planner].get(k, np.nan) for r in sub]))
         s["qa"] = {k: float(np.mean([r["qa"][k] for r in sub])) for k in sub[0]["qa"]}
         out[style] = s
     return out
@@ -227,8 +241,9 @@ def print_report(report: dict) -> None:
         for planner in PLANNERS:
             if planner in s:
                 v = s[planner]
-                extra = "".join(f" {k}={v[k]:.3f}" for k in ("takebacks", "takeback_hole", "fidelity_pixel",
-                                                               "fidelity_read", "fidelity_latent") if k in v)
+                extra = "".join(f" {k}={v[k]:.3f}" for k in ("takebacks", "takeback_hole", "look_exact",
+                                                               "fidelity_pixel", "fidelity_read", "fidelity_latent")
+                                if k in v)
                 print(f"  {planner:6s} gym={v['gym']:.3f} strict={v['strict']:.3f} min_strict={v['min_strict']:.3f}"
                       f" s/plan={v['sec_per_plan']:.3f} s/step={v['sec_per_step']:.3f} steps={v['steps']:.2f}{extra}")
         if "pixel" in s:
