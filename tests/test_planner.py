@@ -101,7 +101,6 @@ def test_a_model_that_looks_says_four_words_before_every_move(api, monkeypatch):
     with the moves, and batched plans equal one-at-a-time plans."""
     tok = api.tokenizer
     looks = [tok.token_to_id(w) for w in ("F", "H", "G", "S", "Edge")]
-    moves = [tok.token_to_id(a) for a in fl.ACTIONS]
     real = Decoder.text_logits
 
     def text_logits(self):  # look first, then the model's own favourite move (never "Done")

@@ -202,7 +202,8 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
                                "steps": float(np.mean([len(p.actions) for p in tplans]))}
             if pixel:
                 pplans = api.plan_batch(canvases, thoughts="pixel")
-                row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans), **look_metrics(maps, pplans),
+                row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans),
+                                **look_metrics(maps, pplans),
                                 **latency(api, canvases, "pixel", latency_maps),
                                 "steps": float(np.mean([len(p.actions) for p in pplans]))}
             if oracle:
