@@ -4,7 +4,9 @@ Rows advance in lockstep. Each step samples the move from the planning alphabet 
 grammar the model is trained on), then the model imagines the next board as latent tokens and reads it back
 through the understanding branch. After a thought the model may instead say "hole" (``vsp.FELL``): the move
 and its thought go to ``Plan.retracted`` and the model chooses again from the board before, never the same
-move twice at one board (``vsp.retry_plan_sample`` teaches this). ``thoughts`` picks the variant evaluated side by side:
+move twice at one board (``vsp.retry_plan_sample`` teaches this). Before a move the model may look: a look
+word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.looks``. ``thoughts`` picks the
+variant evaluated side by side:
 "latent" (ours), "pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
 """
 
