@@ -85,12 +85,13 @@ def test_takeback_metrics_replay_the_kept_moves():
 
 
 def test_look_metrics_judge_each_look_at_the_cell_the_kept_moves_reached():
-    from latentum.eval.vsp import look_metrics
+    from latentum.eval.vsp import look_checks, look_metrics
     from latentum.generation.planner import Plan
 
     m = fl.LakeMap.from_desc(["SFH", "FFF", "HFG"])  # player (0, 0); holes (0, 2) and (2, 0)
     # at (0, 0): left Edge, below F, right F, above Edge; at (0, 1): F F H Edge (wrongly said F F F Edge)
     plan = Plan(actions=["R", "D"], looks=["Edge F F Edge", "F F F Edge"])
+    assert look_checks(m, plan) == [True, False]
     assert look_metrics([m], [plan]) == {"look_exact": 0.5}
     assert look_metrics([m], [Plan(actions=["R"], looks=[None])]) == {}
 

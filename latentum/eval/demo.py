@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from latentum.data import frozenlake as fl
+from latentum.eval.vsp import look_checks
 
 DEMO_NAMESPACE = 31_337
 PANEL = 192
@@ -60,8 +61,8 @@ def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: 
              sizes=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic")) -> list[dict]:
     out = Path(out)
     rows = []
-    print(f"{'style':10s} {'size':>4s} {'map':>3s}  {'plan':24s} {'optimal':>7s} {'back':>4s} {'gym':>4s} "
-          f"{'strict':>6s} {'sec':>5s}  gif")
+    print(f"{'style':10s} {'size':>4s} {'map':>3s}  {'plan':24s} {'optimal':>7s} {'back':>4s} {'looks':>5s} "
+          f"{'gym':>4s} {'strict':>6s} {'sec':>5s}  gif")
     for style in styles:
         for size in sizes:
             rng = np.random.default_rng([DEMO_NAMESPACE, seed, size])
@@ -75,16 +76,24 @@ def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: 
                 strict = fl.simulate(m, plan.actions, "strict").success
                 gif = out / f"{style}_{size}x{size}_{i}.gif"
                 write_gif(gif, m, style, plan.actions, _rendered_thoughts(api, plan))
+                looks = look_checks(m, plan)
                 rows.append({"style": style, "size": size, "actions": plan.actions, "gym": gym,
-                             "strict": strict, "seconds": sec, "taken_back": len(plan.retracted)})
+                             "strict": strict, "seconds": sec, "taken_back": len(plan.retracted),
+                             "looks": len(looks), "looks_right": sum(looks)})
                 print(f"{style:10s} {size:4d} {i:3d}  {' '.join(plan.actions)[:24]:24s} "
-                      f"{len(fl.shortest_plan(m)):7d} {len(plan.retracted):4d} {'yes' if gym else 'no':>4s} "
-                      f"{'yes' if strict else 'no':>6s} {sec:5.2f}  {gif}")
+                      f"{len(fl.shortest_plan(m)):7d} {len(plan.retracted):4d} {_fraction(sum(looks), len(looks)):>5s} "
+                      f"{'yes' if gym else 'no':>4s} {'yes' if strict else 'no':>6s} {sec:5.2f}  {gif}")
     n = len(rows)
     print(f"\nsolved {sum(r['strict'] for r in rows)}/{n} (strict), {sum(r['gym'] for r in rows)}/{n} (gym); "
           f"{sum(r['taken_back'] for r in rows)} moves taken back (\"back\": the thought showed a fall); "
+          f"{_fraction(sum(r['looks_right'] for r in rows), sum(r['looks'] for r in rows))} looks right; "
           f"median {np.median([r['seconds'] for r in rows]):.2f} s per plan; GIFs in {out}/")
     return rows
+
+
+def _fraction(right: int, total: int) -> str:
+    """"right/total" for looks, "-" for a model that never looks."""
+    return f"{right}/{total}" if total else "-"
 
 
 def plan_image(api, image_path: str, *, max_steps: int = 16, seed: int = 0, gif: str | None = None) -> str:
@@ -105,6 +114,8 @@ def plan_image(api, image_path: str, *, max_steps: int = 16, seed: int = 0, gif:
         write_gif(gif, m, state.style, plan.actions, _rendered_thoughts(api, plan))
     verdict = "reaches the goal" if strict.success else f"fails ({strict.reason})"
     back = "".join(f"\ntook back {a} after {k} moves: its thought showed a fall" for k, a, _ in plan.retracted)
-    return (f"plan: {' '.join(plan.actions) or '(none)'}{back}\n{len(plan.thoughts)} visual thoughts; "
+    looks = "".join(f"\nbefore {a}: looked around the player (left below right above): {look}"
+                    for a, look in zip(plan.actions, plan.looks) if look is not None)
+    return (f"plan: {' '.join(plan.actions) or '(none)'}{looks}{back}\n{len(plan.thoughts)} visual thoughts; "
             f"under the strict rule the plan {verdict}; gym rule: {'success' if gym.success else 'failure'}"
             + (f"\nGIF written to {gif}" if gif else ""))

@@ -61,16 +61,20 @@ def takeback_metrics(maps, plans) -> dict[str, float]:
             "takeback_hole": float(np.mean(real)) if real else float("nan")}
 
 
+def look_checks(m: fl.LakeMap, plan) -> list[bool]:
+    """One bool per look of ``plan``: does it name the true cells around the player (at the cell its kept moves
+    really reached)? Empty for models that do not look (``vsp_plan_look``)."""
+    checks, pos = [], m.player
+    for a, look in zip(plan.actions, plan.looks):
+        if look is not None:
+            checks.append(look == vsp.neighbour_words(m, pos))
+        pos = fl.move(m, pos, a)
+    return checks
+
+
 def look_metrics(maps, plans) -> dict[str, float]:
-    """For models that look before they move (``vsp_plan_look``): ``look_exact``, the share of looks that name
-    the true cells around the player (at the cell its kept moves really reached). Empty for the others."""
-    exact = []
-    for m, p in zip(maps, plans):
-        pos = m.player
-        for a, look in zip(p.actions, p.looks):
-            if look is not None:
-                exact.append(look == vsp.neighbour_words(m, pos))
-            pos = fl.move(m, pos, a)
+    """``look_exact``: the share of all looks that name the true cells around the player. Empty without looks."""
+    exact = [ok for m, p in zip(maps, plans) for ok in look_checks(m, p)]
     return {"look_exact": float(np.mean(exact))} if exact else {}
 
 
