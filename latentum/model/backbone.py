@@ -21,7 +21,6 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from latentum.config import BackboneConfig
@@ -61,7 +60,11 @@ RowFn = Callable[[Tensor], Tensor]
 
 
 def routed(x_ND: Tensor, route: Route, fns: tuple[RowFn, RowFn]) -> Tensor:
-    """Apply ``fns[i]`` to the rows of branch i only (gather), and scatter the results back into place."""
+    """Apply ``fns[i]`` to the rows of branch i only (gather), and scatter the results back into place.
+    When one branch takes every row (always, while decoding) it runs on ``x_ND`` directly."""
+    for idx, fn in zip(route, fns):
+        if idx.numel() == x_ND.shape[0]:
+            return fn(x_ND)
     outs = [(idx, fn(x_ND.index_select(0, idx))) for idx, fn in zip(route, fns) if idx.numel()]
     out = outs[0][1].new_zeros(x_ND.shape[0], outs[0][1].shape[1])  # (N, out)
     for idx, y in outs:
@@ -82,8 +85,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op, same numbers as by hand
         return self.weight * xf.to(x.dtype)
 
 
@@ -147,24 +149,43 @@ class Branch(nn.Module):
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def qkv(self, x_nD: Tensor) -> Tensor:
-        """(n, D) -> (n, (H + 2K) * d): normed q, normed k and v, concatenated so one scatter routes all."""
-        q = self.q_norm(rearrange(self.q_proj(x_nD), "n (h d) -> n h d", d=self.head_dim))  # (n, H, d)
-        k = self.k_norm(rearrange(self.k_proj(x_nD), "n (h d) -> n h d", d=self.head_dim))  # (n, K, d)
-        v = rearrange(self.v_proj(x_nD), "n (h d) -> n h d", d=self.head_dim)  # (n, K, d)
-        return rearrange(torch.cat([q, k, v], dim=1), "n h d -> n (h d)")
+        """(n, D) -> (n, (H + 2K) * d): normed q, normed k and v, concatenated so one scatter routes all.
+        Plain views rather than einops here and in ``MoMELayer``: they run once per layer per decoded token,
+        where each einops call costs about as much as a small matmul."""
+        n, d = x_nD.shape[0], self.head_dim
+        q = self.q_norm(self.q_proj(x_nD).view(n, -1, d))  # (n, H, d)
+        k = self.k_norm(self.k_proj(x_nD).view(n, -1, d))  # (n, K, d)
+        v = self.v_proj(x_nD).view(n, -1, d)  # (n, K, d)
+        return torch.cat([q, k, v], dim=1).view(n, -1)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-    """SDPA of q (B, H, T, d) over k, v (B, K, S, d) under ``allowed`` (B, T, S); rows with no key give 0."""
+class AttendMask(NamedTuple):
+    """Who may attend whom, as SDPA takes it; built once per forward, shared by every layer."""
+
+    allowed: Tensor
+    """(B, T, S) True where a query may attend a key."""
+    sdpa: Tensor
+    """(B, 1, T, S) ``allowed``, except that a query with no key (a padding query) sees every key: a softmax
+    over nothing would be NaN."""
+    has_key: Tensor | None
+    """(B, 1, T, 1) 1 where the query has a key, 0 where not (its output is zeroed); None if all have one."""
+
+    @classmethod
+    def from_allowed(cls, allowed: Tensor) -> AttendMask:
+        any_key = allowed.any(-1, keepdim=True)  # (B, T, 1)
+        if bool(any_key.all()):
+            return cls(allowed, allowed[:, None], None)
+        return cls(allowed, (allowed | ~any_key)[:, None], any_key[:, None])
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttendMask) -> Tensor:
+    """SDPA of q (B, H, T, d) over k, v (B, K, S, d) under ``mask``; rows with no key give 0 (and no
+    gradient)."""
     r = q.shape[1] // k.shape[1]
-    k = repeat(k.to(q.dtype), "b k s d -> b (k r) s d", r=r)  # (B, H, S, d)
-    v = repeat(v.to(q.dtype), "b k s d -> b (k r) s d", r=r)
-    any_key = allowed.any(-1, keepdim=True)  # (B, T, 1)
-    # A fully masked row (a padding query) would softmax over nothing -> NaN; let it see every key, then
-    # zero its output so it carries no information and no gradient.
-    mask = (allowed | ~any_key)[:, None]  # (B, 1, T, S)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, d)
-    return out * any_key[:, None].to(out.dtype)
+    if r > 1:  # GQA: each kv head serves r query heads
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (B, H, S, d)
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.sdpa)  # (B, H, T, d)
+    return out if mask.has_key is None else out * mask.has_key.to(out.dtype)
 
 
 class MoMELayer(nn.Module):
@@ -175,27 +196,27 @@ class MoMELayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.branches = nn.ModuleList([Branch(cfg), Branch(cfg)])  # [und, gen]
 
-    def forward(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], allowed: Tensor,
+    def forward(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], mask: AttendMask,
                 kv: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
                 spans: AttentionSpans | None) -> tuple[Tensor, Tensor | None]:
         """x (B, T, D) -> (B, T, D) and the AIA span mass (B,) when ``spans`` is given."""
         B, T, D = x.shape
         und, gen = self.branches
         H, K, d = self.heads, self.kv_heads, self.head_dim
-        h = rearrange(self.input_norm(x), "b t c -> (b t) c")  # (N, D)
+        h = self.input_norm(x).view(B * T, D)  # (N, D)
         qkv = routed(h, route, (und.qkv, gen.qkv))  # (N, (H + 2K) * d)
-        qkv = rearrange(qkv, "(b t) (h d) -> b h t d", b=B, d=d)  # (B, H + 2K, T, d)
-        q, k, v = qkv.split([H, K, K], dim=1)  # (B, H, T, d), (B, K, T, d), (B, K, T, d)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = qkv.view(B, T, H + 2 * K, d).transpose(1, 2)  # (B, H + 2K, T, d)
+        qk, v = qkv.split([H + K, K], dim=1)  # (B, H + K, T, d), (B, K, T, d)
+        q, k = apply_rope(qk, *rope).split([H, K], dim=1)  # (B, H, T, d), (B, K, T, d)
         k_all, v_all = kv(k, v)  # (B, K, S, d)
-        y = attend(q, k_all, v_all, allowed)  # (B, H, T, d)
+        y = attend(q, k_all, v_all, mask)  # (B, H, T, d)
         mass = None
         if spans is not None:
-            mass = span_attention_mass(q, k_all, allowed, spans.query, spans.key)  # (B,)
-        y = rearrange(y, "b h t d -> (b t) (h d)")
-        x = x + rearrange(routed(y, route, (und.o_proj, gen.o_proj)), "(b t) c -> b t c", b=B)
-        h = rearrange(self.post_attn_norm(x), "b t c -> (b t) c")
-        x = x + rearrange(routed(h, route, (und.ffn, gen.ffn)), "(b t) c -> b t c", b=B)
+            mass = span_attention_mass(q, k_all, mask.allowed, spans.query, spans.key)  # (B,)
+        y = y.transpose(1, 2).reshape(B * T, H * d)  # (N, H * d)
+        x = x + routed(y, route, (und.o_proj, gen.o_proj)).view(B, T, D)
+        h = self.post_attn_norm(x).view(B * T, D)
+        x = x + routed(h, route, (und.ffn, gen.ffn)).view(B, T, D)
         return x, mass
 
 
@@ -306,14 +327,14 @@ class MoMEBackbone(nn.Module):
         if attn_mask is None:
             q_pos = torch.arange(S - T, S, device=x.device)  # absolute slot of each new query
             attn_mask = (torch.arange(S, device=x.device)[None, :] <= q_pos[:, None])[None]  # (1, T, S)
-        allowed = attn_mask & valid_all[:, None, :]  # (B, T, S)
+        mask = AttendMask.from_allowed(attn_mask & valid_all[:, None, :])  # allowed (B, T, S)
         masses = []
         for i, layer in enumerate(self.layers):
             if cache is None:
                 kv = lambda k, v: (k, v)
             else:
                 kv = lambda k, v, i=i: cache.append(i, k, v)
-            x, mass = layer(x, route, rope, allowed, kv, spans)
+            x, mass = layer(x, route, rope, mask, kv, spans)
             masses.append(mass)
         attn_mass = torch.stack(masses) if spans is not None else None  # (L, B)
         return BackboneOutput(hidden=self.norm(x), attn_mass=attn_mass)
