@@ -199,19 +199,23 @@ class LatentUM:
 
     # --- planning ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def plan(self, image, *, max_steps: int = 16, seed: int = 0, sampling: SamplingParams = GREEDY):
-        """Plan a FrozenLake map: returns a Plan with ``actions`` (L/D/R/U) and ``thoughts`` (LatentImage)."""
-        return self.plan_batch([image], max_steps=max_steps, seed=seed, sampling=sampling)[0]
+    def plan(self, image, *, max_steps: int = 16, seed: int = 0, sampling: SamplingParams = GREEDY,
+             heed_looks: bool = False):
+        """Plan a FrozenLake map: returns a Plan with ``actions`` (L/D/R/U) and ``thoughts`` (LatentImage).
+        ``heed_looks``: never move where the model's own look just named a hole or the edge (when it looks
+        and another move is left; ``generation.planner``)."""
+        return self.plan_batch([image], max_steps=max_steps, seed=seed, sampling=sampling,
+                               heed_looks=heed_looks)[0]
 
     @torch.inference_mode()
     def plan_batch(self, images: list, *, max_steps: int = 16, seed: int = 0,
-                   sampling: SamplingParams = GREEDY, thoughts: str = "latent"):
+                   sampling: SamplingParams = GREEDY, thoughts: str = "latent", heed_looks: bool = False):
         from latentum.generation.planner import plan_rows
 
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         canvases = [load_image(im, self.canvas, f"images[{i}]") for i, im in enumerate(images)]
-        return plan_rows(self, canvases, max_steps, sampling, _generator(seed), thoughts)
+        return plan_rows(self, canvases, max_steps, sampling, _generator(seed), thoughts, heed_looks=heed_looks)
 
     def new_decoder(self, batch: int, max_len: int | None = None) -> Decoder:
         return Decoder(self.model, self.tokenizer, batch, max_len or self.config.backbone.max_seq_len)

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--styles", nargs="+", default=["gymnasium", "classic"], help="render styles")
     p.add_argument("--text-model", default=None, help="text-only planner folder for the side-by-side baseline")
     p.add_argument("--pixel", action="store_true", help="also run pixel-mediated thoughts (slow)")
+    p.add_argument("--heed-looks", action="store_true",
+                   help="hold every planner to its own looks: no move into a cell it just named a hole or the edge")
     p.add_argument("--oracle-thoughts", action="store_true",
                    help="also plan with the true next boards as thoughts (a diagnostic: thought errors vs move choice)")
     p.add_argument("--latency-maps", type=int, default=5,
@@ -121,7 +123,8 @@ def cmd_eval(args) -> int:
 
     report = evaluate_vsp(_load(args), levels=args.levels, styles=args.styles, per_level=args.per_level,
                           seed=args.seed, text_model=args.text_model, pixel=args.pixel,
-                          latency_maps=args.latency_maps, oracle=args.oracle_thoughts)
+                          latency_maps=args.latency_maps, oracle=args.oracle_thoughts,
+                          heed_looks=args.heed_looks)
     print_report(report)
     if args.out:
         import json

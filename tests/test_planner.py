@@ -127,3 +127,19 @@ def test_a_model_that_looks_says_four_words_before_every_move(api, monkeypatch):
         assert len(b.actions) == len(b.looks) == 3 and b.actions == s.actions and b.looks == s.looks
         assert all(look.split()[0] == "F" and len(look.split()) == 4 for look in b.looks)
         assert all(set(look.split()) <= {"F", "H", "G", "S", "Edge"} for look in b.looks)
+
+
+def test_heeding_rules_out_moves_into_named_hazards_unless_none_is_left():
+    from latentum.generation.planner import _heeding
+
+    words = {"F": 1, "H": 2, "Edge": 3}
+    tok = type("Tok", (), {"token_to_id": staticmethod(words.get)})()
+    move_ids = [10, 11, 12, 13]  # L D R U
+    moves = torch.zeros(2, 16, dtype=torch.bool)
+    moves[:, move_ids] = True
+    said = torch.tensor([[2, 1, 3, 1],   # L is a hole, R the edge: D and U are left
+                         [2, 2, 3, 3]])  # every move is a hazard: nothing is ruled out
+    allowed = _heeding(moves, said, move_ids, tok)
+    assert allowed[0].nonzero().flatten().tolist() == [11, 13]
+    assert torch.equal(allowed[1], moves[1])
+    assert torch.equal(moves[:, move_ids], torch.ones(2, 4, dtype=torch.bool)), "moves is left as it was"

@@ -8,6 +8,7 @@ import pytest
 from latentum import LatentImage, LatentUM
 from latentum.data import frozenlake as fl
 from latentum.eval.vsp import eval_maps, evaluate_vsp
+from latentum.generation.planner import HAZARDS
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 
@@ -51,3 +52,26 @@ def test_full_vsp_evaluation_meets_targets(api):
     for style, s in report["summary"].items():
         assert s["latent"]["strict"] >= 0.95 and s["latent"]["min_strict"] >= 0.90, style
         assert s["qa"]["perception"] >= 0.99 and s["qa"]["vsp_safety"] >= 0.95, style
+
+
+def _moves_into_said_hazards(plan) -> int:
+    """Moves into a cell the look just before named a hole or the edge, while the look left another move."""
+    bad = 0
+    for a, look in zip(plan.actions, plan.looks):
+        said = look.split() if look else []
+        hazard = [w in HAZARDS for w in said]
+        if said and hazard[fl.ACTIONS.index(a)] and not all(hazard):
+            bad += 1
+    return bad
+
+
+def test_heed_looks_never_moves_where_the_look_saw_a_hazard(api):
+    """Maps 4 and 5 of these fixed 7x7 maps each get a move into a cell the model itself just called a hole
+    when it plans freely; held to its looks, no plan does."""
+    maps = eval_maps(7, 6, seed=1)
+    images = [fl.render(m, style="gymnasium") for m in maps]
+    free = api.plan_batch(images)
+    heeded = api.plan_batch(images, heed_looks=True)
+    assert sum(map(_moves_into_said_hazards, free)) >= 1
+    assert sum(map(_moves_into_said_hazards, heeded)) == 0
+    assert all(len(p.looks) == len(p.actions) for p in heeded)

@@ -15,6 +15,9 @@ Metrics per style and level:
 - with ``oracle``: success when every thought is replaced by the true next board (encoded), which separates
   the thoughts' errors from the choice of moves;
 - seconds per plan: the median over batch-1 plans of a subset, i.e. latency, not throughput.
+
+``heed_looks`` holds every planner to its own looks (``generation.planner``); off by default, so the planners
+are scored on the moves they choose.
 """
 
 from __future__ import annotations
@@ -166,12 +169,12 @@ def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, floa
     return out
 
 
-def latency(api, canvases, thoughts: str, n: int) -> dict[str, float]:
+def latency(api, canvases, thoughts: str, n: int, heed_looks: bool = False) -> dict[str, float]:
     """Batch-1 wall time on the first ``n`` maps: median seconds per plan and per move."""
     per_plan, per_step = [], []
     for c in canvases[:n]:
         t0 = time.perf_counter()
-        plan = api.plan_batch([c], thoughts=thoughts)[0]
+        plan = api.plan_batch([c], thoughts=thoughts, heed_looks=heed_looks)[0]
         dt = time.perf_counter() - t0
         per_plan.append(dt)
         per_step.append(dt / max(1, len(plan.actions)))
@@ -182,7 +185,7 @@ def latency(api, canvases, thoughts: str, n: int) -> dict[str, float]:
 
 def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic"), per_level: int = 100,
                  seed: int = 0, text_model: str | None = None, pixel: bool = False,
-                 latency_maps: int = 5, oracle: bool = False) -> dict:
+                 latency_maps: int = 5, oracle: bool = False, heed_looks: bool = False) -> dict:
     from latentum.api import LatentUM
 
     text_api = LatentUM.from_pretrained(text_model) if text_model else None
@@ -193,22 +196,22 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
             canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
             row = {"style": style, "level": level, "maps": len(maps),
                    "distinct_maps": len({(m.holes, m.player, m.goal) for m in maps})}
-            plans = api.plan_batch(canvases, thoughts="latent")
+            plans = api.plan_batch(canvases, thoughts="latent", heed_looks=heed_looks)
             row["latent"] = {**plan_metrics(maps, plans), **takeback_metrics(maps, plans), **look_metrics(maps, plans),
                              **thought_fidelity(api, maps, plans, style, True),
-                             **latency(api, canvases, "latent", latency_maps),
+                             **latency(api, canvases, "latent", latency_maps, heed_looks),
                              "steps": float(np.mean([len(p.actions) for p in plans]))}
             row["qa"] = qa_metrics(api, level, style, per_level, seed)
             if text_api is not None:
-                tplans = text_api.plan_batch(canvases, thoughts="none")
+                tplans = text_api.plan_batch(canvases, thoughts="none", heed_looks=heed_looks)
                 row["text"] = {**plan_metrics(maps, tplans), **look_metrics(maps, tplans),
-                               **latency(text_api, canvases, "none", latency_maps),
+                               **latency(text_api, canvases, "none", latency_maps, heed_looks),
                                "steps": float(np.mean([len(p.actions) for p in tplans]))}
             if pixel:
-                pplans = api.plan_batch(canvases, thoughts="pixel")
+                pplans = api.plan_batch(canvases, thoughts="pixel", heed_looks=heed_looks)
                 row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans),
                                 **look_metrics(maps, pplans),
-                                **latency(api, canvases, "pixel", latency_maps),
+                                **latency(api, canvases, "pixel", latency_maps, heed_looks),
                                 "steps": float(np.mean([len(p.actions) for p in pplans]))}
             if oracle:
                 oplans = oracle_plans(api, maps, style)

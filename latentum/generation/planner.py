@@ -5,7 +5,9 @@ grammar the model is trained on), then the model imagines the next board as late
 through the understanding branch. After a thought the model may instead say "hole" (``vsp.FELL``): the move
 and its thought go to ``Plan.retracted`` and the model chooses again from the board before, never the same
 move twice at one board (``vsp.retry_plan_sample`` teaches this). Before a move the model may look: a look
-word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.looks``. ``thoughts`` picks the
+word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.looks``. With ``heed_looks``
+the move is then chosen among those whose cell the look did not name a hole or the edge (when the look
+leaves any): the model is held to what it just said it sees, not to the true map. ``thoughts`` picks the
 variant evaluated side by side:
 "latent" (ours), "pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
 """
@@ -29,6 +31,8 @@ LOOK_ORDER = ACTIONS
 """A look names the cell after each move, in this order (``vsp.neighbour_words``)."""
 LOOK_WORDS = ("F", "H", "G", "S", EDGE)
 """What a look may name: ice, hole, goal, start (plain ice once the player has left it), off the grid."""
+HAZARDS = ("H", EDGE)
+"""Look words that end a plan under the strict rule: with ``heed_looks`` the planner avoids moving there."""
 
 
 @dataclass
@@ -47,7 +51,7 @@ class Plan:
 
 
 def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingParams, generator,
-              thoughts: str = "latent", oracle=None) -> list[Plan]:
+              thoughts: str = "latent", oracle=None, heed_looks: bool = False) -> list[Plan]:
     """Plan every canvas; rows are batched by map size (maps of one size share the thought length).
 
     ``oracle`` (evaluation only) replaces the generated thoughts: ``oracle(rows, actions) -> ids (B, N, G)`` gives
@@ -62,13 +66,13 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
     for g, idx in sorted(groups.items()):
         row_oracle = (lambda rows, actions, idx=idx: oracle([idx[r] for r in rows], actions)) if oracle else None
         for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, max_steps, params, generator, thoughts,
-                                    row_oracle), idx):
+                                    row_oracle, heed_looks), idx):
             plans[i] = p
     return plans
 
 
 def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, generator,
-                thoughts: str, oracle=None) -> list[Plan]:
+                thoughts: str, oracle=None, heed_looks: bool = False) -> list[Plan]:
     from latentum.api import LatentImage
 
     t0 = time.perf_counter()
@@ -111,7 +115,8 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             allowed = moves_left(rows[fell].tolist(), [done_id])
             allowed[:, look_ids] = allowed[:, move_ids].any(-1, keepdim=True)  # a look needs a move to follow
             nxt[fell] = dec.sample_text(params, generator, allowed=allowed, rows=torch.nonzero(fell).flatten()).cpu()
-        nxt, looks = _look_then_move(dec, nxt, look_ids, moves_left(rows.tolist(), []), params, generator)
+        moves = moves_left(rows.tolist(), [])
+        nxt, looks = _look_then_move(dec, nxt, look_ids, moves, params, generator, move_ids if heed_looks else None)
         going = nxt != done_id
         for r, t, look in zip(rows.tolist(), nxt.tolist(), looks):
             if t == done_id:
@@ -141,9 +146,12 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     return plans
 
 
-def _look_then_move(dec, nxt: torch.Tensor, look_ids: list[int], moves: torch.Tensor, params, generator):
+def _look_then_move(dec, nxt: torch.Tensor, look_ids: list[int], moves: torch.Tensor, params, generator,
+                    heed: list[int] | None = None):
     """Rows whose first token ``nxt`` (B,) is a look word say the rest of their look (4 words in all), then
-    choose a move from ``moves`` (B, V) bool. Returns the chosen tokens (B,) and each row's look (or None)."""
+    choose a move from ``moves`` (B, V) bool; with ``heed`` (the move ids in ``LOOK_ORDER``) not one into a
+    cell the look named a hazard, unless that rules out every move. Returns the chosen tokens (B,) and each
+    row's look (or None)."""
     looking = torch.isin(nxt, torch.tensor(look_ids, dtype=nxt.dtype))
     if not looking.any():
         return nxt, [None] * len(nxt)
@@ -154,13 +162,25 @@ def _look_then_move(dec, nxt: torch.Tensor, look_ids: list[int], moves: torch.Te
         w = dec.sample_text(params, generator, allowed=look_ids, rows=idx).cpu()
         words.append(w)
         _feed_some(dec, looking, torch.zeros_like(nxt).index_put((idx,), w))
+    said = torch.stack(words, dim=1)  # (n, 4)
+    allowed = moves[idx] if heed is None else _heeding(moves[idx], said, heed, dec.tok)
     nxt = nxt.clone()
-    nxt[idx] = dec.sample_text(params, generator, allowed=moves[idx], rows=idx).cpu()
-    said = torch.stack(words, dim=1).tolist()  # (n, 4)
+    nxt[idx] = dec.sample_text(params, generator, allowed=allowed, rows=idx).cpu()
+    said = said.tolist()
     looks: list[str | None] = [None] * len(nxt)
     for i, ids in zip(idx.tolist(), said):
         looks[i] = " ".join(dec.tok.decode([t]) for t in ids)
     return nxt, looks
+
+
+def _heeding(moves: torch.Tensor, said: torch.Tensor, move_ids: list[int], tok) -> torch.Tensor:
+    """``moves`` (n, V) bool without the moves into cells that ``said`` (n, 4) look ids name a hazard; rows
+    whose every move is ruled out keep ``moves``."""
+    ids = [i for w in HAZARDS if (i := tok.token_to_id(w)) is not None]
+    hazard = torch.isin(said, torch.tensor(ids, dtype=said.dtype))  # (n, 4), in LOOK_ORDER
+    safe = moves.clone()
+    safe[:, move_ids] &= ~hazard
+    return torch.where(safe.any(-1, keepdim=True), safe, moves)
 
 
 def _feed_some(dec, which: torch.Tensor, ids: torch.Tensor) -> None:
