@@ -226,6 +226,10 @@ class TrainConfig:
     init_from: str | None = None
     """Start from this exported model folder instead of the previous stage's export (e.g. a baseline that
     shares another recipe's stages 0-1)."""
+    init_generation: bool = True
+    """Stage 2: start the generation branch as a copy of the understanding branch and the visual projector as
+    MBAQ's up-projection (LatentUM). False keeps them as loaded, to continue a trained stage-2 model
+    (``init_from`` its export) with a new mixture or schedule."""
     tasks: dict[str, float] = field(default_factory=dict)
     """Task name -> sampling weight for this stage's data mixture."""
     map_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])

@@ -200,3 +200,21 @@ def test_a_stage_without_its_predecessor_says_what_to_train(stage, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="mbaq"):
         train_stage(load_recipe(str(DEBUG)), stage, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("init_generation", [True, False])
+def test_init_generation_false_continues_a_trained_stage2(debug_run, init_generation):
+    """A stage 2 that starts from a stage-2 export (``init_from``) keeps its trained generation branch and
+    projector with ``init_generation: false``; the default starts them over as copies of the und side."""
+    from latentum.api import LatentUM
+    from latentum.train.run import build_model
+
+    recipe = load_recipe(str(DEBUG))
+    recipe.stages["mome"] = dataclasses.replace(recipe.stages["mome"], init_from=str(debug_run / "model"),
+                                                init_generation=init_generation)
+    trained = LatentUM.from_pretrained(debug_run / "model").model.state_dict()
+    model = build_model(recipe, debug_run, "mome")
+    built = model.state_dict()
+    gen = [k for k in _gen_side(model) if k.startswith(("backbone", "visual"))]  # what the init rewrites
+    assert gen
+    assert all(torch.equal(trained[k], built[k]) for k in gen) == (not init_generation)
