@@ -200,16 +200,16 @@ class LatentUM:
     # --- planning ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def plan(self, image, *, max_steps: int = 16, seed: int = 0, sampling: SamplingParams = GREEDY,
-             heed_looks: bool = False):
+             heed_looks: bool = True):
         """Plan a FrozenLake map: returns a Plan with ``actions`` (L/D/R/U) and ``thoughts`` (LatentImage).
-        ``heed_looks``: never move where the model's own look just named a hole or the edge (when it looks
-        and another move is left; ``generation.planner``)."""
+        ``heed_looks`` (default): never move where the model's own look just named a hole or the edge (when it
+        looks and another move is left; ``generation.planner``); False lets the model choose freely."""
         return self.plan_batch([image], max_steps=max_steps, seed=seed, sampling=sampling,
                                heed_looks=heed_looks)[0]
 
     @torch.inference_mode()
     def plan_batch(self, images: list, *, max_steps: int = 16, seed: int = 0,
-                   sampling: SamplingParams = GREEDY, thoughts: str = "latent", heed_looks: bool = False):
+                   sampling: SamplingParams = GREEDY, thoughts: str = "latent", heed_looks: bool = True):
         from latentum.generation.planner import plan_rows
 
         if max_steps < 1:

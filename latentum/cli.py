@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--styles", nargs="+", default=["gymnasium", "classic"], help="render styles")
     p.add_argument("--text-model", default=None, help="text-only planner folder for the side-by-side baseline")
     p.add_argument("--pixel", action="store_true", help="also run pixel-mediated thoughts (slow)")
-    p.add_argument("--heed-looks", action="store_true",
-                   help="hold every planner to its own looks: no move into a cell it just named a hole or the edge")
+    p.add_argument("--heed-looks", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold every planner to its own looks: no move into a cell it just named a hole or the edge "
+                        "(default; --no-heed-looks scores free choices)")
     p.add_argument("--oracle-thoughts", action="store_true",
                    help="also plan with the true next boards as thoughts (a diagnostic: thought errors vs move choice)")
     p.add_argument("--latency-maps", type=int, default=5,

@@ -16,8 +16,8 @@ Metrics per style and level:
   the thoughts' errors from the choice of moves;
 - seconds per plan: the median over batch-1 plans of a subset, i.e. latency, not throughput.
 
-``heed_looks`` holds every planner to its own looks (``generation.planner``); off by default, so the planners
-are scored on the moves they choose.
+``heed_looks`` (default, as in ``LatentUM.plan``) holds every planner to its own looks (``generation.planner``):
+the same rule for the latent, text-only and pixel-mediated planners; off, they are scored on free choices.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def latent_match(api, ids: list[torch.Tensor], truth: list, style: str) -> float
     return float(np.mean(ok))
 
 
-def oracle_plans(api, maps, style: str) -> list:
+def oracle_plans(api, maps, style: str, heed_looks: bool = True) -> list:
     """Plans whose thoughts are the true next boards (rendered, encoded) instead of generated ones: the
     success the planner's move choice reaches when every visual thought is right (a diagnostic, not a planner)."""
     from latentum.generation.planner import plan_rows
@@ -145,7 +145,7 @@ def oracle_plans(api, maps, style: str) -> list:
         return true_board_ids(api, truth, style)
 
     canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
-    return plan_rows(api, canvases, 16, GREEDY, None, thoughts="latent", oracle=oracle)
+    return plan_rows(api, canvases, 16, GREEDY, None, thoughts="latent", oracle=oracle, heed_looks=heed_looks)
 
 
 def extra_qa_tasks(tok) -> tuple[str, ...]:
@@ -169,7 +169,7 @@ def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, floa
     return out
 
 
-def latency(api, canvases, thoughts: str, n: int, heed_looks: bool = False) -> dict[str, float]:
+def latency(api, canvases, thoughts: str, n: int, heed_looks: bool = True) -> dict[str, float]:
     """Batch-1 wall time on the first ``n`` maps: median seconds per plan and per move."""
     per_plan, per_step = [], []
     for c in canvases[:n]:
@@ -185,7 +185,7 @@ def latency(api, canvases, thoughts: str, n: int, heed_looks: bool = False) -> d
 
 def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic"), per_level: int = 100,
                  seed: int = 0, text_model: str | None = None, pixel: bool = False,
-                 latency_maps: int = 5, oracle: bool = False, heed_looks: bool = False) -> dict:
+                 latency_maps: int = 5, oracle: bool = False, heed_looks: bool = True) -> dict:
     from latentum.api import LatentUM
 
     text_api = LatentUM.from_pretrained(text_model) if text_model else None
@@ -214,7 +214,7 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
                                 **latency(api, canvases, "pixel", latency_maps, heed_looks),
                                 "steps": float(np.mean([len(p.actions) for p in pplans]))}
             if oracle:
-                oplans = oracle_plans(api, maps, style)
+                oplans = oracle_plans(api, maps, style, heed_looks)
                 row["oracle"] = {**plan_metrics(maps, oplans), "sec_per_plan": float("nan"),
                                  "sec_per_step": float("nan"),
                                  "steps": float(np.mean([len(p.actions) for p in oplans]))}
