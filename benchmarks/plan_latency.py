@@ -1,12 +1,13 @@
-"""Batch-1 planning latency of the shipped checkpoint: seconds per plan, per move and per generated token.
+"""Batch-1 planning latency of the shipped checkpoint: seconds per plan and per move, with thoughts decoded one
+image token per forward and drafted from the board before (``draft_thoughts``), side by side.
 
     python benchmarks/plan_latency.py --model checkpoints/tiny --level 8 --maps 5 --repeats 3
 
-Maps are the evaluation's own (``eval.vsp.eval_maps``, seed 0), so the per-plan median matches the
-``sec_per_plan`` that ``latentum eval vsp`` reports for that level. Each map is planned ``repeats`` times and
-its fastest time kept (the machines are shared; the minimum is the least noisy estimate of one map), then
-the median over maps is printed. The plans' moves are printed too, so two versions of the code can be checked
-to plan the same moves before their times are compared.
+Maps are the evaluation's own (``eval.vsp.eval_maps``, seed 0), so the drafted per-plan median matches the
+``sec_per_plan`` that ``latentum eval vsp`` reports for that level. Each map is planned ``repeats`` times per
+mode, the modes interleaved, and its fastest time kept (the machines are shared; the minimum is the least noisy
+estimate of one map); then the median over maps and the ratio of the medians are printed. Each line also says
+whether both modes planned the same moves and thoughts, which they must.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from latentum.api import LatentUM
 from latentum.data import frozenlake as fl
 from latentum.eval.vsp import eval_maps
+
+MODES = {"token-by-token": False, "drafted": True}
 
 
 def main() -> None:
@@ -37,19 +40,28 @@ def main() -> None:
     maps = eval_maps(args.level, args.maps)
     api.plan(fl.render_canvas(maps[0], maps[0].player, "gymnasium", canvas=api.canvas))  # warm-up
     for style in args.styles:
-        per_plan, per_move = [], []
+        per_plan = {mode: [] for mode in MODES}
+        per_move = {mode: [] for mode in MODES}
         for i, m in enumerate(maps):
             canvas = fl.render_canvas(m, m.player, style, canvas=api.canvas)
-            best = float("inf")
+            best, plans = dict.fromkeys(MODES, float("inf")), {}
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                plan = api.plan(canvas)
-                best = min(best, time.perf_counter() - t0)
-            per_plan.append(best)
-            per_move.append(best / max(1, len(plan.actions)))
-            print(f"{style:9s} map {i}: {best:6.3f} s  {len(plan.actions)} moves  {''.join(plan.actions)}")
-        print(f"{style:9s} {args.level}x{args.level}: median {statistics.median(per_plan):.3f} s/plan, "
-              f"{statistics.median(per_move):.3f} s/move")
+                for mode, draft in MODES.items():
+                    t0 = time.perf_counter()
+                    plans[mode] = api.plan_batch([canvas], draft_thoughts=draft)[0]
+                    best[mode] = min(best[mode], time.perf_counter() - t0)
+            a, b = plans.values()
+            same = a.actions == b.actions and all(x.ids.equal(y.ids) for x, y in zip(a.thoughts, b.thoughts))
+            for mode in MODES:
+                per_plan[mode].append(best[mode])
+                per_move[mode].append(best[mode] / max(1, len(plans[mode].actions)))
+            print(f"{style:9s} map {i}: " + "  ".join(f"{mode} {best[mode]:6.3f} s" for mode in MODES)
+                  + f"  {len(b.actions)} moves {''.join(b.actions)}  same plan: {same}")
+        med = {mode: statistics.median(per_plan[mode]) for mode in MODES}
+        print(f"{style:9s} {args.level}x{args.level} median s/plan: "
+              + "  ".join(f"{mode} {med[mode]:.3f} ({statistics.median(per_move[mode]):.3f} s/move)"
+                          for mode in MODES)
+              + f"  ratio {med['token-by-token'] / med['drafted']:.2f}x")
 
 
 if __name__ == "__main__":

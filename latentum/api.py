@@ -209,13 +209,18 @@ class LatentUM:
 
     @torch.inference_mode()
     def plan_batch(self, images: list, *, max_steps: int = 16, seed: int = 0,
-                   sampling: SamplingParams = GREEDY, thoughts: str = "latent", heed_looks: bool = True):
+                   sampling: SamplingParams = GREEDY, thoughts: str = "latent", heed_looks: bool = True,
+                   draft_thoughts: bool = True):
+        """Plan several maps (batched by size). ``thoughts``: "latent" (ours), "pixel" (each thought rendered and
+        re-encoded before it is read) or "none" (text only). ``draft_thoughts``: check each greedy thought
+        against the board before it, several tokens per forward (the same thoughts, a few times faster)."""
         from latentum.generation.planner import plan_rows
 
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         canvases = [load_image(im, self.canvas, f"images[{i}]") for i, im in enumerate(images)]
-        return plan_rows(self, canvases, max_steps, sampling, _generator(seed), thoughts, heed_looks=heed_looks)
+        return plan_rows(self, canvases, max_steps, sampling, _generator(seed), thoughts, heed_looks=heed_looks,
+                         draft_thoughts=draft_thoughts)
 
     def new_decoder(self, batch: int, max_len: int | None = None) -> Decoder:
         return Decoder(self.model, self.tokenizer, batch, max_len or self.config.backbone.max_seq_len)

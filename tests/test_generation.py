@@ -181,3 +181,50 @@ def test_image_attention_decides_whether_a_cell_sees_later_cells(model, sample):
     first_cell_same = torch.allclose(a[1], b[1])  # a[0] is <img>
     assert first_cell_same == (model.cfg.backbone.image_attention == "causal")
     torch.testing.assert_close(a[0], b[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window", [1, 3, None])
+def test_a_drafted_image_equals_token_by_token_greedy_decoding(model, window):
+    """Checking a draft several tokens per forward gives the greedy image exactly, whatever the draft (all
+    right, partly right, random), and leaves the cache as one token per step does."""
+    s = vsp.plan_sample(np.random.default_rng(5), 4, "classic", canvas=64)
+    two = [s.user, vsp.plan_sample(np.random.default_rng(6), 4, "gymnasium", canvas=64).user]
+
+    def fresh():
+        dec = Decoder(model, TOK, 2, 1024)
+        dec.prefill(two)
+        dec.feed_ids(torch.tensor([TOK.encode("R")] * 2))
+        return dec
+
+    ref = fresh()
+    want = ref.generate_latent(GREEDY, grid=4)  # (2, 16, G)
+    K = model.head.codebook_size
+    partly = want.clone()
+    partly[0, 5], partly[1, 9] = (partly[0, 5] + 1) % K, (partly[1, 9] + 1) % K
+    for draft in (want, partly, torch.randint(0, K, want.shape, generator=torch.Generator().manual_seed(0))):
+        dec = fresh()
+        assert torch.equal(dec.generate_latent(GREEDY, grid=4, draft=draft, window=window), want)
+        assert dec.cache.length == ref.cache.length and torch.equal(dec.next_pos, ref.next_pos)
+        L = ref.cache.length
+        torch.testing.assert_close(dec.cache.k[:, :, :, :L], ref.cache.k[:, :, :, :L])
+
+
+@torch.no_grad()
+def test_a_right_draft_takes_one_forward_and_sampling_refuses_drafts(model):
+    s = vsp.plan_sample(np.random.default_rng(5), 4, "classic", canvas=64)
+    dec = Decoder(model, TOK, 1, 1024)
+    dec.prefill([s.user])
+    mark, pos = dec.cache.length, dec.next_pos.clone()
+    want = dec.generate_latent(GREEDY, grid=4)
+    dec.cache.truncate(mark)
+    dec.next_pos = pos
+    calls = []
+    feed = dec.feed
+    dec.feed = lambda *a, **k: calls.append(1) or feed(*a, **k)
+    assert torch.equal(dec.generate_latent(GREEDY, grid=4, draft=want), want)
+    assert len(calls) == 2  # <img>, then the whole draft at once
+    with pytest.raises(ValueError, match="draft"):
+        dec.generate_latent(SamplingParams(temperature=1.0), grid=4, draft=want)
+    with pytest.raises(ValueError, match="draft must be"):
+        dec.generate_latent(GREEDY, grid=4, draft=want[:, :3])

@@ -46,6 +46,21 @@ def test_shipped_model_solves_most_small_fixed_maps(api, style):
     assert solved >= 7, f"{style}: {solved}/10 fixed 3x3 maps solved"
 
 
+@pytest.mark.parametrize("style", ["gymnasium", "classic"])
+def test_drafted_thoughts_equal_token_by_token_thoughts(api, style):
+    """Drafting each greedy thought from the board before it changes the speed, not the plan: the same moves,
+    looks and thought codes as one image token per forward, on fixed maps of three sizes, batched and alone."""
+    maps = [m for level in (4, 6, 8) for m in eval_maps(level, 2, seed=7)]
+    images = [fl.render(m, style=style) for m in maps]
+    for batch in (images, images[-1:]):
+        slow = api.plan_batch(batch, max_steps=8, draft_thoughts=False)
+        fast = api.plan_batch(batch, max_steps=8)
+        for s, f in zip(slow, fast):
+            assert (s.actions, s.looks) == (f.actions, f.looks)
+            assert [(k, a) for k, a, _ in s.retracted] == [(k, a) for k, a, _ in f.retracted]
+            assert all(a.ids.equal(b.ids) for a, b in zip(s.thoughts, f.thoughts))
+
+
 @pytest.mark.slow
 def test_full_vsp_evaluation_meets_targets(api):
     report = evaluate_vsp(api, per_level=100)

@@ -7,7 +7,9 @@ and its thought go to ``Plan.retracted`` and the model chooses again from the bo
 move twice at one board (``vsp.retry_plan_sample`` teaches this). Before a move the model may look: a look
 word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.looks``. With ``heed_looks``
 the move is then chosen among those whose cell the look did not name a hole or the edge (when the look
-leaves any): the model is held to what it just said it sees, not to the true map. ``thoughts`` picks the
+leaves any): the model is held to what it just said it sees, not to the true map. Greedy thoughts are
+drafted from the board before them (``draft_thoughts``; ``Decoder.generate_latent``): the same thoughts,
+checked several tokens per forward, since a move changes about two cells. ``thoughts`` picks the
 variant evaluated side by side:
 "latent" (ours), "pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
 """
@@ -51,7 +53,8 @@ class Plan:
 
 
 def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingParams, generator,
-              thoughts: str = "latent", oracle=None, heed_looks: bool = False) -> list[Plan]:
+              thoughts: str = "latent", oracle=None, heed_looks: bool = False,
+              draft_thoughts: bool = True) -> list[Plan]:
     """Plan every canvas; rows are batched by map size (maps of one size share the thought length).
 
     ``oracle`` (evaluation only) replaces the generated thoughts: ``oracle(rows, actions) -> ids (B, N, G)`` gives
@@ -66,13 +69,13 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
     for g, idx in sorted(groups.items()):
         row_oracle = (lambda rows, actions, idx=idx: oracle([idx[r] for r in rows], actions)) if oracle else None
         for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, max_steps, params, generator, thoughts,
-                                    row_oracle, heed_looks), idx):
+                                    row_oracle, heed_looks, draft_thoughts), idx):
             plans[i] = p
     return plans
 
 
 def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, generator,
-                thoughts: str, oracle=None, heed_looks: bool = False) -> list[Plan]:
+                thoughts: str, oracle=None, heed_looks: bool = False, draft_thoughts: bool = True) -> list[Plan]:
     from latentum.api import LatentImage
 
     t0 = time.perf_counter()
@@ -90,6 +93,9 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     rows = torch.arange(B)  # which plan each decoder row belongs to
     reread = _pixel_round_trip(api, g) if thoughts == "pixel" else None
     V = dec.model.backbone.lm_head.out_features
+    drafting = draft_thoughts and params.temperature == 0 and thoughts != "none" and oracle is None
+    start = _board_codes(api, canvases, g) if drafting else None  # (B, N, G): the input maps' codes
+    board = start.clone() if drafting else None  # each row's latest board: the draft of its next thought
 
     def moves_left(rs: list[int], extra: list[int]) -> torch.Tensor:
         """(len(rs), V) bool: the moves not yet taken back at each row's board, plus ``extra``."""
@@ -111,6 +117,8 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
                 plans[r].looks.pop()
                 plans[r].retracted.append((len(plans[r].actions), a, t))
                 banned[r].add(move_ids[ACTIONS.index(a)])
+                if drafting:
+                    board[r] = plans[r].thoughts[-1].ids if plans[r].thoughts else start[r]
             _feed_some(dec, fell, torch.full_like(nxt, fell_id))
             allowed = moves_left(rows[fell].tolist(), [done_id])
             allowed[:, look_ids] = allowed[:, move_ids].any(-1, keepdim=True)  # a look needs a move to follow
@@ -137,7 +145,11 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             ids = oracle(rows.tolist(), [plans[r].actions for r in rows.tolist()]).cpu()
             dec.feed_latents(ids.to(dec.next_pos.device))
         else:
-            ids = dec.think(params, generator, reread=reread, grid=g).cpu()
+            draft = board[rows] if drafting else None
+            ids = dec.think(params, generator, reread=reread, grid=g, draft=draft,
+                            window=max(1, g * g // len(rows))).cpu()
+            if drafting:
+                board[rows] = ids
         for r, x in zip(rows.tolist(), ids):
             plans[r].thoughts.append(LatentImage(x))
     seconds = (time.perf_counter() - t0) / B
@@ -181,6 +193,12 @@ def _heeding(moves: torch.Tensor, said: torch.Tensor, move_ids: list[int], tok) 
     safe = moves.clone()
     safe[:, move_ids] &= ~hazard
     return torch.where(safe.any(-1, keepdim=True), safe, moves)
+
+
+def _board_codes(api, canvases: list[np.ndarray], g: int) -> torch.Tensor:
+    """The MBAQ codes (B, N, G) of the input maps' active g x g tokens."""
+    index = torch.tensor(active_index(g, api.config.encoder.grid), device=api.model.device)
+    return api.model.image_ids(np.stack(canvases))[:, index].cpu()
 
 
 def _feed_some(dec, which: torch.Tensor, ids: torch.Tensor) -> None:
