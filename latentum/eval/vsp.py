@@ -219,7 +219,7 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
                                  "sec_per_step": float("nan"),
                                  "steps": float(np.mean([len(p.actions) for p in oplans]))}
             rows.append(row)
-    return {"rows": rows, "summary": summarize(rows)}
+    return {"rows": rows, "summary": summarize(rows), "heed_looks": heed_looks}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -244,6 +244,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def print_report(report: dict) -> None:
     print(format_table(report["rows"]))
+    if "heed_looks" in report:
+        print(f"\nplanners held to their own looks (heed_looks): {'yes' if report['heed_looks'] else 'no'}")
     for style, s in report["summary"].items():
         print(f"\n[{style}] overall")
         for planner in PLANNERS:
