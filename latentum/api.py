@@ -222,6 +222,24 @@ class LatentUM:
         return plan_rows(self, canvases, max_steps, sampling, _generator(seed), thoughts, heed_looks=heed_looks,
                          draft_thoughts=draft_thoughts)
 
+    def imagine(self, image, actions: list[str] | str, *, seed: int = 0, sampling: SamplingParams = GREEDY):
+        """Follow the given moves on a FrozenLake map (e.g. "R D D" or ["R", "D", "D"]): the model looks before
+        each move and imagines the board after it. Returns a Plan; ``generation.planner.falls_at(plan)`` is the
+        first move into a cell its own look named a hole (None: the sequence is safe by its looks)."""
+        return self.imagine_batch([image], [actions], seed=seed, sampling=sampling)[0]
+
+    @torch.inference_mode()
+    def imagine_batch(self, images: list, actions: list, *, seed: int = 0, sampling: SamplingParams = GREEDY):
+        """``imagine`` for several maps, one move sequence each (batched by size)."""
+        from latentum.generation.planner import imagine_rows
+
+        if len(actions) != len(images):
+            raise ValueError(f"actions must hold one move sequence per image: got {len(actions)} for "
+                             f"{len(images)} images")
+        moves = [a.split() if isinstance(a, str) else list(a) for a in actions]
+        canvases = [load_image(im, self.canvas, f"images[{i}]") for i, im in enumerate(images)]
+        return imagine_rows(self, canvases, moves, sampling, _generator(seed))
+
     def new_decoder(self, batch: int, max_len: int | None = None) -> Decoder:
         return Decoder(self.model, self.tokenizer, batch, max_len or self.config.backbone.max_seq_len)
 

@@ -143,3 +143,66 @@ def test_heeding_rules_out_moves_into_named_hazards_unless_none_is_left():
     assert allowed[0].nonzero().flatten().tolist() == [11, 13]
     assert torch.equal(allowed[1], moves[1])
     assert torch.equal(moves[:, move_ids], torch.ones(2, 4, dtype=torch.bool)), "moves is left as it was"
+
+
+def test_falls_at_is_the_first_move_into_a_cell_its_look_named_a_hole():
+    from latentum.generation.planner import Plan, falls_at
+
+    #                                L D R U
+    plan = Plan(actions=["R", "D", "L"], looks=["F H F Edge", "H F F F", "H F F F"])
+    assert falls_at(plan) == 2  # D was next to a hole (L), but only L walks into one
+    assert falls_at(Plan(actions=["D"], looks=["F H F Edge"])) == 0
+    assert falls_at(Plan(actions=["R", "U"], looks=["F H F Edge", None])) is None
+
+
+@torch.no_grad()
+def test_imagine_follows_the_given_moves_looks_before_each_and_stops_at_a_named_hole(api, monkeypatch):
+    tok = api.tokenizer
+    hole, ice = tok.token_to_id("H"), tok.token_to_id("F")
+    real = Decoder.text_logits
+
+    def text_logits(self):  # every look names ice, except below the player: a hole
+        logits = real(self)
+        top = logits.max(-1).values + 1.0
+        said = getattr(self, "_said", 0)
+        logits[:, hole if said % 5 == 1 else ice] = top  # per move: 4 look words, then the given move
+        self._said = said + 1
+        return logits
+
+    monkeypatch.setattr(Decoder, "text_logits", text_logits)
+    images = [fl.render(m) for m in _maps(3)]
+    walks = [["R", "L", "R"], ["R", "D", "U"], ["U"]]
+    plans = api.imagine_batch(images, walks)
+    assert [p.actions for p in plans] == [["R", "L", "R"], ["R", "D"], ["U"]]  # the second stops at its fall
+    for p in plans:
+        assert len(p.looks) == len(p.thoughts) == len(p.actions)
+        assert all(look == "F H F F" for look in p.looks)
+        assert all(t.ids.shape == (16, api.config.quantizer.codebooks) for t in p.thoughts)
+
+
+@torch.no_grad()
+def test_imagine_batched_equals_alone_and_drafted_equals_token_by_token(api):
+    from latentum.api import load_image
+    from latentum.generation.planner import imagine_rows
+    from latentum.generation.sampling import GREEDY
+
+    images = [fl.render(m) for m in _maps(2)] + [fl.render(m) for m in _maps(1, size=3)]
+    walks = [["R", "L"], ["D"], ["U", "D", "U"]]
+    batch = api.imagine_batch(images, walks)
+    canvases = [load_image(im, api.canvas) for im in images]
+    slow = imagine_rows(api, canvases, walks, GREEDY, None, draft_thoughts=False)
+    for b, s, im, w in zip(batch, slow, images, walks):
+        alone = api.imagine(im, " ".join(w))
+        for other in (alone, s):
+            assert b.actions == other.actions and b.looks == other.looks
+            assert all(torch.equal(x.ids, y.ids) for x, y in zip(b.thoughts, other.thoughts))
+
+
+def test_imagine_rejects_bad_moves(api):
+    image = fl.render(_maps(1)[0])
+    with pytest.raises(ValueError, match=r"actions\[0\] must be a non-empty list of moves"):
+        api.imagine(image, "R X")
+    with pytest.raises(ValueError, match=r"actions\[0\]"):
+        api.imagine(image, [])
+    with pytest.raises(ValueError, match="one move sequence per image"):
+        api.imagine_batch([image, image], ["R"])

@@ -95,6 +95,28 @@ def test_look_plan_samples_say_what_is_around_the_player_before_each_move():
         assert words[4::5] == s.meta["actions"] and words[-1] == vsp.DONE
 
 
+def test_walk_look_samples_imagine_given_moves_that_may_turn_back_or_end_in_a_hole():
+    samples = draws(vsp.walk_look_sample, 60)
+    for s in samples:
+        m, walk, style = s.meta["map"], s.meta["actions"], s.meta["style"]
+        looks, moves, boards = s.assistant[0::3], s.assistant[1::3], s.assistant[2::3]
+        assert 1 <= len(walk) <= 9 and moves == walk and len(looks) == len(boards) == len(walk)
+        assert all(isinstance(a, Attempt) for a in moves), "given moves are read, never targets"
+        pos = m.player
+        for k, (look, a, board) in enumerate(zip(looks, moves, boards)):
+            assert look == vsp.neighbour_words(m, pos)
+            nxt = fl.move(m, pos, a)
+            assert nxt != pos and nxt != m.goal, "in-grid moves that avoid the goal"
+            assert (nxt in m.holes) == (k == len(walk) - 1 and not s.meta["safe"])
+            pos = nxt
+            np.testing.assert_array_equal(board, fl.render_canvas(m, pos, style, a))
+    safe = [s.meta["safe"] for s in samples]
+    assert 0.3 < np.mean(safe) < 0.8
+    assert any(fl.move(s.meta["map"], s.meta["map"].player, s.meta["actions"][0]) == s.meta["map"].player
+               or len(set(fl.simulate(s.meta["map"], s.meta["actions"], "gym").positions)) <= len(s.meta["actions"])
+               for s in samples), "some walks come back to a cell they left"
+
+
 def test_text_plan_sample_is_one_string():
     for s in draws(vsp.text_plan_sample, 12):
         m = s.meta["map"]

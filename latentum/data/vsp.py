@@ -117,6 +117,26 @@ def look_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: in
     return Sample(sample.user, assistant + [DONE], "vsp_plan_look", sample.meta)
 
 
+def walk_look_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """Imagine given moves: [look, a1, board after a1, look, a2, ...] along a random in-grid walk of 1-9 moves
+    that avoids the goal and, half the time, ends in a hole. The moves are ``Attempt`` s (read, never targets:
+    the policy stays the planner's); the looks and boards are supervised. Plans never turn back, so without this
+    the model cannot imagine a move back to a cell it left (``LatentUM.imagine``, safety with visual thoughts)."""
+    _check(size, style, canvas)
+    actions = None
+    while actions is None:  # rejection: a map where this walk exists (e.g. a hole next to the walk's end)
+        m = generate_map(size, rng)
+        length = int(rng.integers(1, 10))
+        actions = _walk(m, rng, length, length if rng.random() < 0.5 else None)
+    pos, assistant = m.player, []
+    for a in actions:
+        assistant += [neighbour_words(m, pos), Attempt(a)]
+        pos = move(m, pos, a)
+        assistant.append(render_canvas(m, pos, style, a, canvas=canvas))
+    return Sample([PLAN_PROMPT, _map_image(m, style, canvas)], assistant, "vsp_walk_look",
+                  _meta(m, style, " ".join(actions), actions=actions, safe=pos not in m.holes))
+
+
 def text_look_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
     """The text-only counterpart of ``look_plan_sample`` (same looks, no boards), e.g. "F H Edge G R ... Done":
     with no thoughts to look at, the planner has to track where the player is to say what is around it."""
@@ -284,6 +304,7 @@ SAMPLERS: dict[str, Sampler] = {
     "vsp_plan_text": text_plan_sample,
     "vsp_plan_look": look_plan_sample,
     "vsp_plan_text_look": text_look_plan_sample,
+    "vsp_walk_look": walk_look_sample,
     "vsp_hole": hole_sample,
     "vsp_relation": relation_sample,
     "vsp_grid": grid_sample,

@@ -6,7 +6,8 @@ chance (a 3x3 board has few configurations); the report counts how many evaluati
 
 Metrics per style and level:
 - success under the **gym** rule (VSP's scorer) and the **strict** rule (ThinkMorph's);
-- perception QA (hole / relation / text grid) and action-sequence safety accuracy; also ``vsp_describe``, the
+- perception QA (hole / relation / text grid) and action-sequence safety accuracy, safety both answered directly
+  and with visual thoughts (``vsp_safety_imagined``: ``LatentUM.imagine`` follows the moves); also ``vsp_describe``, the
   share of maps the model transcribes exactly as a text grid, and ``vsp_neighbours`` (what is next to the
   player), when the model's vocabulary has its words (both reported, not part of ``perception``);
 - visual-thought fidelity: the share of thoughts equal to the simulated next state, judged by the pixel oracle
@@ -165,8 +166,20 @@ def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, floa
         pred = api.answer_batch(images, questions, max_new_tokens=max(8, longest + 2))
         gold = [api.tokenizer.normalize(s.assistant[0]) for s in samples]
         out[task] = float(np.mean([p == g for p, g in zip(pred, gold)]))
+        if task == "vsp_safety":
+            out["vsp_safety_imagined"] = imagined_safety(api, samples)
     out["perception"] = float(np.mean([out[t] for t in QA_TASKS]))
     return out
+
+
+def imagined_safety(api, samples) -> float:
+    """Safety (T4) answered with visual thoughts: the model follows the sequence (``LatentUM.imagine``), looking
+    before each move and imagining the board after it; "No" iff a move enters a cell its own look named a hole."""
+    from latentum.generation.planner import falls_at
+
+    plans = api.imagine_batch([s.user[0] for s in samples], [s.meta["actions"] for s in samples])
+    said = [vsp.YES if falls_at(p) is None else vsp.NO for p in plans]
+    return float(np.mean([a == s.meta["answer"] for a, s in zip(said, samples)]))
 
 
 def latency(api, canvases, thoughts: str, n: int, heed_looks: bool = True) -> dict[str, float]:
@@ -264,7 +277,7 @@ def print_report(report: dict) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| style | level | latent gym | latent strict | text gym | text strict | pixel gym | pixel strict "
-            "| fidelity pixel | fidelity read | fidelity latent | perception | safety "
+            "| fidelity pixel | fidelity read | fidelity latent | perception | safety | safety imagined "
             "| s/plan latent | s/plan text | s/plan pixel |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -274,6 +287,7 @@ def format_table(rows: list[dict]) -> str:
                      f"{g('text', 'gym')} | {g('text', 'strict')} | {g('pixel', 'gym')} | {g('pixel', 'strict')} | "
                      f"{g('latent', 'fidelity_pixel')} | {g('latent', 'fidelity_read')} | "
                      f"{g('latent', 'fidelity_latent')} | "
-                     f"{r['qa']['perception']:.3f} | {r['qa']['vsp_safety']:.3f} | {g('latent', 'sec_per_plan')} | "
+                     f"{r['qa']['perception']:.3f} | {r['qa']['vsp_safety']:.3f} | "
+                     f"{r['qa'].get('vsp_safety_imagined', float('nan')):.3f} | {g('latent', 'sec_per_plan')} | "
                      f"{g('text', 'sec_per_plan')} | {g('pixel', 'sec_per_plan')} |")
     return "\n".join(lines)

@@ -61,17 +61,21 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
     the true board of each canvas in ``rows`` after its ``actions``, which the model reads instead of imagining."""
     if thoughts not in THOUGHT_MODES:
         raise ValueError(f"thoughts must be one of {THOUGHT_MODES}, got {thoughts!r}")
-    grid = api.config.encoder.grid
-    groups: dict[int, list[int]] = {}
-    for i, c in enumerate(canvases):
-        groups.setdefault(active_grid(c, grid), []).append(i)
     plans: list[Plan | None] = [None] * len(canvases)
-    for g, idx in sorted(groups.items()):
+    for g, idx in sorted(_by_size(canvases, api.config.encoder.grid).items()):
         row_oracle = (lambda rows, actions, idx=idx: oracle([idx[r] for r in rows], actions)) if oracle else None
         for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, max_steps, params, generator, thoughts,
                                     row_oracle, heed_looks, draft_thoughts), idx):
             plans[i] = p
     return plans
+
+
+def _by_size(canvases: list[np.ndarray], grid: int) -> dict[int, list[int]]:
+    """Active grid size -> the indices of the canvases of that size (one size shares the thought length)."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(canvases):
+        groups.setdefault(active_grid(c, grid), []).append(i)
+    return groups
 
 
 def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, generator,
@@ -153,6 +157,76 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
         for r, x in zip(rows.tolist(), ids):
             plans[r].thoughts.append(LatentImage(x))
     seconds = (time.perf_counter() - t0) / B
+    for p in plans:
+        p.seconds = seconds
+    return plans
+
+
+def imagine_rows(api, canvases: list[np.ndarray], actions: list[list[str]], params: SamplingParams, generator,
+                 draft_thoughts: bool = True) -> list[Plan]:
+    """Follow the given moves instead of choosing them (VSP T4 with visual thoughts): before each move the model
+    looks, after it the model imagines the board it leads to and reads that back. A row stops at the first
+    move into a cell its own look named a hole (``falls_at``): the episode would end there."""
+    if len(actions) != len(canvases):
+        raise ValueError(f"actions must hold one move list per image: got {len(actions)} for {len(canvases)}")
+    for i, moves in enumerate(actions):
+        if not moves or any(a not in ACTIONS for a in moves):
+            raise ValueError(f"actions[{i}] must be a non-empty list of moves from {ACTIONS}, got {moves!r}")
+    plans: list[Plan | None] = [None] * len(canvases)
+    for g, idx in sorted(_by_size(canvases, api.config.encoder.grid).items()):
+        for p, i in zip(_imagine_group(api, [canvases[i] for i in idx], [actions[i] for i in idx], g, params,
+                                       generator, draft_thoughts), idx):
+            plans[i] = p
+    return plans
+
+
+def falls_at(plan: Plan) -> int | None:
+    """The index of the first kept move whose cell the look before it named a hole, or None (safe by its looks)."""
+    for k, (a, look) in enumerate(zip(plan.actions, plan.looks)):
+        if look is not None and look.split()[LOOK_ORDER.index(a)] == "H":
+            return k
+    return None
+
+
+def _imagine_group(api, canvases, actions, g: int, params: SamplingParams, generator,
+                   draft_thoughts: bool) -> list[Plan]:
+    from latentum.api import LatentImage
+
+    t0 = time.perf_counter()
+    tok = api.tokenizer
+    move_ids = [tok.encode(a)[0] for a in ACTIONS]
+    look_ids = [i for w in LOOK_WORDS if (i := tok.token_to_id(w)) is not None]
+    plans = [Plan() for _ in canvases]
+    dec = api.new_decoder(len(canvases))
+    dec.prefill([[PLAN_PROMPT, c] for c in canvases])
+    V = dec.model.backbone.lm_head.out_features
+    drafting = draft_thoughts and params.temperature == 0
+    board = _board_codes(api, canvases, g) if drafting else None
+    rows = torch.arange(len(canvases))
+    for step in range(max(map(len, actions))):
+        live = [i for i, r in enumerate(rows.tolist())
+                if step < len(actions[r]) and (step == 0 or falls_at(plans[r]) is None)]
+        if not live:
+            break
+        if len(live) < len(rows):
+            keep = torch.tensor(live)
+            dec.keep_rows(keep.to(dec.next_pos.device))
+            rows = rows[keep]
+        forced = torch.zeros(len(rows), V, dtype=torch.bool)
+        forced[torch.arange(len(rows)), [move_ids[ACTIONS.index(actions[r][step])] for r in rows.tolist()]] = True
+        first = dec.sample_text(params, generator, allowed=look_ids).cpu()
+        nxt, looks = _look_then_move(dec, first, look_ids, forced, params, generator)
+        for r, t, look in zip(rows.tolist(), nxt.tolist(), looks):
+            plans[r].actions.append(ACTIONS[move_ids.index(t)])
+            plans[r].looks.append(look)
+        dec.feed_ids(nxt[:, None])
+        ids = dec.think(params, generator, grid=g, draft=board[rows] if drafting else None,
+                        window=max(1, g * g // len(rows))).cpu()
+        if drafting:
+            board[rows] = ids
+        for r, x in zip(rows.tolist(), ids):
+            plans[r].thoughts.append(LatentImage(x))
+    seconds = (time.perf_counter() - t0) / len(canvases)
     for p in plans:
         p.seconds = seconds
     return plans
