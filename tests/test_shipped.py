@@ -38,12 +38,30 @@ def test_shipped_model_plans_fixed_maps(api, style):
 @pytest.mark.parametrize("style", ["gymnasium", "classic"])
 def test_shipped_model_solves_most_small_fixed_maps(api, style):
     """Regression guard for the shipped weights and the planner: on ten fixed 3x3 maps it reached the goal
-    9/10 (gymnasium) and 9/10 (classic) under the strict rule when shipped (greedy, so deterministic; 21 of
-    its 24 looks right in each style); a broken image path, cache or sampler drops it to near zero."""
+    10/10 in each style under the strict rule when shipped (greedy, so deterministic; 24 of its 24 looks right
+    in each style; 9/10 for the previous weights); a broken image path, cache or sampler drops it to near zero."""
     maps = eval_maps(3, 10, seed=2024)
     plans = api.plan_batch([fl.render(m, style=style) for m in maps], max_steps=6)
     solved = sum(fl.simulate(m, p.actions, "strict").success for m, p in zip(maps, plans))
     assert solved >= 7, f"{style}: {solved}/10 fixed 3x3 maps solved"
+
+
+@pytest.mark.parametrize("style", ["gymnasium", "classic"])
+def test_shipped_model_imagines_given_moves_and_tells_safe_from_unsafe(api, style):
+    """Safety with visual thoughts on ten fixed 4x4 questions: the model follows each sequence, looking before
+    every move; when shipped it answered all ten right in each style (greedy, so deterministic)."""
+    import numpy as np
+
+    from latentum.data.worlds import make_sample
+    from latentum.generation.planner import falls_at
+
+    rng = np.random.default_rng(2024)
+    samples = [make_sample("vsp_safety", rng, map_sizes=[4], canvas=api.canvas, style=style) for _ in range(10)]
+    plans = api.imagine_batch([s.user[0] for s in samples], [s.meta["actions"] for s in samples])
+    for s, p in zip(samples, plans):
+        assert p.actions == s.meta["actions"][:len(p.actions)] and len(p.looks) == len(p.thoughts) == len(p.actions)
+    right = sum((falls_at(p) is None) == (s.meta["answer"] == "Yes") for s, p in zip(samples, plans))
+    assert right >= 7, f"{style}: {right}/10 safety questions right"
 
 
 @pytest.mark.parametrize("style", ["gymnasium", "classic"])
@@ -66,7 +84,7 @@ def test_full_vsp_evaluation_meets_targets(api):
     report = evaluate_vsp(api, per_level=100)
     for style, s in report["summary"].items():
         assert s["latent"]["strict"] >= 0.95 and s["latent"]["min_strict"] >= 0.90, style
-        assert s["qa"]["perception"] >= 0.99 and s["qa"]["vsp_safety"] >= 0.95, style
+        assert s["qa"]["perception"] >= 0.99 and s["qa"]["vsp_safety_imagined"] >= 0.95, style  # safety with thoughts
 
 
 def _moves_into_said_hazards(plan) -> int:
