@@ -233,9 +233,6 @@ class LatentUM:
         """``imagine`` for several maps, one move sequence each (batched by size)."""
         from latentum.generation.planner import imagine_rows
 
-        if len(actions) != len(images):
-            raise ValueError(f"actions must hold one move sequence per image: got {len(actions)} for "
-                             f"{len(images)} images")
         moves = [a.split() if isinstance(a, str) else list(a) for a in actions]
         canvases = [load_image(im, self.canvas, f"images[{i}]") for i, im in enumerate(images)]
         return imagine_rows(self, canvases, moves, sampling, _generator(seed))

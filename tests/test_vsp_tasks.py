@@ -112,8 +112,7 @@ def test_walk_look_samples_imagine_given_moves_that_may_turn_back_or_end_in_a_ho
             np.testing.assert_array_equal(board, fl.render_canvas(m, pos, style, a))
     safe = [s.meta["safe"] for s in samples]
     assert 0.3 < np.mean(safe) < 0.8
-    assert any(fl.move(s.meta["map"], s.meta["map"].player, s.meta["actions"][0]) == s.meta["map"].player
-               or len(set(fl.simulate(s.meta["map"], s.meta["actions"], "gym").positions)) <= len(s.meta["actions"])
+    assert any(len(set(fl.simulate(s.meta["map"], s.meta["actions"], "gym").positions)) <= len(s.meta["actions"])
                for s in samples), "some walks come back to a cell they left"
 
 

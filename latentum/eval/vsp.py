@@ -288,6 +288,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{g('latent', 'fidelity_pixel')} | {g('latent', 'fidelity_read')} | "
                      f"{g('latent', 'fidelity_latent')} | "
                      f"{r['qa']['perception']:.3f} | {r['qa']['vsp_safety']:.3f} | "
-                     f"{r['qa'].get('vsp_safety_imagined', float('nan')):.3f} | {g('latent', 'sec_per_plan')} | "
+                     f"{r['qa']['vsp_safety_imagined']:.3f} | {g('latent', 'sec_per_plan')} | "
                      f"{g('text', 'sec_per_plan')} | {g('pixel', 'sec_per_plan')} |")
     return "\n".join(lines)

@@ -9,7 +9,8 @@ word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.l
 the move is then chosen among those whose cell the look did not name a hole or the edge (when the look
 leaves any): the model is held to what it just said it sees, not to the true map. Greedy thoughts are
 drafted from the board before them (``draft_thoughts``; ``Decoder.generate_latent``): the same thoughts,
-checked several tokens per forward, since a move changes about two cells. ``thoughts`` picks the
+checked several tokens per forward, since a move changes about two cells. ``imagine_rows`` follows given moves
+instead of choosing them (looks and thoughts as above; safety with visual thoughts). ``thoughts`` picks the
 variant evaluated side by side:
 "latent" (ours), "pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
 """
@@ -168,7 +169,8 @@ def imagine_rows(api, canvases: list[np.ndarray], actions: list[list[str]], para
     looks, after it the model imagines the board it leads to and reads that back. A row stops at the first
     move into a cell its own look named a hole (``falls_at``): the episode would end there."""
     if len(actions) != len(canvases):
-        raise ValueError(f"actions must hold one move list per image: got {len(actions)} for {len(canvases)}")
+        raise ValueError(f"actions must hold one move sequence per image: got {len(actions)} for "
+                         f"{len(canvases)} images")
     for i, moves in enumerate(actions):
         if not moves or any(a not in ACTIONS for a in moves):
             raise ValueError(f"actions[{i}] must be a non-empty list of moves from {ACTIONS}, got {moves!r}")
@@ -204,8 +206,7 @@ def _imagine_group(api, canvases, actions, g: int, params: SamplingParams, gener
     board = _board_codes(api, canvases, g) if drafting else None
     rows = torch.arange(len(canvases))
     for step in range(max(map(len, actions))):
-        live = [i for i, r in enumerate(rows.tolist())
-                if step < len(actions[r]) and (step == 0 or falls_at(plans[r]) is None)]
+        live = [i for i, r in enumerate(rows.tolist()) if step < len(actions[r]) and falls_at(plans[r]) is None]
         if not live:
             break
         if len(live) < len(rows):
