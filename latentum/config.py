@@ -189,12 +189,24 @@ class DecoderConfig:
     train_timesteps: int = 1000
     inference_steps: int = 8
     prediction_type: str = "sample"
+    styles: list[str] = field(default_factory=lambda: ["none", "gymnasium", "classic"])
+    """Render styles the decoder is conditioned on (a diffusers class embedding), index 0 "none" = unknown style
+    (Shapes images, callers that do not know it). MBAQ codes are style-agnostic, so without a label the decoder
+    draws a blend of the FrozenLake looks. Empty: no style conditioning (decoders saved before it existed)."""
+    style_dropout: float = 0.1
+    """Training: probability a FrozenLake image's style label is replaced by "none", so an unknown style still
+    renders a board (the blend an unconditioned decoder draws) instead of an untrained one."""
 
     def __post_init__(self):
         _check(self.prediction_type in ("epsilon", "sample", "v_prediction"),
                f"decoder.prediction_type must be epsilon|sample|v_prediction, got {self.prediction_type!r}")
         _check(self.resolution % 2 ** (len(self.channels) - 1) == 0,
                f"decoder.resolution={self.resolution} must divide by 2**(len(channels)-1)")
+        _check(all(isinstance(s, str) and s for s in self.styles) and len(set(self.styles)) == len(self.styles),
+               f"decoder.styles must be distinct non-empty names, got {self.styles!r}")
+        _check(not self.styles or self.styles[0] == "none",
+               f"decoder.styles must start with \"none\" (index 0, the unknown style) or be empty, got {self.styles!r}")
+        _check(0 <= self.style_dropout <= 1, f"decoder.style_dropout must be in [0, 1], got {self.style_dropout}")
 
 
 @dataclass
@@ -248,6 +260,10 @@ class TrainConfig:
     """Draw ``bucket`` batches of samples at once and batch them by length, so rows pad less."""
     cfg_dropout: float = 0.1
     """Stage 2: probability of dropping the prompt of a text-to-image sample (classifier-free guidance)."""
+    latent_inputs: float = 0.0
+    """Stage 2: probability that a question's input image is read as its latent codes, the way the model reads
+    its own visual thoughts back, instead of as continuous features (``LatentView``). Questions (samples with
+    no assistant image) only; teaches answering about a thought (``answer_latents``, ``fidelity_read``)."""
 
     def __post_init__(self):
         if isinstance(self.aia, dict):
@@ -261,7 +277,7 @@ class TrainConfig:
         _check(self.log_every > 0 and self.checkpoint_every > 0, "log_every and checkpoint_every must be > 0")
         _check(self.devices >= 1, f"devices must be >= 1, got {self.devices}")
         _check(self.changed_weight >= 1, f"changed_weight must be >= 1, got {self.changed_weight}")
-        for name in ("code_noise", "cfg_dropout"):
+        for name in ("code_noise", "cfg_dropout", "latent_inputs"):
             _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 

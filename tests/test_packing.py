@@ -166,3 +166,21 @@ def test_image_spans_cover_only_the_images_the_und_branch_reads():
     same = same_image(p.image_span)[0]
     first = int((span == 0).nonzero()[0])
     assert same[first, first + 8] and not same[first, first + 9]  # the 3x3 map's 9 tokens, then </img>
+
+
+def test_a_latent_view_question_reads_its_image_as_latents_and_generates_nothing():
+    """A question about a LatentView image (how a thought is read back): the same tokens and targets as the
+    continuous question, the image in the latent slots instead of the input slots, and no G block."""
+    from latentum.data.sample import LatentView
+    from latentum.train.data import as_latent_question
+
+    s = vsp.player_sample(np.random.default_rng(3), 5, "classic", canvas=64)
+    plain, latent = pack([s], TOK, 8), pack([as_latent_question(s)], TOK, 8)
+    assert isinstance(as_latent_question(s).user[0], LatentView)
+    assert torch.equal(plain.ids, latent.ids) and torch.equal(plain.text_targets, latent.text_targets)
+    assert torch.equal(plain.inputs.rows, latent.latents.rows) and len(latent.inputs.rows) == 0
+    assert not latent.gen_mask.any() and len(latent.code_query) == 0 and latent.task.tolist() == [UND]
+    assert np.array_equal(latent.latents.pixels, plain.inputs.pixels)
+    assert torch.equal(latent.image_span, plain.image_span)
+    plan = _plan()
+    assert as_latent_question(plan) is plan  # samples that generate images keep their continuous input

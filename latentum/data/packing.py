@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from latentum.data.canvas import active_grid, active_index, rope_offsets
-from latentum.data.sample import Attempt, Sample
+from latentum.data.sample import Attempt, LatentView, Sample
 from latentum.data.tokenizer import TextTokenizer
 
 IGNORE = -100
@@ -78,7 +78,7 @@ class _Row:
     is_image: list[bool]
     inputs: list[tuple[np.ndarray, int, int]]  # (pixels, start of its tokens in U, active grid g)
     latents: list[tuple[np.ndarray, int, int]]
-    opens: list[int]  # U index of each latent's <img>
+    opens: list[int | None]  # U index of each latent's <img>; None for a user's LatentView (never generated)
 
 
 def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_prompt: bool) -> _Row:
@@ -93,11 +93,12 @@ def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_pro
                     ids = [tok.pad_id] * len(ids)
                 _extend(r, ids, supervised, False)
             else:
-                if supervised:
-                    r.opens.append(len(r.ids))
+                latent = supervised or isinstance(item, LatentView)
+                if latent:
+                    r.opens.append(len(r.ids) if supervised else None)
                 _extend(r, [tok.img_start_id], supervised, False)
                 g = active_grid(item, canvas_grid)
-                (r.latents if supervised else r.inputs).append((item, len(r.ids), g))
+                (r.latents if latent else r.inputs).append((np.asarray(item), len(r.ids), g))
                 _extend(r, [tok.image_id] * g * g, False, True)
                 _extend(r, [tok.img_end_id], False, False)
     _extend(r, [tok.eos_id], True, False)
@@ -119,8 +120,7 @@ def pack(samples: list[Sample], tok: TextTokenizer, canvas_grid: int = 8, *, max
     rng = rng or np.random.default_rng(0)
     drop_prompt = drop_prompt or [False] * len(samples)
     rows = [_tokenize_row(s, tok, canvas_grid, d) for s, d in zip(samples, drop_prompt)]
-    chosen = [sorted(rng.choice(len(r.latents), min(len(r.latents), max_gen_images), replace=False).tolist())
-              if r.latents else [] for r in rows]
+    chosen = [_choose_generated(r, max_gen_images, rng) for r in rows]
     lengths = [len(r.ids) + sum(r.latents[i][2] ** 2 + 1 for i in c) for r, c in zip(rows, chosen)]
     B, T = len(rows), max(lengths)
     out = _Builder(B, T, tok.pad_id, canvas_grid)
@@ -130,6 +130,12 @@ def pack(samples: list[Sample], tok: TextTokenizer, canvas_grid: int = 8, *, max
     if aia_queries:
         packed.aia_query = subsample_rows(packed.aia_query, aia_queries, rng)
     return packed
+
+
+def _choose_generated(r: _Row, k: int, rng: np.random.Generator) -> list[int]:
+    """Up to ``k`` random latents of the row that get a G block (a user's ``LatentView`` never does)."""
+    gen = [i for i, o in enumerate(r.opens) if o is not None]
+    return sorted(rng.choice(gen, min(len(gen), k), replace=False).tolist()) if gen else []
 
 
 def subsample_rows(mask: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:

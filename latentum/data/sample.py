@@ -22,6 +22,12 @@ class Attempt(str):
     ``vsp.retry_plan_sample``). Everything after it (the imagined board, the verdict) is supervised as usual."""
 
 
+class LatentView(np.ndarray):
+    """A user image the model reads as its latent codes (the way it reads a visual thought back) instead of as
+    continuous encoder features; never generated. ``image.view(LatentView)``. Training questions about such
+    images teaches the model to answer about its own thoughts (``answer_latents``; ``TrainConfig.latent_inputs``)."""
+
+
 @dataclass
 class Sample:
     user: list[Item]

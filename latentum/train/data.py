@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from latentum.config import TrainConfig
 from latentum.data.packing import approx_length, pack
+from latentum.data.sample import LatentView, Sample
 from latentum.data.tokenizer import TextTokenizer
 from latentum.data.worlds import TaskMixture
 
@@ -41,8 +42,19 @@ class PackCollate:
         samples, seed = item
         rng = np.random.default_rng(seed)
         drop = [s.task == "shapes_t2i" and rng.random() < self.cfg.cfg_dropout for s in samples]
+        if self.cfg.latent_inputs > 0:
+            samples = [as_latent_question(s) if rng.random() < self.cfg.latent_inputs else s for s in samples]
         return pack(samples, self.tok, self.grid, max_gen_images=self.max_gen_images, drop_prompt=drop,
                     rng=rng, aia_queries=self.cfg.aia_queries)
+
+
+def as_latent_question(sample: Sample) -> Sample:
+    """A question about an image (no assistant image) with its input images read as latents (``LatentView``);
+    other samples unchanged."""
+    if any(isinstance(x, np.ndarray) for x in sample.assistant):
+        return sample
+    user = [x.view(LatentView) if isinstance(x, np.ndarray) else x for x in sample.user]
+    return Sample(user, sample.assistant, sample.task, sample.meta)
 
 
 def packed_loader(cfg: TrainConfig, tok: TextTokenizer, canvas_grid: int, canvas: int, rank: int = 0,
