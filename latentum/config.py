@@ -215,6 +215,11 @@ class ModelConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    ground_coordinates: bool = False
+    """Coordinates written in a prompt ("row 2 column 3") carry the named cell's position embedding on the
+    column number, the embedding every image token of that cell carries (``CellPositions``), like the location
+    tokens of Kosmos-2 / PaliGemma: a question then finds its cell by matching the same vector, not by learning
+    which number word means which row. A recipe can switch it on for a model it continues."""
 
 
 @dataclass

@@ -106,6 +106,34 @@ def test_cached_decoding_equals_one_forward(model, sample):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("latent", [False, True])
+def test_a_grounded_question_reads_the_same_in_training_and_inference(model, latent):
+    """With ground_coordinates the hole question's column number carries its cell's embedding in the packed
+    forward and in the prefill alike (and the hidden states differ from the ungrounded ones); a LatentView
+    question (training) equals feeding the latents and then the question (``answer_latents``)."""
+    from latentum.train.data import as_latent_question
+
+    s = vsp.hole_sample(np.random.default_rng(4), 5, "classic", canvas=64)
+    s = as_latent_question(s) if latent else s
+    grounded = copy.deepcopy(model)
+    grounded.cfg.ground_coordinates = True
+    p = pack([s], TOK, 8)
+    assert (p.text_cells >= 0).sum() == 1
+    full = grounded.forward_packed(p).hidden[0]
+    dec = Decoder(grounded, TOK, 1, 512)
+    if latent:
+        dec.feed_ids(torch.tensor([[TOK.bos_id]]))
+        dec.feed_latents(grounded.image_ids(s.user[0][None])[:, list(active_index(5, 8))])
+        dec.feed_prompt_ids(torch.tensor([TOK.encode(s.user[1])]))
+    else:
+        dec.prefill([s.user])
+    n = dec.cache.length
+    torch.testing.assert_close(dec.last[0], full[n - 1], atol=2e-5, rtol=1e-4)
+    plain = model.forward_packed(p).hidden[0]
+    assert not torch.allclose(plain[n - 1], full[n - 1])
+
+
+@torch.no_grad()
 def test_left_padded_batch_equals_single_rows(model):
     api = LatentUM(model, TOK)
     prompts = ["a red circle", "two squares and a blue triangle"]

@@ -218,3 +218,12 @@ def test_init_generation_false_continues_a_trained_stage2(debug_run, init_genera
     gen = [k for k in _gen_side(model) if k.startswith(("backbone", "visual"))]  # what the init rewrites
     assert gen
     assert all(torch.equal(trained[k], built[k]) for k in gen) == (not init_generation)
+
+
+def test_a_recipe_switches_coordinate_grounding_on_for_the_model_it_continues(debug_run):
+    from latentum.train.run import build_model
+
+    recipe = load_recipe(str(DEBUG))
+    assert not build_model(recipe, debug_run, "mome").cfg.ground_coordinates  # as the export was saved
+    recipe.model.ground_coordinates = True
+    assert build_model(recipe, debug_run, "mome").cfg.ground_coordinates

@@ -39,3 +39,16 @@ def rope_offsets(g: int) -> tuple[tuple[int, int], ...]:
     if g < 1:
         raise ValueError(f"active grid must be >= 1, got {g}")
     return tuple((r - (r * g + c), c - (r * g + c)) for r in range(g) for c in range(g))
+
+
+def named_cells(ids: list[int], tok, grid: int = 8) -> list[int]:
+    """Per token of ``ids``: the canvas cell (r * grid + c, 0-indexed) that a written "row R column C"
+    (1-indexed, as VSP writes them) names, on the token of C; -1 everywhere else. Coordinates outside the
+    canvas name nothing."""
+    words = [tok.id_to_token(i) for i in ids]
+    cells = [-1] * len(ids)
+    for k in range(3, len(words)):
+        row, r, col, c = words[k - 3:k + 1]
+        if row == "row" and col == "column" and f"{r}{c}".isdigit() and 1 <= int(r) <= grid >= int(c) >= 1:
+            cells[k] = (int(r) - 1) * grid + int(c) - 1
+    return cells

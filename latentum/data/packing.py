@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from latentum.data.canvas import active_grid, active_index, rope_offsets
+from latentum.data.canvas import active_grid, active_index, named_cells, rope_offsets
 from latentum.data.sample import Attempt, LatentView, Sample
 from latentum.data.tokenizer import TextTokenizer
 
@@ -47,6 +47,7 @@ class Packed:
     rope_offsets: torch.Tensor  # (B, T, 2) image tokens' (row, col) offsets for 2-D RoPE (canvas.rope_offsets)
     gen_mask: torch.Tensor  # (B, T) bool, True = generation branch
     gen_cells: torch.Tensor  # (B, T) canvas cell each G-block token predicts (its position query), else -1
+    text_cells: torch.Tensor  # (B, T) cell a prompt's "row R column C" names, on the C token, else -1
     valid: torch.Tensor  # (B, T) bool, False = padding
     attn_mask: torch.Tensor  # (B, T, T) bool, True = query may attend to key
     image_span: torch.Tensor  # (B, T) id of the U-read image a token belongs to, -1 elsewhere (see same_image)
@@ -76,13 +77,14 @@ class _Row:
     ids: list[int]
     labels: list[int]
     is_image: list[bool]
+    cells: list[int]  # named_cells of user text, -1 elsewhere
     inputs: list[tuple[np.ndarray, int, int]]  # (pixels, start of its tokens in U, active grid g)
     latents: list[tuple[np.ndarray, int, int]]
     opens: list[int | None]  # U index of each latent's <img>; None for a user's LatentView (never generated)
 
 
 def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_prompt: bool) -> _Row:
-    r = _Row([tok.bos_id], [IGNORE], [False], [], [], [])
+    r = _Row([tok.bos_id], [IGNORE], [False], [-1], [], [], [])
     for turn, items in (("user", sample.user), ("assistant", sample.assistant)):
         for item in items:
             supervised = turn == "assistant"
@@ -91,7 +93,7 @@ def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_pro
                 ids = tok.encode(item)
                 if drop_prompt and turn == "user":
                     ids = [tok.pad_id] * len(ids)
-                _extend(r, ids, supervised, False)
+                _extend(r, ids, supervised, False, named_cells(ids, tok, canvas_grid) if turn == "user" else None)
             else:
                 latent = supervised or isinstance(item, LatentView)
                 if latent:
@@ -105,11 +107,12 @@ def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_pro
     return r
 
 
-def _extend(r: _Row, ids: list[int], supervised: bool, image: bool) -> None:
+def _extend(r: _Row, ids: list[int], supervised: bool, image: bool, cells: list[int] | None = None) -> None:
     # labels[t] is the label of token t as a *target*: it is predicted from position t - 1.
     r.ids += ids
     r.labels += ids if supervised else [IGNORE] * len(ids)
     r.is_image += [image] * len(ids)
+    r.cells += cells or [-1] * len(ids)
 
 
 def pack(samples: list[Sample], tok: TextTokenizer, canvas_grid: int = 8, *, max_gen_images: int = 4,
@@ -166,6 +169,7 @@ class _Builder:
         self.block = torch.full((B, T), -1, dtype=torch.long)  # 0 = U, k > 0 = G block k, -1 = pad
         self.anchor = torch.zeros(B, T, dtype=torch.long)  # G tokens see U keys < anchor
         self.gen_cells = torch.full((B, T), -1, dtype=torch.long)
+        self.text_cells = torch.full((B, T), -1, dtype=torch.long)
         self.image_span = torch.full((B, T), -1, dtype=torch.long)  # U-read images only
         self.labels = torch.full((B, T), IGNORE, dtype=torch.long)
         self.is_image = torch.zeros(B, T, dtype=torch.bool)
@@ -193,6 +197,7 @@ class _Builder:
         self.block[b, :L] = 0
         self.labels[b, :L] = torch.tensor(r.labels)
         self.is_image[b, :L] = torch.tensor(r.is_image)
+        self.text_cells[b, :L] = torch.tensor(r.cells)
         for px, start, g in r.inputs:
             self._place("inputs", b, start, g, len(self.slots["inputs"][0]), px)
         first = len(self.slots["latents"][0])
@@ -234,7 +239,7 @@ class _Builder:
         is_gen = (task == GEN)[:, None]
         return Packed(
             ids=self.ids, positions=self.positions, rope_offsets=self.rope_offsets, gen_mask=gen_mask,
-            gen_cells=self.gen_cells, valid=valid,
+            gen_cells=self.gen_cells, text_cells=self.text_cells, valid=valid,
             attn_mask=block_mask(self.block, self.anchor), image_span=self.image_span, text_targets=labels_next,
             inputs=_slots(*self.slots["inputs"]), latents=_slots(*self.slots["latents"]),
             gen_blocks=_slots(*self.slots["gen"]), code_query=code_query,

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from latentum.data.canvas import active_grid, active_index, rope_offsets
+from latentum.data.canvas import active_grid, active_index, named_cells, rope_offsets
 from latentum.data.sample import Item
 from latentum.generation.sampling import GREEDY, SamplingParams, sample_logits
 from latentum.model.cache import KVCache
@@ -72,6 +72,14 @@ class Decoder:
     def feed_ids(self, ids: torch.Tensor, gen: bool = False, valid: torch.Tensor | None = None):
         return self.feed(self.model.backbone.embed(ids.to(self.model.device)), gen, valid)
 
+    def feed_prompt_ids(self, ids: torch.Tensor):
+        """Feed prompt text (B, T) through the und branch, with the cells its coordinates name
+        (``ModelConfig.ground_coordinates``), as packing does for a training sample's user text."""
+        grid = self.model.cfg.encoder.grid
+        cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
+        x = self.model.backbone.embed(ids.to(self.model.device))
+        return self.feed(x + self.model.text_cell_embeddings(cells).to(x.dtype))
+
     def feed_latents(self, ids: torch.Tensor):
         """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read)."""
         B = ids.size(0)
@@ -112,7 +120,9 @@ class Decoder:
                 src += [len(pixels) * grid**2 + i for i in active_index(g, grid)]
                 pixels.append(px)
         dev = self.model.device
+        cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
         x = self.model.backbone.embed(ids.to(dev))
+        x = x + self.model.text_cell_embeddings(cells).to(x.dtype)
         if pixels:
             D = x.size(-1)
             emb = self.model.input_embeddings(np.stack(pixels)).reshape(-1, D)  # (I*C, D)

@@ -25,7 +25,7 @@ def _prefill(api, prompts: list[list]) -> Decoder:
         if isinstance(item, LatentImage):
             dec.feed_latents(item.ids[None].to(api.model.device))
         elif isinstance(item, str):
-            dec.feed_ids(torch.tensor([api.tokenizer.encode(item)]))
+            dec.feed_prompt_ids(torch.tensor([api.tokenizer.encode(item)]))
         else:
             dec.feed_input_images(np.asarray(item)[None])
     return dec
@@ -74,7 +74,7 @@ def answer_latents(api, ids: torch.Tensor, questions: list[str], max_new_tokens:
             dec = api.new_decoder(len(chunk))
             dec.feed_ids(torch.full((len(chunk), 1), tok.bos_id))
             dec.feed_latents(ids[chunk].to(api.model.device))
-            dec.feed_ids(torch.tensor([encoded[i] for i in chunk]))
+            dec.feed_prompt_ids(torch.tensor([encoded[i] for i in chunk]))
             rows = sample_text_until_eos(api, dec, max_new_tokens, params or GREEDY, generator)
             for i, r in zip(chunk, rows):
                 out[i] = tok.decode(r)

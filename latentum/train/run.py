@@ -81,6 +81,8 @@ def build_model(recipe: RecipeConfig, out: Path, stage: str) -> LatentUMModel:
         raise FileNotFoundError(f"stage {stage!r} starts from {folder}, which holds no exported model; "
                                 f"train stage {PREVIOUS[stage]!r} first (latentum train --stage {PREVIOUS[stage]})")
     model = LatentUM.from_pretrained(folder).model
+    if recipe.model.ground_coordinates:  # a recipe can switch it on for the model it continues
+        model.cfg.ground_coordinates = True
     if stage == "mome" and recipe.stages[stage].init_generation:
         model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
         model.init_visual_projector()  # latents start out read like MBAQ's quantized features
