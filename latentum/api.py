@@ -181,21 +181,27 @@ class LatentUM:
         return self._decoder
 
     @torch.inference_mode()
-    def render(self, latent: LatentImage | list[LatentImage], *, seed: int = 0, steps: int | None = None):
-        """Latent image(s) -> PIL image(s) through the pixel decoder (lazy-loaded on first use)."""
+    def render(self, latent: LatentImage | list[LatentImage], *, style: str | list[str | None] | None = None,
+               seed: int = 0, steps: int | None = None):
+        """Latent image(s) -> PIL image(s) through the pixel decoder (lazy-loaded on first use). ``style``: a name
+        from the decoder's styles (``decoder.cfg.styles``, e.g. "gymnasium" or "classic") for all images, or one
+        per image; None = unknown (Shapes images; a FrozenLake board then comes out a blend of the looks)."""
         single = isinstance(latent, LatentImage)
         latents = [latent] if single else list(latent)
         if not latents or not all(isinstance(x, LatentImage) for x in latents):
             raise TypeError("latent must be a LatentImage or a list of LatentImage")
-        pixels = self.render_ids(torch.stack([x.ids for x in latents]), seed=seed, steps=steps)
+        pixels = self.render_ids(torch.stack([x.ids for x in latents]), style=style, seed=seed, steps=steps)
         images = [Image.fromarray(p) for p in pixels]
         return images[0] if single else images
 
-    def render_ids(self, ids: torch.Tensor, *, seed: int = 0, steps: int | None = None) -> np.ndarray:
-        """Active-grid ids (B, g*g, G) -> uint8 pixels (B, R, R, 3); tokens outside the grid are background."""
+    def render_ids(self, ids: torch.Tensor, *, style: str | list[str | None] | None = None, seed: int = 0,
+                   steps: int | None = None) -> np.ndarray:
+        """Active-grid ids (B, g*g, G) -> uint8 pixels (B, R, R, 3); tokens outside the grid are background.
+        ``style`` as in ``render``; a decoder saved before style conditioning checks it and draws as it did."""
+        labels = self.decoder.style_labels(style, ids.size(0))  # (B,) or None; checked before any work
         ids = self.model.full_canvas_ids(ids.to(self.model.device))
         codes = self.model.quantizer.codes_from_ids(ids)
-        return self.decoder.render(codes, steps=steps, generator=_generator(seed))
+        return self.decoder.render(codes, labels, steps=steps, generator=_generator(seed))
 
     # --- planning ---------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="path to the map image (PNG/JPEG)")
     _add_model(p)
     p.add_argument("--max-steps", type=int, default=16)
-    p.add_argument("--gif", default=None, help="write a GIF of the map and rendered visual thoughts here")
+    p.add_argument("--gif", default=None, help="write a GIF of the map and rendered visual thoughts here "
+                   "(thoughts drawn in the render style read from the map)")
 
     p = sub.add_parser("generate", help="generate images from text (latent, then rendered)",
                        description="Text -> latent image tokens (classifier-free guidance) -> pixels.")

@@ -248,3 +248,20 @@ def test_plan_sample_is_fast(style):
     for _ in range(20):
         vsp.plan_sample(rng, 8, style)
     assert (time.perf_counter() - t) / 20 < 0.010
+
+
+def test_a_true_transcript_answers_every_hole_and_grid_question_and_a_wrong_one_does_not():
+    from latentum.eval.vsp import read_answer
+
+    rng = np.random.default_rng(11)
+    for size in (3, 5, 8):
+        for sampler in (vsp.hole_sample, vsp.grid_sample):
+            s = sampler(rng, size, "classic", 64)
+            truth = s.meta["map"].text_grid()
+            assert read_answer(s, truth) == s.meta["answer"]
+            assert read_answer(s, "") != s.meta["answer"]
+    s = vsp.hole_sample(np.random.default_rng(2), 4, "classic", 64)
+    rows = [row.split() for row in s.meta["map"].text_grid().split(" / ")]
+    r, c = s.meta["cell"]
+    rows[r][c] = "F" if rows[r][c] == "H" else "H"  # the asked cell transcribed wrong flips the answer
+    assert read_answer(s, " / ".join(" ".join(row) for row in rows)) != s.meta["answer"]

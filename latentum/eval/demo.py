@@ -49,12 +49,13 @@ def write_gif(path: str | Path, m: fl.LakeMap, style: str, actions: list[str], t
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=700, loop=0)
 
 
-def _rendered_thoughts(api, plan) -> list[np.ndarray]:
+def _rendered_thoughts(api, plan, style: str | None) -> list[np.ndarray]:
+    """The plan's thoughts rendered in ``style`` (the map's look; None = unknown); empty without a decoder."""
     if not plan.thoughts or api.decoder_path is None:
         return []
     import torch
 
-    return list(api.render_ids(torch.stack([t.ids for t in plan.thoughts])))
+    return list(api.render_ids(torch.stack([t.ids for t in plan.thoughts]), style=style))
 
 
 def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: int = 0,
@@ -75,7 +76,7 @@ def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: 
                 gym = fl.simulate(m, plan.actions, "gym").success
                 strict = fl.simulate(m, plan.actions, "strict").success
                 gif = out / f"{style}_{size}x{size}_{i}.gif"
-                write_gif(gif, m, style, plan.actions, _rendered_thoughts(api, plan))
+                write_gif(gif, m, style, plan.actions, _rendered_thoughts(api, plan, style))
                 looks = look_checks(m, plan)
                 rows.append({"style": style, "size": size, "actions": plan.actions, "gym": gym,
                              "strict": strict, "seconds": sec, "taken_back": len(plan.retracted),
@@ -111,7 +112,7 @@ def plan_image(api, image_path: str, *, max_steps: int = 16, seed: int = 0, gif:
     plan = api.plan(canvas, max_steps=max_steps, seed=seed)
     gym, strict = fl.simulate(m, plan.actions, "gym"), fl.simulate(m, plan.actions, "strict")
     if gif:
-        write_gif(gif, m, state.style, plan.actions, _rendered_thoughts(api, plan))
+        write_gif(gif, m, state.style, plan.actions, _rendered_thoughts(api, plan, state.style))  # the look read
     verdict = "reaches the goal" if strict.success else f"fails ({strict.reason})"
     back = "".join(f"\ntook back {a} after {k} moves: its thought showed a fall" for k, a, _ in plan.retracted)
     looks = "".join(f"\nbefore {a}: looked around the player (left below right above): {look}"

@@ -9,7 +9,9 @@ Metrics per style and level:
 - perception QA (hole / relation / text grid) and action-sequence safety accuracy, safety both answered directly
   and with visual thoughts (``vsp_safety_imagined``: ``LatentUM.imagine`` follows the moves); also ``vsp_describe``, the
   share of maps the model transcribes exactly as a text grid, and ``vsp_neighbours`` (what is next to the
-  player), when the model's vocabulary has its words (both reported, not part of ``perception``);
+  player), when the model's vocabulary has its words (both reported, not part of ``perception``); and, as a
+  diagnostic, the hole and grid questions answered from the model's own transcription of the map
+  (``*_transcribed``, ``perception_transcribed``: a fixed rule reads the answer off the grid it wrote);
 - visual-thought fidelity: the share of thoughts equal to the simulated next state, judged by the pixel oracle
   on the rendered thought (full board), by the model reading the latent back ("Where is the player ?"), and
   in latent space (every token's codes equal those of the true next board, encoded; ``fidelity_latent``);
@@ -83,7 +85,8 @@ def look_metrics(maps, plans) -> dict[str, float]:
 
 
 def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[str, float]:
-    """Compare each thought with the simulated board after that move (pixel oracle and model reading)."""
+    """Compare each thought with the simulated board after that move (pixel oracle and model reading); the
+    pixel oracle judges thoughts rendered in the eval's ``style``."""
     from latentum.generation.interleaved import answer_latents
 
     ids, truth, questions, answers = [], [], [], []
@@ -106,7 +109,7 @@ def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[s
     if pixel_oracle and api.decoder_path is not None:
         ok = []
         for i in range(0, len(ids), 64):
-            pixels = api.render_ids(torch.stack(ids[i:i + 64]))
+            pixels = api.render_ids(torch.stack(ids[i:i + 64]), style=style)  # drawn in the look the oracle reads
             for img, (m, pos, _) in zip(pixels, truth[i:i + 64]):
                 ok.append(fl.read_canvas(img, m.size, style) == fl.state_of(m, pos, style))
         out["fidelity_pixel"] = float(np.mean(ok))
@@ -168,8 +171,34 @@ def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, floa
         out[task] = float(np.mean([p == g for p, g in zip(pred, gold)]))
         if task == "vsp_safety":
             out["vsp_safety_imagined"] = imagined_safety(api, samples)
+        if task in ("vsp_hole", "vsp_grid"):
+            out[f"{task}_transcribed"] = transcribed_answers(api, samples)
     out["perception"] = float(np.mean([out[t] for t in QA_TASKS]))
+    out["perception_transcribed"] = float(np.mean([out["vsp_hole_transcribed"], out["vsp_relation"],
+                                                   out["vsp_grid_transcribed"]]))
     return out
+
+
+def transcribed_answers(api, samples) -> float:
+    """Hole (T1) or grid (T3) questions answered from the model's own transcription of the map (``DESCRIBE_Q``,
+    "S F H / F F G / ..."): the letter at the asked cell is H, or the option equal to the transcript. A
+    diagnostic of what the model perceives, not the model answering the question: a fixed rule reads the
+    answer off what it wrote, as ``imagined_safety`` reads it off its looks."""
+    images = [s.user[0] for s in samples]
+    longest = max(len(s.meta["map"].text_grid().split()) for s in samples)
+    grids = api.answer_batch(images, [vsp.DESCRIBE_Q] * len(samples), max_new_tokens=longest + 2)
+    return float(np.mean([read_answer(s, g) == s.meta["answer"] for s, g in zip(samples, grids)]))
+
+
+def read_answer(sample, grid: str) -> str:
+    """The answer to ``sample``'s hole or grid question that the text grid ``grid`` gives ("" if it cannot)."""
+    if sample.task == "vsp_grid":
+        return next((k for k, v in sample.meta["options"].items() if v == grid), "")
+    rows = [row.split() for row in grid.split("/")]
+    r, c = sample.meta["cell"]
+    if r >= len(rows) or c >= len(rows[r]):
+        return ""
+    return vsp.YES if rows[r][c] == "H" else vsp.NO
 
 
 def imagined_safety(api, samples) -> float:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from latentum.data.canvas import active_grid, active_index
-from latentum.data.frozenlake import ACTIONS
+from latentum.data.frozenlake import ACTIONS, read_canvas
 from latentum.data.vsp import DONE, EDGE, FELL, PLAN_PROMPT, TEXT_PLAN_PROMPT
 from latentum.generation.sampling import SamplingParams
 
@@ -96,7 +96,7 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     prompt = TEXT_PLAN_PROMPT if thoughts == "none" else PLAN_PROMPT
     dec.prefill([[prompt, c] for c in canvases])
     rows = torch.arange(B)  # which plan each decoder row belongs to
-    reread = _pixel_round_trip(api, g) if thoughts == "pixel" else None
+    pixel = _pixel_round_trip(api, g, [map_style(c, g) for c in canvases]) if thoughts == "pixel" else None
     V = dec.model.backbone.lm_head.out_features
     drafting = draft_thoughts and params.temperature == 0 and thoughts != "none" and oracle is None
     start = _board_codes(api, canvases, g) if drafting else None  # (B, N, G): the input maps' codes
@@ -151,6 +151,8 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             dec.feed_latents(ids.to(dec.next_pos.device))
         else:
             draft = board[rows] if drafting else None
+            live = rows.tolist()  # the plans this step's decoder rows belong to
+            reread = (lambda x: pixel(x, live)) if pixel else None
             ids = dec.think(params, generator, reread=reread, grid=g, draft=draft,
                             window=max(1, g * g // len(rows))).cpu()
             if drafting:
@@ -284,13 +286,23 @@ def _feed_some(dec, which: torch.Tensor, ids: torch.Tensor) -> None:
     dec.last = torch.where(which[:, None].to(last.device), dec.last, last)
 
 
-def _pixel_round_trip(api, g: int):
-    """ids -> pixel decoder -> canvas -> vision encoder -> MBAQ ids: the pixel-mediated baseline."""
+def map_style(canvas: np.ndarray, g: int) -> str | None:
+    """The look ("gymnasium" / "classic") of a g x g FrozenLake map canvas as the pixel oracle reads it, None if
+    it reads none (the codes do not carry the look, so the pixel decoder is told which one to draw)."""
+    try:
+        return read_canvas(canvas, g).style
+    except ValueError:
+        return None
+
+
+def _pixel_round_trip(api, g: int, styles: list[str | None]):
+    """ids -> pixel decoder -> canvas -> vision encoder -> MBAQ ids: the pixel-mediated baseline. Row r of a
+    plan's batch is drawn in ``styles[r]``, the look of its input map."""
     canvas, grid = api.canvas, api.config.encoder.grid
     index = torch.tensor(active_index(g, grid))
 
-    def reread(ids: torch.Tensor) -> torch.Tensor:
-        pixels = api.render_ids(ids)
+    def reread(ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        pixels = api.render_ids(ids, style=[styles[r] for r in rows])
         up = np.stack([np.asarray(Image.fromarray(p).resize((canvas, canvas), Image.BILINEAR)) for p in pixels])
         return api.model.image_ids(up)[:, index.to(api.model.device)]
 

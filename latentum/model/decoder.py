@@ -1,7 +1,7 @@
 """Pixel decoder (LatentUM §5): a diffusers UNet that renders images from MBAQ codes z_q, on demand only.
 
 Legend: B batch, R output resolution, S grid side (image tokens per row), N = S * S tokens, Dc code_dim
-(G * per-codebook dim, z_q before the up-projection), Cc cond_channels.
+(G * per-codebook dim, z_q before the up-projection), Cc cond_channels, K number of styles.
 
 Conditioning is spatial: tokens are raster-ordered patches, so LayerNorm + Linear(Dc -> Cc) per token laid out as a
 (B, Cc, S, S) map and nearest-upsampled to R lines each code up with the pixels it describes; the map is
@@ -9,12 +9,19 @@ concatenated to the noisy image as extra input channels. LatentUM conditions an 
 tokens; the channel-concatenated map is the small-UNet equivalent. The decoder never sees LLM states, so it
 trains separately (stage 3). Network and schedulers are diffusers; the scheduler is kept out of the module
 state (diffusers style) and rebuilt from the config.
+
+Style: MBAQ keeps what the planner needs, not the look, so the same board in the gymnasium and classic styles
+gets (nearly) the same codes and an unconditioned decoder draws a blend that matches neither. A style label
+(B,) in [0, K) picks the look through diffusers' class conditioning (``num_class_embeds``: an embedding added
+to the timestep embedding); label 0 is "none", the unknown style. A config with no ``styles`` (every decoder
+saved before this existed) builds the UNet without a class embedding and renders exactly as it did.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +38,8 @@ from latentum.losses.breakdown import LossBreakdown
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+KNOWN_STYLES = tuple(DecoderConfig().styles)
+"""Style names an unconditioned decoder still checks ``style`` against (it ignores them), so typos fail."""
 
 
 def _unet(cfg: DecoderConfig) -> UNet2DModel:
@@ -44,6 +53,7 @@ def _unet(cfg: DecoderConfig) -> UNet2DModel:
         down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
         norm_num_groups=groups, attention_head_dim=min(cfg.channels[-1], 32),
+        num_class_embeds=len(cfg.styles) or None,  # None: no class embedding, as before styles existed
     )
 
 
@@ -75,23 +85,70 @@ class PixelDecoder(nn.Module):
         c = rearrange(self.cond(codes), "b (h w) c -> b c h w", h=self.grid)  # (B, Cc, S, S)
         return F.interpolate(c, size=self.cfg.resolution, mode="nearest")  # (B, Cc, R, R)
 
-    def predict(self, noisy: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """One network call: noisy (B, 3, R, R), t (B,), cond (B, Cc, R, R) -> prediction (B, 3, R, R)."""
-        return self.unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t).sample
+    @property
+    def conditioned(self) -> bool:
+        """Whether the UNet takes a style label (False for decoders saved before style conditioning)."""
+        return bool(self.cfg.styles)
 
-    def loss(self, images: Tensor, codes: Tensor, generator: torch.Generator | None = None) -> LossBreakdown:
-        """images (B, 3, R, R) in [-1, 1], codes (B, N, Dc) -> MSE on the scheduler's prediction target at
-        uniformly random timesteps."""
+    def style_labels(self, style: str | None | Sequence[str | None], batch: int,
+                     argument: str = "style") -> Tensor | None:
+        """Style name(s) -> labels (B,) long for ``loss``/``render``: one name (or None, the unknown style) for
+        the whole batch, or one per image. An unconditioned decoder checks the names and returns None: it
+        draws as it always did. Unknown names raise a ValueError naming ``argument``."""
+        names = list(self.cfg.styles or KNOWN_STYLES)
+        if style is None or isinstance(style, str):
+            per_image = [style] * batch
+        elif isinstance(style, (list, tuple)):
+            per_image = list(style)
+        else:
+            raise TypeError(f"{argument} must be a style name, None or a list of them, got {type(style).__name__}")
+        if len(per_image) != batch:
+            raise ValueError(f"{argument}: expected one style or {batch} (one per image), got {len(per_image)}")
+        bad = [s for s in per_image if s is not None and s not in names]
+        if bad:
+            raise ValueError(f"{argument}: unknown style {bad[0]!r}; expected None or one of {names}")
+        if not self.conditioned:
+            return None
+        return torch.tensor([0 if s is None else names.index(s) for s in per_image], dtype=torch.long)
+
+    def _labels(self, styles: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        """Check ``styles`` (B,) long in [0, K) or None (-> all 0, the unknown style); None if unconditioned."""
+        if not self.conditioned:
+            if styles is not None:
+                raise ValueError("styles: this decoder has no style conditioning (its config has no styles; "
+                                 "saved before styles existed); pass styles=None")
+            return None
+        if styles is None:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        K = len(self.cfg.styles)
+        if styles.shape != (batch,) or styles.dtype != torch.long:
+            raise ValueError(f"styles must be a ({batch},) long tensor of style indices, got "
+                             f"{styles.dtype} {tuple(styles.shape)}")
+        if styles.numel() and not (0 <= int(styles.min()) and int(styles.max()) < K):
+            raise ValueError(f"styles must index decoder.styles={self.cfg.styles} (0..{K - 1}), "
+                             f"got {styles.tolist()}")
+        return styles.to(device)
+
+    def predict(self, noisy: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None = None) -> Tensor:
+        """One network call: noisy (B, 3, R, R), t (B,), cond (B, Cc, R, R), labels (B,) or None (unconditioned
+        decoder) -> prediction (B, 3, R, R)."""
+        return self.unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t, class_labels=labels).sample
+
+    def loss(self, images: Tensor, codes: Tensor, styles: Tensor | None = None,
+             generator: torch.Generator | None = None) -> LossBreakdown:
+        """images (B, 3, R, R) in [-1, 1], codes (B, N, Dc), styles (B,) long (``style_labels``; None = unknown)
+        -> MSE on the scheduler's prediction target at uniformly random timesteps."""
         R = self.cfg.resolution
         if images.dim() != 4 or images.shape[1:] != (3, R, R):
             raise ValueError(f"images must be (B, 3, {R}, {R}) in [-1, 1], got {tuple(images.shape)}")
         if codes.size(0) != images.size(0):
             raise ValueError(f"codes batch {codes.size(0)} must match images batch {images.size(0)}")
         B = images.size(0)
+        labels = self._labels(styles, B, images.device)
         noise = _randn(images.shape, generator, images.device)
         t = _randint(self.cfg.train_timesteps, B, generator, images.device)  # (B,)
         noisy = self.train_scheduler.add_noise(images, noise, t)
-        pred = self.predict(noisy, t, self.cond_map(codes))
+        pred = self.predict(noisy, t, self.cond_map(codes), labels)
         kind = self.cfg.prediction_type
         target = {"epsilon": noise, "sample": images}.get(kind)
         if target is None:  # v_prediction
@@ -100,20 +157,22 @@ class PixelDecoder(nn.Module):
         return LossBreakdown(mse, {"mse": mse.detach()})
 
     @torch.no_grad()
-    def render(self, codes: Tensor, steps: int | None = None,
+    def render(self, codes: Tensor, styles: Tensor | None = None, steps: int | None = None,
                generator: torch.Generator | None = None) -> np.ndarray:
-        """codes (B, N, Dc) -> uint8 (B, R, R, 3), deterministic DDIM (eta = 0); same seed, same pixels."""
+        """codes (B, N, Dc), styles (B,) long (``style_labels``; None = unknown) -> uint8 (B, R, R, 3),
+        deterministic DDIM (eta = 0); same seed, same pixels."""
         steps = self.cfg.inference_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         cond = self.cond_map(codes)
+        labels = self._labels(styles, codes.size(0), codes.device)
         scheduler = DDIMScheduler(**self._sched_kwargs)  # fresh per call: schedulers hold timestep state
         scheduler.set_timesteps(steps, device=codes.device)
         R = self.cfg.resolution
         x = _randn((codes.size(0), 3, R, R), generator, codes.device)
         for t in scheduler.timesteps:
             tt = t.expand(x.size(0))  # (B,)
-            x = scheduler.step(self.predict(x, tt, cond), t, x).prev_sample
+            x = scheduler.step(self.predict(x, tt, cond, labels), t, x).prev_sample
         pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, R, R)
         return rearrange(pixels, "b c h w -> b h w c").cpu().numpy()
 
@@ -134,7 +193,9 @@ class PixelDecoder(nn.Module):
                 raise FileNotFoundError(f"folder {str(folder)!r} has no {name}; "
                                         "expected a PixelDecoder.save_pretrained output")
         meta = json.loads((folder / CONFIG_NAME).read_text())
-        model = cls(DecoderConfig(**meta["decoder"]), code_dim=meta["code_dim"], grid=meta["grid"])
+        # A config.json without "styles" predates style conditioning: build it unconditioned, as it was trained.
+        cfg = DecoderConfig(**{"styles": [], **meta["decoder"]})
+        model = cls(cfg, code_dim=meta["code_dim"], grid=meta["grid"])
         model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
         return model.to(device)
 

@@ -119,6 +119,7 @@ class MBAQSystem(StageSystem):
     def _hidden(self, p: Packed, image_emb: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.backbone.embed(p.ids)
+        x = x + m.text_cell_embeddings(p.text_cells).to(x.dtype)
         B, T, D = x.shape
         emb = image_emb.reshape(-1, D)[p.inputs.src].to(x.dtype)
         x = x.reshape(B * T, D).index_copy(0, p.inputs.rows, emb).view(B, T, D)
@@ -179,7 +180,11 @@ class MoMESystem(StageSystem):
 
 
 class DecoderSystem(StageSystem):
-    """Stage 3: the pixel decoder learns codes -> pixels; it never sees the backbone."""
+    """Stage 3: the pixel decoder learns codes -> pixels; it never sees the backbone.
+
+    A batch is ``(pixels, styles)``: uint8 canvases (B, H, W, 3) and each image's render style
+    (``Sample.meta["style"]``; None for Shapes images, the decoder's "none"). A bare pixel tensor (a stream that
+    carries no styles) trains the unknown style only, with a warning: the decoder then cannot learn the looks."""
 
     def __init__(self, model: LatentUMModel, decoder_cfg: DecoderConfig, cfg: TrainConfig):
         super().__init__(cfg)
@@ -187,12 +192,29 @@ class DecoderSystem(StageSystem):
         q = model.cfg.quantizer
         self.decoder = PixelDecoder(decoder_cfg, code_dim=q.dim, grid=model.cfg.encoder.grid)
         set_trainable(model, [])
+        self._warned_styles = False
 
-    def losses(self, pixels: torch.Tensor) -> LossBreakdown:
+    def losses(self, batch) -> LossBreakdown:
+        pixels, styles = batch if isinstance(batch, (tuple, list)) else (batch, None)
         m, R = self.model, self.decoder.cfg.resolution
         with torch.no_grad():
             codes = m.quantizer.codes_from_ids(m.image_ids(pixels))
         x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
         if x.size(-1) != R:
             x = F.interpolate(x, size=(R, R), mode="area")
-        return self.decoder.loss(x.to(self.device), codes.float())
+        return self.decoder.loss(x.to(self.device), codes.float(), self._style_labels(styles, x.size(0)))
+
+    def _style_labels(self, styles: list[str | None] | None, batch: int) -> torch.Tensor | None:
+        """Per-image style names -> labels (B,), each replaced by 0 ("none") with probability
+        ``decoder.style_dropout`` so the unknown style keeps rendering boards; None for an unconditioned decoder."""
+        if styles is None and self.decoder.conditioned and not self._warned_styles:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            self._warned_styles = True
+            rank_zero_warn("decoder batches carry no styles: training the unknown style only; the image stream "
+                           "should yield (pixels, styles)")
+        labels = self.decoder.style_labels(styles, batch, argument="batch styles")
+        if labels is None:
+            return None
+        drop = torch.rand(batch) < self.decoder.cfg.style_dropout  # torch's RNG, seeded by Lightning
+        return labels.masked_fill(drop, 0).to(self.device)
