@@ -17,6 +17,7 @@ variant evaluated side by side:
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -151,8 +152,7 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             dec.feed_latents(ids.to(dec.next_pos.device))
         else:
             draft = board[rows] if drafting else None
-            live = rows.tolist()  # the plans this step's decoder rows belong to
-            reread = (lambda x: pixel(x, live)) if pixel else None
+            reread = functools.partial(pixel, rows=rows.tolist()) if pixel else None
             ids = dec.think(params, generator, reread=reread, grid=g, draft=draft,
                             window=max(1, g * g // len(rows))).cpu()
             if drafting:
