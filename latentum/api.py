@@ -182,26 +182,74 @@ class LatentUM:
 
     @torch.inference_mode()
     def render(self, latent: LatentImage | list[LatentImage], *, style: str | list[str | None] | None = None,
-               seed: int = 0, steps: int | None = None):
+               reference: LatentImage | list[LatentImage | None] | None = None, seed: int = 0,
+               steps: int | None = None):
         """Latent image(s) -> PIL image(s) through the pixel decoder (lazy-loaded on first use). ``style``: a name
         from the decoder's styles (``decoder.cfg.styles``, e.g. "gymnasium" or "classic") for all images, or one
-        per image; None = unknown (Shapes images; a FrozenLake board then comes out a blend of the looks)."""
+        per image; None = unknown (Shapes images; a FrozenLake board then comes out a blend of the looks).
+        ``reference``: the image each latent started from, of the same grid (a visual thought's plan input map,
+        the player on its start cell: MBAQ codes alias the player and the start stool, the reference tells them
+        apart), one for all or one per image; None = the image itself. A decoder trained without references
+        (``decoder.cfg.reference`` false) checks it and ignores it."""
         single = isinstance(latent, LatentImage)
         latents = [latent] if single else list(latent)
         if not latents or not all(isinstance(x, LatentImage) for x in latents):
             raise TypeError("latent must be a LatentImage or a list of LatentImage")
-        pixels = self.render_ids(torch.stack([x.ids for x in latents]), style=style, seed=seed, steps=steps)
+        if isinstance(reference, (list, tuple)):
+            bad = [i for i, r in enumerate(reference) if r is not None and not isinstance(r, LatentImage)]
+            if bad:
+                raise TypeError(f"reference[{bad[0]}] must be a LatentImage or None, got "
+                                f"{type(reference[bad[0]]).__name__}")
+            ref_ids = [None if r is None else r.ids for r in reference]
+        elif reference is None or isinstance(reference, LatentImage):
+            ref_ids = None if reference is None else reference.ids
+        else:
+            raise TypeError(f"reference must be a LatentImage, a list of them or None, got {type(reference).__name__}")
+        pixels = self.render_ids(torch.stack([x.ids for x in latents]), style=style, reference=ref_ids, seed=seed,
+                                 steps=steps)
         images = [Image.fromarray(p) for p in pixels]
         return images[0] if single else images
 
-    def render_ids(self, ids: torch.Tensor, *, style: str | list[str | None] | None = None, seed: int = 0,
+    def render_ids(self, ids: torch.Tensor, *, style: str | list[str | None] | None = None,
+                   reference: torch.Tensor | list[torch.Tensor | None] | None = None, seed: int = 0,
                    steps: int | None = None) -> np.ndarray:
         """Active-grid ids (B, g*g, G) -> uint8 pixels (B, R, R, 3); tokens outside the grid are background.
-        ``style`` as in ``render``; a decoder saved before style conditioning checks it and draws as it did."""
+        ``style`` as in ``render``; a decoder saved before style conditioning checks it and draws as it did.
+        ``reference``: ids of the image each started from (as in ``render``): (g*g, G) for all, (B, g*g, G), or a
+        list of B (g*g, G) / None; None = the image itself. A decoder without ``reference`` checks it, ignores it."""
         labels = self.decoder.style_labels(style, ids.size(0))  # (B,) or None; checked before any work
+        refs = self._reference_ids(reference, ids)  # (B, g*g, G) or None
         ids = self.model.full_canvas_ids(ids.to(self.model.device))
         codes = self.model.quantizer.codes_from_ids(ids)
-        return self.decoder.render(codes, labels, steps=steps, generator=_generator(seed))
+        ref_codes = None
+        if refs is not None and self.decoder.cfg.reference:
+            ref_codes = self.model.quantizer.codes_from_ids(self.model.full_canvas_ids(refs.to(self.model.device)))
+        return self.decoder.render(codes, labels, ref_codes, steps=steps, generator=_generator(seed))
+
+    @staticmethod
+    def _reference_ids(reference, ids: torch.Tensor) -> torch.Tensor | None:
+        """``render_ids``' reference -> ids (B, g*g, G) like ``ids`` (a None entry: that image's own), or None."""
+        if reference is None:
+            return None
+        B, shape = ids.size(0), tuple(ids.shape[1:])
+        if isinstance(reference, torch.Tensor):
+            reference = [reference] * B if reference.dim() == 2 else list(reference)
+        if not isinstance(reference, (list, tuple)):
+            raise TypeError(f"reference must be a tensor of ids, a list of them or None, got "
+                            f"{type(reference).__name__}")
+        if len(reference) != B:
+            raise ValueError(f"reference: expected one reference or {B} (one per image), got {len(reference)}")
+        out = []
+        for i, r in enumerate(reference):
+            if r is None:
+                r = ids[i]
+            elif not isinstance(r, torch.Tensor):
+                raise TypeError(f"reference[{i}] must be a tensor of ids or None, got {type(r).__name__}")
+            elif tuple(r.shape) != shape or r.dtype != ids.dtype:
+                raise ValueError(f"reference[{i}] must be ids of the same grid as the image, {ids.dtype} {shape}, "
+                                 f"got {r.dtype} {tuple(r.shape)}")
+            out.append(r.to(ids.device))
+        return torch.stack(out)
 
     # --- planning ---------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--max-steps", type=int, default=16)
     p.add_argument("--gif", default=None, help="write a GIF of the map and rendered visual thoughts here "
-                   "(thoughts drawn in the render style read from the map)")
+                   "(thoughts drawn in the render style read from the map, given the map as their reference)")
 
     p = sub.add_parser("generate", help="generate images from text (latent, then rendered)",
                        description="Text -> latent image tokens (classifier-free guidance) -> pixels.")

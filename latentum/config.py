@@ -196,6 +196,12 @@ class DecoderConfig:
     style_dropout: float = 0.1
     """Training: probability a FrozenLake image's style label is replaced by "none", so an unknown style still
     renders a board (the blend an unconditioned decoder draws) instead of an untrained one."""
+    reference: bool = False
+    """Also condition on a reference image's codes: the map a thought started from (an input map, the player on
+    its start cell). MBAQ codes alias the player and the start stool (a board with the two swapped has the same
+    code grid), so from a thought's codes alone no decoder can tell which of two such cells is the player; the
+    reference shows which one is the stool. An image without one (an input map, a Shapes image) is its own
+    reference. False: codes only, as every decoder saved before this existed."""
 
     def __post_init__(self):
         _check(self.prediction_type in ("epsilon", "sample", "v_prediction"),
@@ -207,6 +213,7 @@ class DecoderConfig:
         _check(not self.styles or self.styles[0] == "none",
                f"decoder.styles must start with \"none\" (index 0, the unknown style) or be empty, got {self.styles!r}")
         _check(0 <= self.style_dropout <= 1, f"decoder.style_dropout must be in [0, 1], got {self.style_dropout}")
+        _check(isinstance(self.reference, bool), f"decoder.reference must be true or false, got {self.reference!r}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from latentum.model.decoder import PixelDecoder
 CFG = DecoderConfig(resolution=16, channels=[8, 16], layers_per_block=1, cond_channels=4, train_timesteps=100,
                     inference_steps=3)
 PLAIN = DecoderConfig(**{**CFG.__dict__, "styles": []})  # unconditioned, like decoders saved before styles
+REF = DecoderConfig(**{**CFG.__dict__, "reference": True})  # conditioned on a reference image's codes too
 GRID, CODE = 4, 6
 
 
@@ -211,7 +212,7 @@ def test_old_format_folder_loads_unconditioned_and_renders_as_before(tmp_path):
     assert not plain.conditioned and plain.unet.class_embedding is None
     plain.save_pretrained(tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "config.json").read_text())
-    for key in ("styles", "style_dropout"):  # write the folder exactly as the old code did
+    for key in ("styles", "style_dropout", "reference"):  # write the folder exactly as the old code did
         del meta["decoder"][key]
     (tmp_path / "old" / "config.json").write_text(json.dumps(meta, indent=2))
     back = PixelDecoder.from_pretrained(tmp_path / "old").eval()
@@ -237,9 +238,11 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny" / "decode
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped decoder")
 def test_shipped_old_format_decoder_loads_unconditioned():
-    assert "styles" not in json.loads((SHIPPED / "config.json").read_text())["decoder"]
+    saved = json.loads((SHIPPED / "config.json").read_text())["decoder"]
+    assert "styles" not in saved and "reference" not in saved
     dec = PixelDecoder.from_pretrained(SHIPPED)  # strict load: no class embedding expected or found
     assert not dec.conditioned and dec.unet.class_embedding is None
+    assert not dec.cfg.reference and dec.unet.config.in_channels == 3 + dec.cfg.cond_channels
 
 
 def _debug_model():
@@ -300,3 +303,230 @@ def test_api_render_takes_a_style(untrained_model, tmp_path):
     for bad in ("classik", ["gymnasium"]):
         with pytest.raises(ValueError, match="style"):
             api.render_ids(ids, style=bad)
+
+
+# --- reference conditioning: a thought is drawn given the map it started from --------------------------------
+
+
+def loud_cond(dec):
+    """Scale the (random-init) code projection up so the conditioning map's effect on a render is visible."""
+    with torch.no_grad():
+        dec.cond[-1].weight.mul_(50)
+    return dec
+
+
+def test_reference_widens_the_conditioning_map_and_trains():
+    dec = make(REF)
+    assert dec.unet.config.in_channels == 3 + 2 * REF.cond_channels
+    assert dec.state_dict().keys() == make().state_dict().keys()  # one projection serves both code grids
+    images, codes = data()
+    _, other = data(seed=1)
+    assert dec.cond_map(codes, other).shape == (2, 2 * REF.cond_channels, 16, 16)
+    out = dec.loss(images, codes, reference=other)
+    assert torch.isfinite(out.total) and out.total.dim() == 0
+    out.total.backward()
+    assert dec.unet.conv_in.weight.grad[:, 3 + REF.cond_channels:].abs().sum() > 0  # the reference's channels
+
+
+def test_cond_map_stacks_the_codes_map_then_the_references():
+    dec = make(REF)
+    _, codes = data()
+    _, other = data(seed=1)
+    both = dec.cond_map(codes, other)
+    C = REF.cond_channels
+    assert torch.equal(both[:, :C], dec.cond_map(codes)[:, :C])
+    assert torch.equal(both[:, C:], dec.cond_map(other)[:, :C])
+
+
+def test_reference_changes_the_render_and_none_is_the_image_itself():
+    dec = loud_cond(make(REF)).eval()
+    _, codes = data()
+    _, other = data(seed=1)
+    own = dec.render(codes, generator=seeded())
+    assert np.array_equal(own, dec.render(codes, reference=codes, generator=seeded()))
+    assert np.array_equal(own, dec.render(codes, reference=codes.clone(), generator=seeded()))
+    assert not np.array_equal(own, dec.render(codes, reference=other, generator=seeded()))
+    styled = dec.render(codes, dec.style_labels("classic", 2), other, generator=seeded())
+    assert np.array_equal(styled, dec.render(codes, dec.style_labels("classic", 2), other, generator=seeded()))
+
+
+def test_bad_references():
+    dec, plain = make(REF), make()
+    images, codes = data()
+    with pytest.raises(ValueError, match="reference.*same shape"):
+        dec.loss(images, codes, reference=codes[:1])
+    with pytest.raises(ValueError, match="reference.*same shape"):
+        dec.render(codes, reference=codes[:, :-1])
+    with pytest.raises(ValueError, match="reference: this decoder has no reference"):
+        plain.render(codes, reference=codes)
+    with pytest.raises(ValueError, match="decoder.reference"):
+        DecoderConfig(reference="yes")
+
+
+def test_save_load_bit_identical_with_reference(tmp_path):
+    dec = loud_styles(loud_cond(make(REF))).eval()
+    dec.save_pretrained(tmp_path / "dec")
+    assert json.loads((tmp_path / "dec" / "config.json").read_text())["decoder"]["reference"] is True
+    back = PixelDecoder.from_pretrained(tmp_path / "dec").eval()
+    assert back.cfg == dec.cfg and back.cfg.reference
+    sd, sd2 = dec.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    _, codes = data()
+    _, other = data(seed=1)
+    for ref in (None, other):
+        labels = dec.style_labels(["gymnasium", "classic"], 2)
+        assert np.array_equal(dec.render(codes, labels, ref, generator=seeded()),
+                              back.render(codes, labels, ref, generator=seeded()))
+
+
+def test_style_era_folder_without_reference_loads_and_renders_as_before(tmp_path):
+    """A folder saved with styles but before references (no "reference" key) builds the 3 + Cc channel UNet it
+    was trained as, loads strictly and renders the same pixels."""
+    dec = loud_styles(make()).eval()
+    dec.save_pretrained(tmp_path / "styled")
+    meta = json.loads((tmp_path / "styled" / "config.json").read_text())
+    del meta["decoder"]["reference"]
+    (tmp_path / "styled" / "config.json").write_text(json.dumps(meta, indent=2))
+    back = PixelDecoder.from_pretrained(tmp_path / "styled").eval()
+    assert not back.cfg.reference and back.unet.config.in_channels == 3 + CFG.cond_channels
+    _, codes = data()
+    labels = dec.style_labels("classic", 2)
+    assert np.array_equal(back.render(codes, labels, generator=seeded()), dec.render(codes, labels, generator=seeded()))
+
+
+def test_decoder_system_encodes_each_images_reference(monkeypatch):
+    from latentum.config import TrainConfig
+    from latentum.train.systems import DecoderSystem
+
+    model, dcfg = _debug_model()
+    side = model.cfg.encoder.image_size
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, side, side, 3), dtype=torch.uint8, generator=g)
+    refs = torch.randint(0, 256, (3, side, side, 3), dtype=torch.uint8, generator=g)
+    system = DecoderSystem(model, DecoderConfig(**{**dcfg.__dict__, "reference": True}), TrainConfig())
+    seen = []
+    real = PixelDecoder.loss
+    monkeypatch.setattr(PixelDecoder, "loss", lambda self, *a, **k: seen.append(a) or real(self, *a, **k))
+    assert torch.isfinite(system.losses((pixels, ["gymnasium", None, "classic"], refs)).total)
+    with torch.no_grad():
+        want = model.quantizer.codes_from_ids(model.image_ids(refs)).float()
+    assert torch.allclose(seen[-1][3], want)
+    with pytest.warns(UserWarning, match="no references"):  # the two-part form: each image its own reference
+        assert torch.isfinite(system.losses((pixels, ["gymnasium", None, "classic"])).total)
+    assert seen[-1][3] is None
+    with pytest.raises(ValueError, match="batch references"):
+        system.losses((pixels, [None] * 3, refs[:, :8]))
+    with pytest.raises(ValueError, match="decoder batch"):
+        system.losses((pixels,))
+    plain = DecoderSystem(model, dcfg, TrainConfig())  # no reference: the stream's references are not encoded
+    assert torch.isfinite(plain.losses((pixels, [None] * 3, refs)).total) and seen[-1][3] is None
+
+
+def test_referenced_images_pair_each_plan_board_with_its_input_map():
+    from latentum.data import frozenlake as fl
+    from latentum.data.shapes import t2i_sample
+    from latentum.data.vsp import plan_sample
+    from latentum.train.data import ImageStream
+
+    rng = np.random.default_rng(0)
+    plan = plan_sample(rng, 4, "classic", canvas=64)
+    out = ImageStream.referenced(plan)
+    user = [x for x in plan.user if isinstance(x, np.ndarray)]
+    assert len(out) == len(plan.images) > 2 and len(user) == 1
+    assert all(im is want for (im, _, _), want in zip(out, plan.images))
+    assert all(style == "classic" and ref is user[0] for _, style, ref in out)
+    m = plan.meta["map"]
+    assert np.array_equal(user[0], fl.render_canvas(m, m.player, "classic", canvas=64))  # the player on the start
+    shapes = t2i_sample(rng, canvas=64)
+    assert [(im is ref, style) for im, style, ref in ImageStream.referenced(shapes)] == [(True, None)]
+
+
+@pytest.mark.parametrize("tasks", [{"vsp_plan": 1, "vsp_walk_look": 1}, {"shapes_t2i": 1}])
+def test_image_stream_yields_aligned_pixels_styles_and_references(tasks):
+    """Every FrozenLake image comes with the input map of its own board (same holes and goal, the player on the
+    start, drawn in the same style); a Shapes image is its own reference."""
+    from latentum.config import TrainConfig
+    from latentum.data import frozenlake as fl
+    from latentum.train.data import ImageStream
+
+    size, side = 3, 64
+    stream = iter(ImageStream(TrainConfig(batch_size=5, tasks=tasks, map_sizes=[size]), canvas=side))
+    moved = 0
+    for _ in range(3):
+        pixels, styles, refs = next(stream)
+        assert pixels.shape == refs.shape == (5, side, side, 3) and pixels.dtype == refs.dtype == torch.uint8
+        assert len(styles) == 5
+        for px, style, ref in zip(pixels.numpy(), styles, refs.numpy()):
+            if "shapes_t2i" in tasks:
+                assert style is None and np.array_equal(px, ref)
+                continue
+            start = fl.read_canvas(ref, size, style)
+            m = fl.LakeMap(size, start.holes, start.player, start.goal)
+            assert np.array_equal(ref, fl.render_canvas(m, m.player, style, canvas=side))
+            board = fl.read_canvas(px, size, style)
+            assert (board.holes, board.goal) == (m.holes, m.goal)
+            moved += not np.array_equal(px, ref)
+    assert moved > 0 or "shapes_t2i" in tasks
+
+
+def test_api_render_takes_a_reference(untrained_model, tmp_path):
+    import shutil
+
+    from latentum.api import LatentImage, LatentUM
+
+    folder = tmp_path / "model"
+    shutil.copytree(untrained_model, folder)
+    _, dcfg = _debug_model()
+    q = LatentUM.from_pretrained(folder).config.quantizer
+    grid = LatentUM.from_pretrained(folder).config.encoder.grid
+    torch.manual_seed(0)
+    loud_cond(PixelDecoder(DecoderConfig(**{**dcfg.__dict__, "reference": True}), q.dim, grid)).save_pretrained(
+        folder / "decoder")
+    api = LatentUM.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, q.codebook_size, (2, 9, q.codebooks), generator=g)  # two 3x3 thoughts
+    ref = torch.randint(0, q.codebook_size, (9, q.codebooks), generator=g)  # their 3x3 input map
+    own = api.render_ids(ids, style="classic")
+    assert np.array_equal(own, api.render_ids(ids, style="classic", reference=ids))  # None = the image itself
+    assert np.array_equal(own, api.render_ids(ids, style="classic", reference=[None, None]))
+    given = api.render_ids(ids, style="classic", reference=ref)
+    assert not np.array_equal(own, given)
+    assert np.array_equal(given, api.render_ids(ids, style="classic", reference=torch.stack([ref, ref])))
+    assert np.array_equal(given, api.render_ids(ids, style="classic", reference=[ref, ref]))
+    mixed = api.render_ids(ids, style="classic", reference=[ref, None])
+    assert np.array_equal(mixed[0], given[0]) and np.array_equal(mixed[1], own[1])
+    images = api.render([LatentImage(ids[0]), LatentImage(ids[1])], style="classic", reference=LatentImage(ref))
+    assert all(np.array_equal(np.asarray(im), px) for im, px in zip(images, given))
+    one = api.render(LatentImage(ids[0]), style="classic", reference=[LatentImage(ref)])
+    assert np.array_equal(np.asarray(one), given[0])
+    for bad, match in [(ref[:4], r"reference\[0\].*same grid"), (ref.float(), r"reference\[0\].*same grid"),
+                       ([ref], "one per image")]:
+        with pytest.raises(ValueError, match=match):
+            api.render_ids(ids, reference=bad)
+    for bad, match in [("map", "reference"), ([ref, "x"], r"reference\[1\]")]:
+        with pytest.raises(TypeError, match=match):
+            api.render_ids(ids, reference=bad)
+    with pytest.raises(TypeError, match=r"reference\[0\]"):
+        api.render(LatentImage(ids[0]), reference=[ref])  # ids where a LatentImage belongs
+    with pytest.raises(TypeError, match="reference"):
+        api.render(LatentImage(ids[0]), reference=ref)
+
+
+def test_api_reference_is_checked_and_ignored_without_reference_conditioning(untrained_model, tmp_path):
+    import shutil
+
+    from latentum.api import LatentUM
+
+    folder = tmp_path / "model"
+    shutil.copytree(untrained_model, folder)
+    _, dcfg = _debug_model()
+    api = LatentUM.from_pretrained(folder)
+    q = api.config.quantizer
+    torch.manual_seed(0)
+    loud_cond(PixelDecoder(dcfg, q.dim, api.config.encoder.grid)).save_pretrained(folder / "decoder")
+    api = LatentUM.from_pretrained(folder)
+    ids = torch.randint(0, q.codebook_size, (2, 9, q.codebooks))
+    ref = torch.randint(0, q.codebook_size, (9, q.codebooks))
+    assert np.array_equal(api.render_ids(ids), api.render_ids(ids, reference=ref))
+    with pytest.raises(ValueError, match="reference"):
+        api.render_ids(ids, reference=ref[:4])

@@ -206,3 +206,94 @@ def test_imagine_rejects_bad_moves(api):
         api.imagine(image, [])
     with pytest.raises(ValueError, match="one move sequence per image"):
         api.imagine_batch([image, image], ["R"])
+
+
+
+# --- the pixel-mediated planner: each thought is rendered (given its input map) and re-encoded before it is read
+
+
+@pytest.fixture(scope="module")
+def pixel_api(debug_run, tmp_path_factory):
+    """The debug model with a random-init reference decoder in place of its own (which has no reference)."""
+    import shutil
+
+    from latentum.config import DecoderConfig
+    from latentum.model.decoder import PixelDecoder
+
+    folder = tmp_path_factory.mktemp("pixel") / "model"
+    shutil.copytree(debug_run / "model", folder, ignore=shutil.ignore_patterns("decoder"))
+    trained = PixelDecoder.from_pretrained(debug_run / "model" / "decoder")
+    torch.manual_seed(0)
+    dec = PixelDecoder(DecoderConfig(**{**trained.cfg.__dict__, "reference": True}), trained.code_dim, trained.grid)
+    with torch.no_grad():
+        dec.cond[-1].weight.mul_(50)  # make the reference's effect on the render visible
+    dec.save_pretrained(folder / "decoder")
+    return LatentUM.from_pretrained(folder)
+
+
+def _well_formed(plans, sizes, codebooks):
+    for p, g in zip(plans, sizes):
+        assert len(p.actions) == len(p.thoughts) == len(p.looks) and set(p.actions) <= set(fl.ACTIONS)
+        for t in p.thoughts + [t for _, _, t in p.retracted]:
+            assert t.ids.shape == (g * g, codebooks) and t.ids.dtype == torch.long
+
+
+@torch.no_grad()
+def test_pixel_mediated_plans_on_the_debug_model_are_well_formed(debug_run):
+    api = LatentUM.from_pretrained(debug_run / "model")
+    assert api.decoder_path is not None and not api.decoder.cfg.reference  # it ignores the references
+    maps = _maps(2, size=4) + _maps(1, size=3)
+    images = [fl.render(m, style=s) for m, s in zip(maps, ["gymnasium", "classic", "classic"])]
+    plans = api.plan_batch(images, thoughts="pixel", max_steps=4)
+    assert len(plans) == 3
+    _well_formed(plans, [4, 4, 3], api.config.quantizer.codebooks)
+
+
+@torch.no_grad()
+def test_pixel_mediated_plans_draw_each_thought_given_its_own_input_map(pixel_api, monkeypatch):
+    """Every render of the round trip gets, per row, the codes of that row's input map (as the planner encoded
+    it), in the map's style; the plans are well formed."""
+    from latentum.api import load_image
+    from latentum.generation.planner import _board_codes
+
+    api = pixel_api
+    maps = _maps(3, size=4)
+    styles = ["gymnasium", "classic", "gymnasium"]
+    images = [fl.render(m, style=s) for m, s in zip(maps, styles)]
+    starts = _board_codes(api, [load_image(im, api.canvas) for im in images], 4)  # (3, 16, G)
+    assert len({tuple(x.flatten().tolist()) for x in starts}) == 3  # three different maps
+    calls = []
+    real = LatentUM.render_ids
+
+    def spy(self, ids, **kw):
+        calls.append((ids.cpu(), kw["style"], kw["reference"].cpu()))
+        return real(self, ids, **kw)
+
+    monkeypatch.setattr(LatentUM, "render_ids", spy)
+    plans = api.plan_batch(images, thoughts="pixel", max_steps=4)
+    _well_formed(plans, [4, 4, 4], api.config.quantizer.codebooks)
+    thoughts = [[t.ids for t in p.thoughts] + [t for _, _, t in p.retracted] for p in plans]
+    assert calls and sum(len(ids) for ids, _, _ in calls) == sum(len(t) for t in thoughts)
+    for ids, style, refs in calls:
+        for x, s, ref in zip(ids, style, refs):
+            r = next(i for i in range(3) if torch.equal(ref, starts[i]))  # the input map of row r ...
+            assert s == styles[r]  # ... drawn in its style ...
+            assert any(torch.equal(x, t) for t in thoughts[r])  # ... and the thought is row r's
+
+
+def test_pixel_round_trip_maps_batch_rows_to_their_plans_references(pixel_api, monkeypatch):
+    from latentum.generation.planner import _pixel_round_trip
+
+    api, G = pixel_api, pixel_api.config.quantizer.codebooks
+    refs = torch.stack([torch.full((9, G), i) for i in range(4)])  # row i's map: all codes i
+    seen = {}
+
+    def fake(self, ids, *, style=None, reference=None, **kw):
+        seen.update(style=style, reference=reference)
+        return np.zeros((len(ids), 16, 16, 3), np.uint8)
+
+    monkeypatch.setattr(LatentUM, "render_ids", fake)
+    reread = _pixel_round_trip(api, 3, ["gymnasium", "classic", None, "classic"], refs)
+    out = reread(torch.zeros(2, 9, G, dtype=torch.long), rows=[3, 1])  # rows 0 and 2 have finished
+    assert out.shape == (2, 9, G)
+    assert seen["style"] == ["classic", "classic"] and torch.equal(seen["reference"], refs[[3, 1]])

@@ -1,7 +1,8 @@
 """The main job: plan a few maps of each size and style with a trained model, print a table, write GIFs.
 
 Each GIF frame shows, side by side: the input map, the model's visual thought after the move (rendered by the
-pixel decoder, only for display) and the true simulated board after the same move.
+pixel decoder in the map's look, given the map as reference, only for display) and the true simulated board after
+the same move.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from latentum.data import frozenlake as fl
+from latentum.data.canvas import active_index
 from latentum.eval.vsp import look_checks
 
 DEMO_NAMESPACE = 31_337
@@ -49,13 +51,18 @@ def write_gif(path: str | Path, m: fl.LakeMap, style: str, actions: list[str], t
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=700, loop=0)
 
 
-def _rendered_thoughts(api, plan, style: str | None) -> list[np.ndarray]:
-    """The plan's thoughts rendered in ``style`` (the map's look; None = unknown); empty without a decoder."""
+def _rendered_thoughts(api, plan, style: str | None, canvas: np.ndarray) -> list[np.ndarray]:
+    """The plan's thoughts rendered in ``style`` (the map's look; None = unknown) given its input map ``canvas``
+    (the model-resolution image it planned from) as the reference: MBAQ codes alias the player and the start
+    stool, the map tells them apart (``DecoderConfig.reference``); empty without a decoder."""
     if not plan.thoughts or api.decoder_path is None:
         return []
     import torch
 
-    return list(api.render_ids(torch.stack([t.ids for t in plan.thoughts]), style=style))
+    thoughts = torch.stack([t.ids for t in plan.thoughts])  # (T, g*g, G)
+    index = active_index(plan.thoughts[0].grid, api.config.encoder.grid)
+    start = api.model.image_ids(canvas[None])[0, index].cpu()  # (g*g, G): the map's codes, as the planner saw it
+    return list(api.render_ids(thoughts, style=style, reference=start))
 
 
 def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: int = 0,
@@ -76,7 +83,7 @@ def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: 
                 gym = fl.simulate(m, plan.actions, "gym").success
                 strict = fl.simulate(m, plan.actions, "strict").success
                 gif = out / f"{style}_{size}x{size}_{i}.gif"
-                write_gif(gif, m, style, plan.actions, _rendered_thoughts(api, plan, style))
+                write_gif(gif, m, style, plan.actions, _rendered_thoughts(api, plan, style, canvas))
                 looks = look_checks(m, plan)
                 rows.append({"style": style, "size": size, "actions": plan.actions, "gym": gym,
                              "strict": strict, "seconds": sec, "taken_back": len(plan.retracted),
@@ -112,7 +119,8 @@ def plan_image(api, image_path: str, *, max_steps: int = 16, seed: int = 0, gif:
     plan = api.plan(canvas, max_steps=max_steps, seed=seed)
     gym, strict = fl.simulate(m, plan.actions, "gym"), fl.simulate(m, plan.actions, "strict")
     if gif:
-        write_gif(gif, m, state.style, plan.actions, _rendered_thoughts(api, plan, state.style))  # the look read
+        write_gif(gif, m, state.style, plan.actions,
+                  _rendered_thoughts(api, plan, state.style, canvas))  # the look read, the map seen
     verdict = "reaches the goal" if strict.success else f"fails ({strict.reason})"
     back = "".join(f"\ntook back {a} after {k} moves: its thought showed a fall" for k, a, _ in plan.retracted)
     looks = "".join(f"\nbefore {a}: looked around the player (left below right above): {look}"

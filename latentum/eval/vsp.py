@@ -86,7 +86,9 @@ def look_metrics(maps, plans) -> dict[str, float]:
 
 def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[str, float]:
     """Compare each thought with the simulated board after that move (pixel oracle and model reading); the
-    pixel oracle judges thoughts rendered in the eval's ``style``."""
+    pixel oracle judges thoughts rendered in the eval's ``style``, each given its plan's input map (encoded as
+    the planner saw it) as the reference: MBAQ codes alias the player and the start stool, the map tells them
+    apart (``DecoderConfig.reference``; a decoder without it ignores the map)."""
     from latentum.generation.interleaved import answer_latents
 
     ids, truth, questions, answers = [], [], [], []
@@ -109,8 +111,10 @@ def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[s
     if pixel_oracle and api.decoder_path is not None:
         ok = []
         for i in range(0, len(ids), 64):
-            pixels = api.render_ids(torch.stack(ids[i:i + 64]), style=style)  # drawn in the look the oracle reads
-            for img, (m, pos, _) in zip(pixels, truth[i:i + 64]):
+            chunk = truth[i:i + 64]
+            start = true_board_ids(api, [(m, m.player, None) for m, _, _ in chunk], style)  # the input maps' codes
+            pixels = api.render_ids(torch.stack(ids[i:i + 64]), style=style, reference=start)  # in the oracle's look
+            for img, (m, pos, _) in zip(pixels, chunk):
                 ok.append(fl.read_canvas(img, m.size, style) == fl.state_of(m, pos, style))
         out["fidelity_pixel"] = float(np.mean(ok))
     return out

@@ -97,7 +97,8 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     prompt = TEXT_PLAN_PROMPT if thoughts == "none" else PLAN_PROMPT
     dec.prefill([[prompt, c] for c in canvases])
     rows = torch.arange(B)  # which plan each decoder row belongs to
-    pixel = _pixel_round_trip(api, g, [map_style(c, g) for c in canvases]) if thoughts == "pixel" else None
+    pixel = (_pixel_round_trip(api, g, [map_style(c, g) for c in canvases], _board_codes(api, canvases, g))
+             if thoughts == "pixel" else None)
     V = dec.model.backbone.lm_head.out_features
     drafting = draft_thoughts and params.temperature == 0 and thoughts != "none" and oracle is None
     start = _board_codes(api, canvases, g) if drafting else None  # (B, N, G): the input maps' codes
@@ -295,14 +296,16 @@ def map_style(canvas: np.ndarray, g: int) -> str | None:
         return None
 
 
-def _pixel_round_trip(api, g: int, styles: list[str | None]):
+def _pixel_round_trip(api, g: int, styles: list[str | None], references: torch.Tensor):
     """ids -> pixel decoder -> canvas -> vision encoder -> MBAQ ids: the pixel-mediated baseline. Row r of a
-    plan's batch is drawn in ``styles[r]``, the look of its input map."""
+    plan's batch is drawn in ``styles[r]``, the look of its input map, given ``references[r]`` (N, G), the
+    input map's own codes: the codes alias the player and the start stool, the map tells them apart
+    (``DecoderConfig.reference``; a decoder without it ignores the map)."""
     canvas, grid = api.canvas, api.config.encoder.grid
     index = torch.tensor(active_index(g, grid))
 
     def reread(ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        pixels = api.render_ids(ids, style=[styles[r] for r in rows])
+        pixels = api.render_ids(ids, style=[styles[r] for r in rows], reference=references[rows])
         up = np.stack([np.asarray(Image.fromarray(p).resize((canvas, canvas), Image.BILINEAR)) for p in pixels])
         return api.model.image_ids(up)[:, index.to(api.model.device)]
 

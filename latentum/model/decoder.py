@@ -1,7 +1,8 @@
 """Pixel decoder (LatentUM §5): a diffusers UNet that renders images from MBAQ codes z_q, on demand only.
 
 Legend: B batch, R output resolution, S grid side (image tokens per row), N = S * S tokens, Dc code_dim
-(G * per-codebook dim, z_q before the up-projection), Cc cond_channels, K number of styles.
+(G * per-codebook dim, z_q before the up-projection), Cc cond_channels (the conditioning map has 2 Cc with a
+reference), K number of styles.
 
 Conditioning is spatial: tokens are raster-ordered patches, so LayerNorm + Linear(Dc -> Cc) per token laid out as a
 (B, Cc, S, S) map and nearest-upsampled to R lines each code up with the pixels it describes; the map is
@@ -15,6 +16,17 @@ gets (nearly) the same codes and an unconditioned decoder draws a blend that mat
 (B,) in [0, K) picks the look through diffusers' class conditioning (``num_class_embeds``: an embedding added
 to the timestep embedding); label 0 is "none", the unknown style. A config with no ``styles`` (every decoder
 saved before this existed) builds the UNet without a class embedding and renders exactly as it did.
+
+Reference: MBAQ codes alias the player and the start stool (a board with the two swapped has the same code grid;
+code (8,33) in the tiny model marks "player or stool"). An input map has one such cell, a thought after a move
+two, and from the thought's codes alone nothing tells which is the player. With ``reference`` the decoder also
+sees the codes of the image the thought started from (the plan's input map, player on the start cell): the
+(8,33) cell also present there is the stool. Both code grids go through the same LayerNorm + Linear and the two
+maps are concatenated, (B, 2 Cc, R, R): a code means the same thing in either, so equal codes give equal
+channels, which is what the UNet compares, and its first conv already weighs each copy on its own (a second
+projection would only give the reference its own Cc-dim view, and new parameter names). None as a
+reference means the image itself (an input map, a Shapes image). A config without ``reference`` (every decoder
+saved before it) builds the UNet with 3 + Cc input channels and renders exactly as it did.
 """
 
 from __future__ import annotations
@@ -47,8 +59,9 @@ def _unet(cfg: DecoderConfig) -> UNet2DModel:
     largest divisor shared by every width (<= 32), so tiny widths like 8/16 stay valid."""
     n = len(cfg.channels)
     groups = math.gcd(32, *cfg.channels)
+    cond = cfg.cond_channels * (2 if cfg.reference else 1)  # the codes' map (+ the reference's)
     return UNet2DModel(
-        sample_size=cfg.resolution, in_channels=3 + cfg.cond_channels, out_channels=3,
+        sample_size=cfg.resolution, in_channels=3 + cond, out_channels=3,
         block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
         down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
@@ -76,14 +89,26 @@ class PixelDecoder(nn.Module):
                                   prediction_type=cfg.prediction_type, timestep_spacing="trailing")
         self.train_scheduler = DDPMScheduler(**self._sched_kwargs)
 
-    def cond_map(self, codes: Tensor) -> Tensor:
-        """codes (B, N, Dc) -> conditioning map (B, Cc, R, R)."""
+    def cond_map(self, codes: Tensor, reference: Tensor | None = None) -> Tensor:
+        """codes (B, N, Dc), reference (B, N, Dc) or None (= codes) -> conditioning map (B, Cc, R, R), or
+        (B, 2 Cc, R, R) [codes' map, reference's map] for a ``reference`` decoder."""
         N = self.grid**2
         if codes.dim() != 3 or codes.shape[1:] != (N, self.code_dim):
             raise ValueError(f"codes must be (B, {N}, {self.code_dim}) (grid*grid tokens of z_q), "
                              f"got {tuple(codes.shape)}")
-        c = rearrange(self.cond(codes), "b (h w) c -> b c h w", h=self.grid)  # (B, Cc, S, S)
-        return F.interpolate(c, size=self.cfg.resolution, mode="nearest")  # (B, Cc, R, R)
+        if reference is not None:
+            if not self.cfg.reference:
+                raise ValueError("reference: this decoder has no reference conditioning (its config has "
+                                 "reference=false); pass reference=None")
+            if reference.shape != codes.shape:
+                raise ValueError(f"reference must be codes of the same shape as codes {tuple(codes.shape)} "
+                                 f"(the z_q of the image each one started from), got {tuple(reference.shape)}")
+        if self.cfg.reference:
+            codes = torch.cat([codes, codes if reference is None else reference.to(codes)])  # (2B, N, Dc)
+        c = rearrange(self.cond(codes), "b (h w) c -> b c h w", h=self.grid)  # (B or 2B, Cc, S, S)
+        if self.cfg.reference:
+            c = rearrange(c, "(two b) c h w -> b (two c) h w", two=2)  # (B, 2 Cc, S, S): codes, then reference
+        return F.interpolate(c, size=self.cfg.resolution, mode="nearest")  # (B, Cc or 2 Cc, R, R)
 
     @property
     def conditioned(self) -> bool:
@@ -130,14 +155,15 @@ class PixelDecoder(nn.Module):
         return styles.to(device)
 
     def predict(self, noisy: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None = None) -> Tensor:
-        """One network call: noisy (B, 3, R, R), t (B,), cond (B, Cc, R, R), labels (B,) or None (unconditioned
-        decoder) -> prediction (B, 3, R, R)."""
+        """One network call: noisy (B, 3, R, R), t (B,), cond (B, Cc or 2 Cc, R, R) (``cond_map``), labels (B,) or
+        None (unconditioned decoder) -> prediction (B, 3, R, R)."""
         return self.unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t, class_labels=labels).sample
 
-    def loss(self, images: Tensor, codes: Tensor, styles: Tensor | None = None,
+    def loss(self, images: Tensor, codes: Tensor, styles: Tensor | None = None, reference: Tensor | None = None,
              generator: torch.Generator | None = None) -> LossBreakdown:
-        """images (B, 3, R, R) in [-1, 1], codes (B, N, Dc), styles (B,) long (``style_labels``; None = unknown)
-        -> MSE on the scheduler's prediction target at uniformly random timesteps."""
+        """images (B, 3, R, R) in [-1, 1], codes (B, N, Dc), styles (B,) long (``style_labels``; None = unknown),
+        reference (B, N, Dc) codes of the image each started from (None = its own codes; ``reference`` decoders
+        only) -> MSE on the scheduler's prediction target at uniformly random timesteps."""
         R = self.cfg.resolution
         if images.dim() != 4 or images.shape[1:] != (3, R, R):
             raise ValueError(f"images must be (B, 3, {R}, {R}) in [-1, 1], got {tuple(images.shape)}")
@@ -148,7 +174,7 @@ class PixelDecoder(nn.Module):
         noise = _randn(images.shape, generator, images.device)
         t = _randint(self.cfg.train_timesteps, B, generator, images.device)  # (B,)
         noisy = self.train_scheduler.add_noise(images, noise, t)
-        pred = self.predict(noisy, t, self.cond_map(codes), labels)
+        pred = self.predict(noisy, t, self.cond_map(codes, reference), labels)
         kind = self.cfg.prediction_type
         target = {"epsilon": noise, "sample": images}.get(kind)
         if target is None:  # v_prediction
@@ -157,14 +183,15 @@ class PixelDecoder(nn.Module):
         return LossBreakdown(mse, {"mse": mse.detach()})
 
     @torch.no_grad()
-    def render(self, codes: Tensor, styles: Tensor | None = None, steps: int | None = None,
-               generator: torch.Generator | None = None) -> np.ndarray:
-        """codes (B, N, Dc), styles (B,) long (``style_labels``; None = unknown) -> uint8 (B, R, R, 3),
-        deterministic DDIM (eta = 0); same seed, same pixels."""
+    def render(self, codes: Tensor, styles: Tensor | None = None, reference: Tensor | None = None,
+               steps: int | None = None, generator: torch.Generator | None = None) -> np.ndarray:
+        """codes (B, N, Dc), styles (B,) long (``style_labels``; None = unknown), reference (B, N, Dc) (as in
+        ``loss``; None = the codes themselves) -> uint8 (B, R, R, 3), deterministic DDIM (eta = 0); same seed,
+        same pixels."""
         steps = self.cfg.inference_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        cond = self.cond_map(codes)
+        cond = self.cond_map(codes, reference)
         labels = self._labels(styles, codes.size(0), codes.device)
         scheduler = DDIMScheduler(**self._sched_kwargs)  # fresh per call: schedulers hold timestep state
         scheduler.set_timesteps(steps, device=codes.device)
@@ -194,6 +221,7 @@ class PixelDecoder(nn.Module):
                                         "expected a PixelDecoder.save_pretrained output")
         meta = json.loads((folder / CONFIG_NAME).read_text())
         # A config.json without "styles" predates style conditioning: build it unconditioned, as it was trained.
+        # One without "reference" predates reference conditioning: the default (False) builds it as trained.
         cfg = DecoderConfig(**{"styles": [], **meta["decoder"]})
         model = cls(cfg, code_dim=meta["code_dim"], grid=meta["grid"])
         model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))

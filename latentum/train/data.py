@@ -65,7 +65,12 @@ def packed_loader(cfg: TrainConfig, tok: TextTokenizer, canvas_grid: int, canvas
 
 
 class ImageStream(IterableDataset):
-    """Canvases for the pixel decoder: the images of samples drawn from the stage's task mixture."""
+    """Canvases for the pixel decoder: the images of samples drawn from the stage's task mixture, batched as
+    ``(pixels (B, H, W, 3) uint8, styles, references (B, H, W, 3) uint8)``: each image's render style
+    (``Sample.meta["style"]``; None for Shapes) and the image it started from. An assistant image's reference is
+    its sample's first user image (a plan's input map, the player on the start cell: the decoder tells the player
+    from the start stool by it, ``DecoderConfig.reference``); a user image, or one whose sample has no input
+    image (Shapes t2i), is its own reference."""
 
     def __init__(self, cfg: TrainConfig, canvas: int, rank: int = 0, restart: int = 0):
         self.inner = SampleStream(cfg, canvas, rank, restart)
@@ -74,7 +79,16 @@ class ImageStream(IterableDataset):
     def __iter__(self):
         buf = []
         for samples, _ in self.inner:
-            buf += [im for s in samples for im in s.images]
+            buf += [item for s in samples for item in self.referenced(s)]
             while len(buf) >= self.batch_size:
-                yield torch.from_numpy(np.stack(buf[:self.batch_size]))
-                buf = buf[self.batch_size:]
+                chunk, buf = buf[:self.batch_size], buf[self.batch_size:]
+                yield (torch.from_numpy(np.stack([im for im, _, _ in chunk])), [style for _, style, _ in chunk],
+                       torch.from_numpy(np.stack([ref for _, _, ref in chunk])))
+
+    @staticmethod
+    def referenced(sample: Sample) -> list[tuple[np.ndarray, str | None, np.ndarray]]:
+        """(image, style, reference) for each image of ``sample``, user images first, as ``Sample.images``."""
+        style = sample.meta.get("style")
+        user = [x for x in sample.user if isinstance(x, np.ndarray)]
+        assistant = [x for x in sample.assistant if isinstance(x, np.ndarray)]
+        return [(im, style, im) for im in user] + [(im, style, user[0] if user else im) for im in assistant]

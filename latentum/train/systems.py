@@ -182,9 +182,11 @@ class MoMESystem(StageSystem):
 class DecoderSystem(StageSystem):
     """Stage 3: the pixel decoder learns codes -> pixels; it never sees the backbone.
 
-    A batch is ``(pixels, styles)``: uint8 canvases (B, H, W, 3) and each image's render style
-    (``Sample.meta["style"]``; None for Shapes images, the decoder's "none"). A bare pixel tensor (a stream that
-    carries no styles) trains the unknown style only, with a warning: the decoder then cannot learn the looks."""
+    A batch is ``(pixels, styles, references)`` (``ImageStream``): uint8 canvases (B, H, W, 3), each image's
+    render style (``Sample.meta["style"]``; None for Shapes images, the decoder's "none") and the uint8 canvas it
+    started from (B, H, W, 3), encoded like the images (a ``reference`` decoder is conditioned on its codes). Older
+    forms still train: ``(pixels, styles)`` makes every image its own reference, and a bare pixel tensor also
+    trains the unknown style only; each warns once when the decoder would need what is missing."""
 
     def __init__(self, model: LatentUMModel, decoder_cfg: DecoderConfig, cfg: TrainConfig):
         super().__init__(cfg)
@@ -193,16 +195,47 @@ class DecoderSystem(StageSystem):
         self.decoder = PixelDecoder(decoder_cfg, code_dim=q.dim, grid=model.cfg.encoder.grid)
         set_trainable(model, [])
         self._warned_styles = False
+        self._warned_references = False
 
     def losses(self, batch) -> LossBreakdown:
-        pixels, styles = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        m, R = self.model, self.decoder.cfg.resolution
-        with torch.no_grad():
-            codes = m.quantizer.codes_from_ids(m.image_ids(pixels))
+        pixels, styles, references = self._unpack(batch)
+        R = self.decoder.cfg.resolution
+        codes, ref_codes = self._codes(pixels, references)
         x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
         if x.size(-1) != R:
             x = F.interpolate(x, size=(R, R), mode="area")
-        return self.decoder.loss(x.to(self.device), codes.float(), self._style_labels(styles, x.size(0)))
+        return self.decoder.loss(x.to(self.device), codes, self._style_labels(styles, x.size(0)), ref_codes)
+
+    @staticmethod
+    def _unpack(batch) -> tuple[torch.Tensor, list | None, torch.Tensor | None]:
+        """A batch in any form this system takes -> (pixels, styles or None, references or None)."""
+        if not isinstance(batch, (tuple, list)):
+            return batch, None, None
+        if len(batch) not in (2, 3):
+            raise ValueError(f"a decoder batch must be pixels, (pixels, styles) or (pixels, styles, references), "
+                             f"got a {type(batch).__name__} of {len(batch)}")
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+
+    @torch.no_grad()
+    def _codes(self, pixels: torch.Tensor, references: torch.Tensor | None):
+        """Frozen encoder + MBAQ: codes (B, N, Dc) of the images and of their references (None when the decoder
+        takes none, or the batch carries none: each image is then its own reference)."""
+        m = self.model
+        if not self.decoder.cfg.reference:
+            return m.quantizer.codes_from_ids(m.image_ids(pixels)).float(), None
+        if references is None:
+            if not self._warned_references:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                self._warned_references = True
+                rank_zero_warn("decoder batches carry no references: every image is its own; the image stream "
+                               "should yield (pixels, styles, references)")
+            return m.quantizer.codes_from_ids(m.image_ids(pixels)).float(), None
+        if references.shape != pixels.shape:
+            raise ValueError(f"batch references must be canvases like the pixels {tuple(pixels.shape)}, "
+                             f"got {tuple(references.shape)}")
+        both = m.quantizer.codes_from_ids(m.image_ids(torch.cat([pixels, references]))).float()  # (2B, N, Dc)
+        return both.chunk(2)
 
     def _style_labels(self, styles: list[str | None] | None, batch: int) -> torch.Tensor | None:
         """Per-image style names -> labels (B,), each replaced by 0 ("none") with probability
