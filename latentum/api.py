@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from latentum.config import ModelConfig, from_dict, to_dict
+from latentum.data.canvas import active_grid, active_index
 from latentum.data.tokenizer import TextTokenizer
 from latentum.generation.engine import Decoder
 from latentum.generation.sampling import GREEDY, SamplingParams
@@ -141,6 +142,15 @@ class LatentUM:
 
     def _image_item(self, image, argument: str):
         return image if isinstance(image, LatentImage) else load_image(image, self.canvas, argument)
+
+    @torch.inference_mode()
+    def image_latent(self, image) -> LatentImage:
+        """An image's own latent: the MBAQ codes of its active tokens (encoder -> quantizer), as a thought would
+        hold them; e.g. the ``reference`` of ``render`` for a plan's thoughts."""
+        canvas = load_image(image, self.canvas, "image")
+        grid = self.config.encoder.grid
+        index = torch.tensor(active_index(active_grid(canvas, grid), grid), device=self.model.device)
+        return LatentImage(self.model.image_ids(canvas[None])[0, index].cpu())
 
     # --- generation -------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -149,3 +149,19 @@ def test_neighbour_qa_is_evaluated_when_the_vocabulary_has_its_words(api):
     out = qa_metrics(api, 3, "classic", 2, seed=0)
     assert 0.0 <= out["vsp_neighbours"] <= 1.0
     assert out["perception"] == pytest.approx(np.mean([out[t] for t in QA_TASKS]))  # reported, not averaged in
+
+
+def test_an_image_latent_is_its_encoded_active_grid_and_renders_as_its_own_reference(api, lake):
+    from latentum.data.canvas import active_index
+
+    m, image = lake
+    latent = api.image_latent(image)
+    assert isinstance(latent, LatentImage) and latent.grid == m.size
+    canvas = fl.render_canvas(m, canvas=api.canvas, style="classic")
+    want = api.model.image_ids(canvas[None])[0, list(active_index(m.size, api.config.encoder.grid))].cpu()
+    assert torch.equal(latent.ids, want)
+    assert api.answer(latent, "Where is the player ?") == api.answer(latent, "Where is the player ?")
+    own = np.asarray(api.render(latent, style="classic", reference=latent))
+    assert np.array_equal(own, np.asarray(api.render(latent, style="classic")))  # None = its own codes
+    with pytest.raises(ValueError, match="image"):
+        api.image_latent(np.zeros((5, 5), np.uint8))
