@@ -237,12 +237,13 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny" / "decode
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped decoder")
-def test_shipped_old_format_decoder_loads_unconditioned():
+def test_shipped_decoder_draws_in_a_style_given_a_reference():
+    """The shipped decoder (configs/tiny_decoder.yaml) is conditioned on both: MBAQ codes carry neither the look
+    nor which "person" cell is the player."""
     saved = json.loads((SHIPPED / "config.json").read_text())["decoder"]
-    assert "styles" not in saved and "reference" not in saved
-    dec = PixelDecoder.from_pretrained(SHIPPED)  # strict load: no class embedding expected or found
-    assert not dec.conditioned and dec.unet.class_embedding is None
-    assert not dec.cfg.reference and dec.unet.config.in_channels == 3 + dec.cfg.cond_channels
+    assert saved["reference"] and {"gymnasium", "classic"} <= set(saved["styles"])
+    dec = PixelDecoder.from_pretrained(SHIPPED)  # strict load
+    assert dec.conditioned and dec.unet.config.in_channels == 3 + 2 * dec.cfg.cond_channels
 
 
 def _debug_model():
