@@ -160,7 +160,10 @@ def test_an_image_latent_is_its_encoded_active_grid_and_renders_as_its_own_refer
     canvas = fl.render_canvas(m, canvas=api.canvas, style="classic")
     want = api.model.image_ids(canvas[None])[0, list(active_index(m.size, api.config.encoder.grid))].cpu()
     assert torch.equal(latent.ids, want)
-    assert api.answer(latent, "Where is the player ?") == api.answer(latent, "Where is the player ?")
+    from latentum.generation.interleaved import answer_latents
+
+    q = "Where is the player ?"  # a LatentImage question (item by item) equals the batched latent path
+    assert api.answer(latent, q) == answer_latents(api, latent.ids[None], [q], max_new_tokens=16)[0]
     own = np.asarray(api.render(latent, style="classic", reference=latent))
     assert np.array_equal(own, np.asarray(api.render(latent, style="classic")))  # None = its own codes
     with pytest.raises(ValueError, match="image"):

@@ -49,6 +49,7 @@ def named_cells(ids: list[int], tok, grid: int = 8) -> list[int]:
     cells = [-1] * len(ids)
     for k in range(3, len(words)):
         row, r, col, c = words[k - 3:k + 1]
-        if row == "row" and col == "column" and f"{r}{c}".isdigit() and 1 <= int(r) <= grid >= int(c) >= 1:
+        if (row, col) == ("row", "column") and f"{r}{c}".isdigit() and max(int(r), int(c)) <= grid \
+                and min(int(r), int(c)) >= 1:
             cells[k] = (int(r) - 1) * grid + int(c) - 1
     return cells

@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from latentum.data import frozenlake as fl
-from latentum.data.canvas import active_index
 from latentum.eval.vsp import look_checks
 
 DEMO_NAMESPACE = 31_337
@@ -60,8 +59,7 @@ def _rendered_thoughts(api, plan, style: str | None, canvas: np.ndarray) -> list
     import torch
 
     thoughts = torch.stack([t.ids for t in plan.thoughts])  # (T, g*g, G)
-    index = active_index(plan.thoughts[0].grid, api.config.encoder.grid)
-    start = api.model.image_ids(canvas[None])[0, index].cpu()  # (g*g, G): the map's codes, as the planner saw it
+    start = api.image_latent(canvas).ids  # (g*g, G): the map's codes, as the planner saw it
     return list(api.render_ids(thoughts, style=style, reference=start))
 
 

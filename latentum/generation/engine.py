@@ -75,10 +75,16 @@ class Decoder:
     def feed_prompt_ids(self, ids: torch.Tensor):
         """Feed prompt text (B, T) through the und branch, with the cells its coordinates name
         (``ModelConfig.ground_coordinates``), as packing does for a training sample's user text."""
+        return self.feed(self._prompt_embeddings(ids))
+
+    def _prompt_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Prompt token ids (B, T) -> embeddings (B, T, D), grounded (``LatentUMModel.ground``) if the model is."""
+        x = self.model.backbone.embed(ids.to(self.model.device))
+        if not self.model.cfg.ground_coordinates:
+            return x
         grid = self.model.cfg.encoder.grid
         cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
-        x = self.model.backbone.embed(ids.to(self.model.device))
-        return self.feed(x + self.model.text_cell_embeddings(cells).to(x.dtype))
+        return self.model.ground(x, cells)
 
     def feed_latents(self, ids: torch.Tensor):
         """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read)."""
@@ -120,9 +126,7 @@ class Decoder:
                 src += [len(pixels) * grid**2 + i for i in active_index(g, grid)]
                 pixels.append(px)
         dev = self.model.device
-        cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
-        x = self.model.backbone.embed(ids.to(dev))
-        x = x + self.model.text_cell_embeddings(cells).to(x.dtype)
+        x = self._prompt_embeddings(ids)
         if pixels:
             D = x.size(-1)
             emb = self.model.input_embeddings(np.stack(pixels)).reshape(-1, D)  # (I*C, D)

@@ -97,11 +97,11 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
     prompt = TEXT_PLAN_PROMPT if thoughts == "none" else PLAN_PROMPT
     dec.prefill([[prompt, c] for c in canvases])
     rows = torch.arange(B)  # which plan each decoder row belongs to
-    pixel = (_pixel_round_trip(api, g, [map_style(c, g) for c in canvases], _board_codes(api, canvases, g))
-             if thoughts == "pixel" else None)
     V = dec.model.backbone.lm_head.out_features
     drafting = draft_thoughts and params.temperature == 0 and thoughts != "none" and oracle is None
-    start = _board_codes(api, canvases, g) if drafting else None  # (B, N, G): the input maps' codes
+    maps = _board_codes(api, canvases, g) if drafting or thoughts == "pixel" else None  # (B, N, G) input maps
+    pixel = _pixel_round_trip(api, g, [map_style(c, g) for c in canvases], maps) if thoughts == "pixel" else None
+    start = maps if drafting else None  # the first thought's draft
     board = start.clone() if drafting else None  # each row's latest board: the draft of its next thought
 
     def moves_left(rs: list[int], extra: list[int]) -> torch.Tensor:

@@ -120,14 +120,15 @@ class LatentUMModel(nn.Module):
             fills.append((p.gen_blocks, self.latent_embeddings(latent_ids, no_cell)))
         for slots, emb in fills:  # emb (I, C, D) over the whole canvas; take the active tokens
             x = x.index_copy(0, slots.rows, emb.reshape(-1, D)[slots.src].to(x.dtype))
-        x = x.view(B, T, D) + self.cell_pos(p.gen_cells).to(x.dtype)
-        return x + self.text_cell_embeddings(p.text_cells).to(x.dtype)
+        return self.ground(x.view(B, T, D) + self.cell_pos(p.gen_cells).to(x.dtype), p.text_cells)
 
-    def text_cell_embeddings(self, cells: torch.Tensor) -> torch.Tensor:
-        """(B, T) cells named in prompt text (``canvas.named_cells``) -> (B, T, D): their position embeddings with
-        ``ground_coordinates``, else zeros (models trained without it read coordinates as plain words)."""
-        emb = self.cell_pos(cells.to(self.device))
-        return emb if self.cfg.ground_coordinates else torch.zeros_like(emb)
+    def ground(self, x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Token embeddings x (B, T, D) plus the position embeddings of the cells their prompt text names
+        (``canvas.named_cells``, (B, T), -1: none) with ``ground_coordinates``; x itself without (models trained
+        without it read coordinates as plain words)."""
+        if not self.cfg.ground_coordinates:
+            return x
+        return x + self.cell_pos(cells.to(x.device)).to(x.dtype)
 
     def forward_packed(self, p: Packed, *, code_noise: float = 0.0, with_aia: bool = False,
                        generator: torch.Generator | None = None) -> PackedForward:

@@ -118,8 +118,7 @@ class MBAQSystem(StageSystem):
 
     def _hidden(self, p: Packed, image_emb: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x = m.backbone.embed(p.ids)
-        x = x + m.text_cell_embeddings(p.text_cells).to(x.dtype)
+        x = m.ground(m.backbone.embed(p.ids), p.text_cells)
         B, T, D = x.shape
         emb = image_emb.reshape(-1, D)[p.inputs.src].to(x.dtype)
         x = x.reshape(B * T, D).index_copy(0, p.inputs.rows, emb).view(B, T, D)
