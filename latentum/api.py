@@ -263,28 +263,32 @@ class LatentUM:
 
     # --- planning ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def plan(self, image, *, max_steps: int = 16, seed: int = 0, sampling: SamplingParams = GREEDY,
-             heed_looks: bool = True):
-        """Plan a FrozenLake map: returns a Plan with ``actions`` (L/D/R/U) and ``thoughts`` (LatentImage).
+    def plan(self, image, *, max_steps: int | None = None, seed: int = 0, sampling: SamplingParams = GREEDY,
+             heed_looks: bool = True, avoid_revisits: bool = True):
+        """Plan a FrozenLake map: returns a Plan with ``actions`` (L/D/R/U) and ``thoughts`` (LatentImage), at
+        most ``max_steps`` moves (None: 4 per cell of the map's side, ``planner.STEPS_PER_SIDE``).
         ``heed_looks`` (default): never move where the model's own look just named a hole or the edge (when it
-        looks and another move is left; ``generation.planner``); False lets the model choose freely."""
+        looks and another move is left; ``generation.planner``); False lets the model choose freely.
+        ``avoid_revisits`` (default): never move back to a cell the plan already stood on (counted from the
+        moves alone) while a move to a new cell is left."""
         return self.plan_batch([image], max_steps=max_steps, seed=seed, sampling=sampling,
-                               heed_looks=heed_looks)[0]
+                               heed_looks=heed_looks, avoid_revisits=avoid_revisits)[0]
 
     @torch.inference_mode()
-    def plan_batch(self, images: list, *, max_steps: int = 16, seed: int = 0,
+    def plan_batch(self, images: list, *, max_steps: int | None = None, seed: int = 0,
                    sampling: SamplingParams = GREEDY, thoughts: str = "latent", heed_looks: bool = True,
-                   draft_thoughts: bool = True):
+                   draft_thoughts: bool = True, avoid_revisits: bool = True):
         """Plan several maps (batched by size). ``thoughts``: "latent" (ours), "pixel" (each thought rendered and
         re-encoded before it is read) or "none" (text only). ``draft_thoughts``: check each greedy thought
         against the board before it, several tokens per forward (the same thoughts, a few times faster)."""
         from latentum.generation.planner import plan_rows
 
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be None (4 moves per cell of the map's side) or an int >= 1, "
+                             f"got {max_steps!r}")
         canvases = [load_image(im, self.canvas, f"images[{i}]") for i, im in enumerate(images)]
         return plan_rows(self, canvases, max_steps, sampling, _generator(seed), thoughts, heed_looks=heed_looks,
-                         draft_thoughts=draft_thoughts)
+                         draft_thoughts=draft_thoughts, avoid_revisits=avoid_revisits)
 
     def imagine(self, image, actions: list[str] | str, *, seed: int = 0, sampling: SamplingParams = GREEDY):
         """Follow the given moves on a FrozenLake map (e.g. "R D D" or ["R", "D", "D"]): the model looks before

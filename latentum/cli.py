@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heed-looks", action=argparse.BooleanOptionalAction, default=True,
                    help="hold every planner to its own looks: no move into a cell it just named a hole or the edge "
                         "(default; --no-heed-looks scores free choices)")
+    p.add_argument("--avoid-revisits", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep every planner off cells its plan already stood on while a move to a new cell is left "
+                        "(default; --no-avoid-revisits lets plans pace back and forth)")
     p.add_argument("--oracle-thoughts", action="store_true",
                    help="also plan with the true next boards as thoughts (a diagnostic: thought errors vs move choice)")
     p.add_argument("--latency-maps", type=int, default=5,
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Plan a FrozenLake map image (gymnasium or classic gym render, 64 px per cell).")
     p.add_argument("image", help="path to the map image (PNG/JPEG)")
     _add_model(p)
-    p.add_argument("--max-steps", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="most moves in the plan (default: 4 per cell of the map's side, 32 on 8x8)")
     p.add_argument("--gif", default=None, help="write a GIF of the map and rendered visual thoughts here "
                    "(thoughts drawn in the render style read from the map, given the map as their reference)")
 
@@ -126,7 +130,7 @@ def cmd_eval(args) -> int:
     report = evaluate_vsp(_load(args), levels=args.levels, styles=args.styles, per_level=args.per_level,
                           seed=args.seed, text_model=args.text_model, pixel=args.pixel,
                           latency_maps=args.latency_maps, oracle=args.oracle_thoughts,
-                          heed_looks=args.heed_looks)
+                          heed_looks=args.heed_looks, avoid_revisits=args.avoid_revisits)
     print_report(report)
     if args.out:
         import json

@@ -297,3 +297,52 @@ def test_pixel_round_trip_maps_batch_rows_to_their_plans_references(pixel_api, m
     out = reread(torch.zeros(2, 9, G, dtype=torch.long), rows=[3, 1])  # rows 0 and 2 have finished
     assert out.shape == (2, 9, G)
     assert seen["style"] == ["classic", "classic"] and torch.equal(seen["reference"], refs[[3, 1]])
+
+
+def test_fresh_moves_are_those_to_a_cell_the_plan_has_not_stood_on():
+    from latentum.generation.planner import _fresh_moves
+
+    ids = [10, 11, 12, 13]  # L D R U
+    fresh = _fresh_moves([["R", "D", "L"], []], ids, 16)  # cells (0,0) (0,1) (1,1) (1,0); then just (0,0)
+    assert fresh[0, ids].tolist() == [True, True, False, False]  # R and U go back
+    assert fresh[1, ids].tolist() == [True, True, True, True]
+    assert not fresh[:, :10].any() and not fresh[:, 14:].any()
+
+
+@torch.no_grad()
+def test_avoid_revisits_keeps_a_model_that_turns_back_on_new_cells(api, monkeypatch):
+    """A model that looks, then always favours the move undoing its last one: free, it paces back and forth;
+    with ``avoid_revisits`` it never steps on a cell of its plan twice (a new cell is always left here)."""
+    tok = api.tokenizer
+    looks = [tok.token_to_id(w) for w in ("F", "H", "G", "S", "Edge")]
+    moves = [tok.token_to_id(a) for a in fl.ACTIONS]
+    back = {moves[i]: moves[j] for i, j in ((0, 2), (1, 3), (2, 0), (3, 1))}
+    real, real_feed_ids = Decoder.text_logits, Decoder.feed_ids
+
+    def text_logits(self):
+        logits = real(self)
+        top = logits.max(-1).values + 1.0
+        last = getattr(self, "_last_ids", None)
+        if last is None or not torch.isin(last, torch.tensor(looks)).any():
+            logits[:, looks[0]] = top
+        for r, m in enumerate(getattr(self, "_last_move", [None] * self.batch)):
+            logits[r, back.get(m, moves[2])] = top[r] + 1.0
+        logits[:, tok.token_to_id("Done")] = -1e9
+        return logits
+
+    def feed_ids(self, ids, *args, **kwargs):
+        self._last_ids = ids[:, -1].cpu()
+        prev = getattr(self, "_last_move", [None] * ids.shape[0])
+        self._last_move = [t if t in moves else p for t, p in zip(self._last_ids.tolist(), prev)]
+        return real_feed_ids(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "text_logits", text_logits)
+    monkeypatch.setattr(Decoder, "feed_ids", feed_ids)
+    images = [fl.render(m) for m in _maps(2)]
+    for avoid in (False, True):
+        for plan in api.plan_batch(images, max_steps=5, heed_looks=False, avoid_revisits=avoid):
+            cells = [(0, 0)]
+            for a in plan.actions:
+                cells.append(fl.displace(cells[-1], a))
+            assert len(plan.actions) == 5
+            assert (len(set(cells)) == len(cells)) == avoid, (avoid, plan.actions)

@@ -132,11 +132,16 @@ def _check_action(action: str, name: str = "action") -> None:
         raise ValueError(f"{name} must be one of {ACTIONS}, got {action!r}")
 
 
-def move(m: LakeMap, pos: Pos, action: str) -> Pos:
-    """The cell after one move; moving off the grid leaves the player where it is (gym semantics)."""
+def displace(pos: Pos, action: str) -> Pos:
+    """The cell one move from ``pos`` on an unbounded grid (no map: off-grid cells are returned as they are)."""
     _check_action(action)
     dr, dc = _DELTAS[action]
-    r, c = pos[0] + dr, pos[1] + dc
+    return pos[0] + dr, pos[1] + dc
+
+
+def move(m: LakeMap, pos: Pos, action: str) -> Pos:
+    """The cell after one move; moving off the grid leaves the player where it is (gym semantics)."""
+    r, c = displace(pos, action)
     return (r, c) if 0 <= r < m.size and 0 <= c < m.size else tuple(pos)
 
 

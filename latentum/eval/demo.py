@@ -102,7 +102,7 @@ def _fraction(right: int, total: int) -> str:
     return f"{right}/{total}" if total else "-"
 
 
-def plan_image(api, image_path: str, *, max_steps: int = 16, seed: int = 0, gif: str | None = None) -> str:
+def plan_image(api, image_path: str, *, max_steps: int | None = None, seed: int = 0, gif: str | None = None) -> str:
     """Plan a user's map image; the map read from the pixels (oracle) is used to check and animate the plan."""
     from latentum.api import load_image
 

@@ -137,7 +137,7 @@ def latent_match(api, ids: list[torch.Tensor], truth: list, style: str) -> float
     return float(np.mean(ok))
 
 
-def oracle_plans(api, maps, style: str, heed_looks: bool = True) -> list:
+def oracle_plans(api, maps, style: str, heed_looks: bool = True, avoid_revisits: bool = True) -> list:
     """Plans whose thoughts are the true next boards (rendered, encoded) instead of generated ones: the
     success the planner's move choice reaches when every visual thought is right (a diagnostic, not a planner)."""
     from latentum.generation.planner import plan_rows
@@ -153,7 +153,8 @@ def oracle_plans(api, maps, style: str, heed_looks: bool = True) -> list:
         return true_board_ids(api, truth, style)
 
     canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
-    return plan_rows(api, canvases, 16, GREEDY, None, thoughts="latent", oracle=oracle, heed_looks=heed_looks)
+    return plan_rows(api, canvases, None, GREEDY, None, thoughts="latent", oracle=oracle, heed_looks=heed_looks,
+                     avoid_revisits=avoid_revisits)
 
 
 def extra_qa_tasks(tok) -> tuple[str, ...]:
@@ -215,12 +216,12 @@ def imagined_safety(api, samples) -> float:
     return float(np.mean([a == s.meta["answer"] for a, s in zip(said, samples)]))
 
 
-def latency(api, canvases, thoughts: str, n: int, heed_looks: bool = True) -> dict[str, float]:
+def latency(api, canvases, thoughts: str, n: int, **rules) -> dict[str, float]:
     """Batch-1 wall time on the first ``n`` maps: median seconds per plan and per move."""
     per_plan, per_step = [], []
     for c in canvases[:n]:
         t0 = time.perf_counter()
-        plan = api.plan_batch([c], thoughts=thoughts, heed_looks=heed_looks)[0]
+        plan = api.plan_batch([c], thoughts=thoughts, **rules)[0]
         dt = time.perf_counter() - t0
         per_plan.append(dt)
         per_step.append(dt / max(1, len(plan.actions)))
@@ -231,10 +232,12 @@ def latency(api, canvases, thoughts: str, n: int, heed_looks: bool = True) -> di
 
 def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic"), per_level: int = 100,
                  seed: int = 0, text_model: str | None = None, pixel: bool = False,
-                 latency_maps: int = 5, oracle: bool = False, heed_looks: bool = True) -> dict:
+                 latency_maps: int = 5, oracle: bool = False, heed_looks: bool = True,
+                 avoid_revisits: bool = True) -> dict:
     from latentum.api import LatentUM
 
     text_api = LatentUM.from_pretrained(text_model) if text_model else None
+    rules = {"heed_looks": heed_looks, "avoid_revisits": avoid_revisits}  # every planner plays by the same rules
     rows = []
     for style in styles:
         for level in tqdm(levels, desc=f"eval vsp ({style})"):
@@ -242,30 +245,30 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
             canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
             row = {"style": style, "level": level, "maps": len(maps),
                    "distinct_maps": len({(m.holes, m.player, m.goal) for m in maps})}
-            plans = api.plan_batch(canvases, thoughts="latent", heed_looks=heed_looks)
+            plans = api.plan_batch(canvases, thoughts="latent", **rules)
             row["latent"] = {**plan_metrics(maps, plans), **takeback_metrics(maps, plans), **look_metrics(maps, plans),
                              **thought_fidelity(api, maps, plans, style, True),
-                             **latency(api, canvases, "latent", latency_maps, heed_looks),
+                             **latency(api, canvases, "latent", latency_maps, **rules),
                              "steps": float(np.mean([len(p.actions) for p in plans]))}
             row["qa"] = qa_metrics(api, level, style, per_level, seed)
             if text_api is not None:
-                tplans = text_api.plan_batch(canvases, thoughts="none", heed_looks=heed_looks)
+                tplans = text_api.plan_batch(canvases, thoughts="none", **rules)
                 row["text"] = {**plan_metrics(maps, tplans), **look_metrics(maps, tplans),
-                               **latency(text_api, canvases, "none", latency_maps, heed_looks),
+                               **latency(text_api, canvases, "none", latency_maps, **rules),
                                "steps": float(np.mean([len(p.actions) for p in tplans]))}
             if pixel:
-                pplans = api.plan_batch(canvases, thoughts="pixel", heed_looks=heed_looks)
+                pplans = api.plan_batch(canvases, thoughts="pixel", **rules)
                 row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans),
                                 **look_metrics(maps, pplans),
-                                **latency(api, canvases, "pixel", latency_maps, heed_looks),
+                                **latency(api, canvases, "pixel", latency_maps, **rules),
                                 "steps": float(np.mean([len(p.actions) for p in pplans]))}
             if oracle:
-                oplans = oracle_plans(api, maps, style, heed_looks)
+                oplans = oracle_plans(api, maps, style, **rules)
                 row["oracle"] = {**plan_metrics(maps, oplans), "sec_per_plan": float("nan"),
                                  "sec_per_step": float("nan"),
                                  "steps": float(np.mean([len(p.actions) for p in oplans]))}
             rows.append(row)
-    return {"rows": rows, "summary": summarize(rows), "heed_looks": heed_looks}
+    return {"rows": rows, "summary": summarize(rows), **rules}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -292,6 +295,9 @@ def print_report(report: dict) -> None:
     print(format_table(report["rows"]))
     if "heed_looks" in report:
         print(f"\nplanners held to their own looks (heed_looks): {'yes' if report['heed_looks'] else 'no'}")
+    if "avoid_revisits" in report:
+        print(f"planners kept off cells their plan already stood on (avoid_revisits): "
+              f"{'yes' if report['avoid_revisits'] else 'no'}")
     for style, s in report["summary"].items():
         print(f"\n[{style}] overall")
         for planner in PLANNERS:

@@ -18,6 +18,7 @@ variant evaluated side by side:
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 
 from latentum.data.canvas import active_grid, active_index
-from latentum.data.frozenlake import ACTIONS, read_canvas
+from latentum.data.frozenlake import ACTIONS, displace, read_canvas
 from latentum.data.vsp import DONE, EDGE, FELL, PLAN_PROMPT, TEXT_PLAN_PROMPT
 from latentum.generation.sampling import SamplingParams
 
@@ -35,6 +36,9 @@ LOOK_ORDER = ACTIONS
 """A look names the cell after each move, in this order (``vsp.neighbour_words``)."""
 LOOK_WORDS = ("F", "H", "G", "S", EDGE)
 """What a look may name: ice, hole, goal, start (plain ice once the player has left it), off the grid."""
+STEPS_PER_SIDE = 4
+"""The default move budget of a plan, per cell of the map's side: 32 on 8x8, twice the 14 moves of a corner to
+corner path (the longest shortest path among 200 fresh 8x8 maps is 19 moves)."""
 HAZARDS = ("H", EDGE)
 """Look words that end a plan under the strict rule: with ``heed_looks`` the planner avoids moving there."""
 
@@ -54,10 +58,11 @@ class Plan:
     seconds: float = 0.0
 
 
-def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingParams, generator,
+def plan_rows(api, canvases: list[np.ndarray], max_steps: int | None, params: SamplingParams, generator,
               thoughts: str = "latent", oracle=None, heed_looks: bool = False,
-              draft_thoughts: bool = True) -> list[Plan]:
-    """Plan every canvas; rows are batched by map size (maps of one size share the thought length).
+              draft_thoughts: bool = True, avoid_revisits: bool = False) -> list[Plan]:
+    """Plan every canvas; rows are batched by map size (maps of one size share the thought length). A plan
+    stops at "Done" or after ``max_steps`` kept moves (None: ``STEPS_PER_SIDE`` per cell of the map's side).
 
     ``oracle`` (evaluation only) replaces the generated thoughts: ``oracle(rows, actions) -> ids (B, N, G)`` gives
     the true board of each canvas in ``rows`` after its ``actions``, which the model reads instead of imagining."""
@@ -66,8 +71,9 @@ def plan_rows(api, canvases: list[np.ndarray], max_steps: int, params: SamplingP
     plans: list[Plan | None] = [None] * len(canvases)
     for g, idx in sorted(_by_size(canvases, api.config.encoder.grid).items()):
         row_oracle = (lambda rows, actions, idx=idx: oracle([idx[r] for r in rows], actions)) if oracle else None
-        for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, max_steps, params, generator, thoughts,
-                                    row_oracle, heed_looks, draft_thoughts), idx):
+        steps = STEPS_PER_SIDE * g if max_steps is None else max_steps
+        for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, steps, params, generator, thoughts,
+                                    row_oracle, heed_looks, draft_thoughts, avoid_revisits), idx):
             plans[i] = p
     return plans
 
@@ -81,7 +87,8 @@ def _by_size(canvases: list[np.ndarray], grid: int) -> dict[int, list[int]]:
 
 
 def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, generator,
-                thoughts: str, oracle=None, heed_looks: bool = False, draft_thoughts: bool = True) -> list[Plan]:
+                thoughts: str, oracle=None, heed_looks: bool = False, draft_thoughts: bool = True,
+                avoid_revisits: bool = False) -> list[Plan]:
     from latentum.api import LatentImage
 
     t0 = time.perf_counter()
@@ -111,10 +118,17 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             allowed[i, [t for t in move_ids if t not in banned[r]] + extra] = True
         return allowed
 
+    def prefer_fresh(rs: list[int], allowed: torch.Tensor) -> torch.Tensor:
+        """``allowed`` (len(rs), V) with its moves cut to those onto a new cell (``avoid_revisits``), if any."""
+        if not avoid_revisits:
+            return allowed
+        return _prefer(allowed, _fresh_moves([plans[r].actions for r in rs], move_ids, V), move_ids)
+
     for step in range(max_steps):
         retract = can_retract and step > 0
-        first = move_ids + [done_id] + look_ids + ([fell_id] if retract else [])
-        nxt = dec.sample_text(params, generator, allowed=first).cpu()
+        first = torch.zeros(len(rows), V, dtype=torch.bool)
+        first[:, move_ids + [done_id] + look_ids + ([fell_id] if retract else [])] = True
+        nxt = dec.sample_text(params, generator, allowed=prefer_fresh(rows.tolist(), first)).cpu()
         fell = nxt == fell_id
         for r in rows[~fell].tolist():
             banned[r].clear()  # the last move stood (or there was none): a new board, nothing taken back yet
@@ -127,11 +141,13 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
                 if drafting:
                     board[r] = plans[r].thoughts[-1].ids if plans[r].thoughts else start[r]
             _feed_some(dec, fell, torch.full_like(nxt, fell_id))
-            allowed = moves_left(rows[fell].tolist(), [done_id])
+            allowed = prefer_fresh(rows[fell].tolist(), moves_left(rows[fell].tolist(), [done_id]))
             allowed[:, look_ids] = allowed[:, move_ids].any(-1, keepdim=True)  # a look needs a move to follow
             nxt[fell] = dec.sample_text(params, generator, allowed=allowed, rows=torch.nonzero(fell).flatten()).cpu()
         moves = moves_left(rows.tolist(), [])
-        nxt, looks = _look_then_move(dec, nxt, look_ids, moves, params, generator, move_ids if heed_looks else None)
+        fresh = _fresh_moves([plans[r].actions for r in rows.tolist()], move_ids, V) if avoid_revisits else None
+        nxt, looks = _look_then_move(dec, nxt, look_ids, moves, params, generator, move_ids,
+                                     heed=heed_looks, fresh=fresh)
         going = nxt != done_id
         for r, t, look in zip(rows.tolist(), nxt.tolist(), looks):
             if t == done_id:
@@ -219,7 +235,7 @@ def _imagine_group(api, canvases, actions, g: int, params: SamplingParams, gener
         forced = torch.zeros(len(rows), V, dtype=torch.bool)
         forced[torch.arange(len(rows)), [move_ids[ACTIONS.index(actions[r][step])] for r in rows.tolist()]] = True
         first = dec.sample_text(params, generator, allowed=look_ids).cpu()
-        nxt, looks = _look_then_move(dec, first, look_ids, forced, params, generator)
+        nxt, looks = _look_then_move(dec, first, look_ids, forced, params, generator, move_ids)
         for r, t, look in zip(rows.tolist(), nxt.tolist(), looks):
             plans[r].actions.append(ACTIONS[move_ids.index(t)])
             plans[r].looks.append(look)
@@ -237,11 +253,12 @@ def _imagine_group(api, canvases, actions, g: int, params: SamplingParams, gener
 
 
 def _look_then_move(dec, nxt: torch.Tensor, look_ids: list[int], moves: torch.Tensor, params, generator,
-                    heed: list[int] | None = None):
+                    move_ids: list[int], heed: bool = False, fresh: torch.Tensor | None = None):
     """Rows whose first token ``nxt`` (B,) is a look word say the rest of their look (4 words in all), then
-    choose a move from ``moves`` (B, V) bool; with ``heed`` (the move ids in ``LOOK_ORDER``) not one into a
-    cell the look named a hazard, unless that rules out every move. Returns the chosen tokens (B,) and each
-    row's look (or None)."""
+    choose a move from ``moves`` (B, V) bool; with ``heed``, not one into a cell the look named a hazard
+    (``move_ids`` are in ``LOOK_ORDER``), unless that rules out every move; then, with ``fresh`` (B, V) bool,
+    not a move back to a cell the plan already stood on, unless that rules out every move left. Returns the
+    chosen tokens (B,) and each row's look (or None)."""
     looking = torch.isin(nxt, torch.tensor(look_ids, dtype=nxt.dtype))
     if not looking.any():
         return nxt, [None] * len(nxt)
@@ -253,7 +270,9 @@ def _look_then_move(dec, nxt: torch.Tensor, look_ids: list[int], moves: torch.Te
         words.append(w)
         _feed_some(dec, looking, torch.zeros_like(nxt).index_put((idx,), w))
     said = torch.stack(words, dim=1)  # (n, 4)
-    allowed = moves[idx] if heed is None else _heeding(moves[idx], said, heed, dec.tok)
+    allowed = _heeding(moves[idx], said, move_ids, dec.tok) if heed else moves[idx]
+    if fresh is not None:
+        allowed = _prefer(allowed, fresh[idx], move_ids)
     nxt = nxt.clone()
     nxt[idx] = dec.sample_text(params, generator, allowed=allowed, rows=idx).cpu()
     said = said.tolist()
@@ -271,6 +290,28 @@ def _heeding(moves: torch.Tensor, said: torch.Tensor, move_ids: list[int], tok) 
     safe = moves.clone()
     safe[:, move_ids] &= ~hazard
     return torch.where(safe.any(-1, keepdim=True), safe, moves)
+
+
+def _prefer(allowed: torch.Tensor, fresh: torch.Tensor, move_ids: list[int]) -> torch.Tensor:
+    """``allowed`` (n, V) bool with its moves cut to the ``fresh`` (n, V) ones in rows that keep any; other
+    tokens (looks, "Done") stay as they are."""
+    out = allowed.clone()
+    moves = allowed[:, move_ids]
+    new = moves & fresh[:, move_ids]
+    out[:, move_ids] = torch.where(new.any(-1, keepdim=True), new, moves)
+    return out
+
+
+def _fresh_moves(actions: list[list[str]], move_ids: list[int], V: int) -> torch.Tensor:
+    """(B, V) bool: the moves that lead each row to a cell its plan has not stood on yet. Cells are counted
+    from the moves alone (start at the origin, one step per move), with no look at the map: every kept move
+    of a plan that scores is an in-grid step, and a shortest path never comes back to a cell."""
+    fresh = torch.zeros(len(actions), V, dtype=torch.bool)
+    for i, done in enumerate(actions):
+        cells = list(itertools.accumulate(done, displace, initial=(0, 0)))
+        for a, t in zip(ACTIONS, move_ids):
+            fresh[i, t] = displace(cells[-1], a) not in cells
+    return fresh
 
 
 def _board_codes(api, canvases: list[np.ndarray], g: int) -> torch.Tensor:
