@@ -41,7 +41,7 @@ def _maps(n, size=4):
 @torch.no_grad()
 def test_a_model_that_always_falls_tries_each_move_once_then_stops(api, monkeypatch):
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
-    plan = api.plan(fl.render(_maps(1)[0]), max_steps=10)
+    plan = api.plan(fl.render(_maps(1)[0]), max_steps=10, heed_looks=False)  # its looks may name the goal
     assert plan.actions == [] and plan.thoughts == [] and plan.done
     assert sorted(a for _, a, _ in plan.retracted) == sorted(fl.ACTIONS)  # each move tried once, never twice
 
@@ -56,8 +56,8 @@ def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
 
     _force_fell(monkeypatch, api, when, never_done=True)
     images = [fl.render(m) for m in _maps(6)]
-    batch = api.plan_batch(images, max_steps=6)
-    single = [api.plan(im, max_steps=6) for im in images]
+    batch = api.plan_batch(images, max_steps=6, heed_looks=False)  # random looks may name the goal
+    single = [api.plan(im, max_steps=6, heed_looks=False) for im in images]
     assert sum(len(p.retracted) for p in batch) > 0  # the test exercises take-backs
     for b, s in zip(batch, single):
         assert b.actions == s.actions and [(k, a) for k, a, _ in b.retracted] == [(k, a) for k, a, _ in s.retracted]
@@ -68,7 +68,7 @@ def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
 @torch.no_grad()
 def test_text_only_plans_never_take_back(api, monkeypatch):
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
-    plan = api.plan_batch([fl.render(_maps(1)[0])], max_steps=3, thoughts="none")[0]
+    plan = api.plan_batch([fl.render(_maps(1)[0])], max_steps=3, thoughts="none", heed_looks=False)[0]
     assert plan.retracted == [] and len(plan.actions) == 3
 
 
@@ -122,8 +122,8 @@ def test_a_model_that_looks_says_four_words_before_every_move(api, monkeypatch):
     monkeypatch.setattr(Decoder, "text_logits", text_logits)
     monkeypatch.setattr(Decoder, "feed_ids", feed_ids)
     images = [fl.render(m) for m in _maps(3)]
-    batch = api.plan_batch(images, max_steps=3)
-    for b, s in zip(batch, [api.plan(im, max_steps=3) for im in images]):
+    batch = api.plan_batch(images, max_steps=3, heed_looks=False)  # its looks may name the goal: no early end
+    for b, s in zip(batch, [api.plan(im, max_steps=3, heed_looks=False) for im in images]):
         assert len(b.actions) == len(b.looks) == 3 and b.actions == s.actions and b.looks == s.looks
         assert all(look.split()[0] == "F" and len(look.split()) == 4 for look in b.looks)
         assert all(set(look.split()) <= {"F", "H", "G", "S", "Edge"} for look in b.looks)
@@ -346,3 +346,32 @@ def test_avoid_revisits_keeps_a_model_that_turns_back_on_new_cells(api, monkeypa
                 cells.append(fl.displace(cells[-1], a))
             assert len(plan.actions) == 5
             assert (len(set(cells)) == len(cells)) == avoid, (avoid, plan.actions)
+
+
+@torch.no_grad()
+def test_heeded_plans_end_right_after_a_move_into_the_cell_their_look_named_the_goal(api, monkeypatch):
+    """A model that looks "G G G G" before every move and favours "Done" above all: held to its looks, it
+    makes one move and then must end; free, it says "Done" at once (no move)."""
+    tok = api.tokenizer
+    goal, done = tok.token_to_id("G"), tok.token_to_id("Done")
+    real = Decoder.text_logits
+
+    def text_logits(self):
+        logits = real(self)
+        logits[:, goal] = logits.max(-1).values + 1.0
+        logits[:, done] = logits.max(-1).values + 1.0
+        return logits
+
+    monkeypatch.setattr(Decoder, "text_logits", text_logits)
+    image = fl.render(_maps(1)[0])
+    heeded = api.plan(image, max_steps=5)
+    assert len(heeded.actions) == 1 and heeded.looks == ["G G G G"] and heeded.done
+    assert api.plan(image, max_steps=5, heed_looks=False).actions == []
+
+
+def test_goal_named_reads_the_look_in_the_last_moves_direction():
+    from latentum.generation.planner import Plan, goal_named
+
+    assert goal_named(Plan(actions=["R"], looks=["F H G Edge"])) is True  # right of the player: G
+    assert goal_named(Plan(actions=["D"], looks=["F H G Edge"])) is False
+    assert goal_named(Plan(actions=["D"], looks=[None])) is None and goal_named(Plan()) is False

@@ -116,6 +116,14 @@ def test_walk_look_samples_imagine_given_moves_that_may_turn_back_or_end_in_a_ho
                for s in samples), "some walks come back to a cell they left"
 
 
+def test_text_walk_look_samples_are_the_same_walks_and_looks_without_boards():
+    for text, seen in zip(draws(vsp.text_walk_look_sample, 24), draws(vsp.walk_look_sample, 24)):
+        assert text.user[0] == vsp.TEXT_PLAN_PROMPT and len(text.images) == 1
+        assert text.meta["map"] == seen.meta["map"] and text.meta["actions"] == seen.meta["actions"]
+        assert text.assistant[0::2] == seen.assistant[0::3] and text.assistant[1::2] == seen.assistant[1::3]
+        assert all(isinstance(a, Attempt) for a in text.assistant[1::2]), "given moves are read, never targets"
+
+
 def test_text_plan_sample_is_one_string():
     for s in draws(vsp.text_plan_sample, 12):
         m = s.meta["map"]

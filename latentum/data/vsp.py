@@ -123,11 +123,7 @@ def walk_look_sample(rng: np.random.Generator, size: int, style: str, canvas: in
     the policy stays the planner's); the looks and boards are supervised. Plans never turn back, so without this
     the model cannot imagine a move back to a cell it left (``LatentUM.imagine``, safety with visual thoughts)."""
     _check(size, style, canvas)
-    actions = None
-    while actions is None:  # rejection: a map where this walk exists (e.g. a hole next to the walk's end)
-        m = generate_map(size, rng)
-        length = int(rng.integers(1, 10))
-        actions = _walk(m, rng, length, length if rng.random() < 0.5 else None)
+    m, actions = _look_walk(rng, size)
     pos, assistant = m.player, []
     for a in actions:
         assistant += [neighbour_words(m, pos), Attempt(a)]
@@ -135,6 +131,30 @@ def walk_look_sample(rng: np.random.Generator, size: int, style: str, canvas: in
         assistant.append(render_canvas(m, pos, style, a, canvas=canvas))
     return Sample([PLAN_PROMPT, _map_image(m, style, canvas)], assistant, "vsp_walk_look",
                   _meta(m, style, " ".join(actions), actions=actions, safe=pos not in m.holes))
+
+
+def text_walk_look_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """The text-only counterpart of ``walk_look_sample`` (same walks and looks, no boards): [look, a1, look, a2,
+    ...] with the moves as ``Attempt`` s, so the text-only baseline sees the same walks as the latent planner."""
+    _check(size, style, canvas)
+    m, actions = _look_walk(rng, size)
+    pos, assistant = m.player, []
+    for a in actions:
+        assistant += [neighbour_words(m, pos), Attempt(a)]
+        pos = move(m, pos, a)
+    return Sample([TEXT_PLAN_PROMPT, _map_image(m, style, canvas)], assistant, "vsp_walk_text_look",
+                  _meta(m, style, " ".join(actions), actions=actions, safe=pos not in m.holes))
+
+
+def _look_walk(rng: np.random.Generator, size: int) -> tuple[LakeMap, list[str]]:
+    """A map and a random in-grid walk of 1-9 moves on it that avoids the goal and, half the time, ends in a
+    hole (``walk_look_sample``)."""
+    actions = None
+    while actions is None:  # rejection: a map where this walk exists (e.g. a hole next to the walk's end)
+        m = generate_map(size, rng)
+        length = int(rng.integers(1, 10))
+        actions = _walk(m, rng, length, length if rng.random() < 0.5 else None)
+    return m, actions
 
 
 def text_look_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
@@ -305,6 +325,7 @@ SAMPLERS: dict[str, Sampler] = {
     "vsp_plan_look": look_plan_sample,
     "vsp_plan_text_look": text_look_plan_sample,
     "vsp_walk_look": walk_look_sample,
+    "vsp_walk_text_look": text_walk_look_sample,
     "vsp_hole": hole_sample,
     "vsp_relation": relation_sample,
     "vsp_grid": grid_sample,

@@ -7,7 +7,10 @@ and its thought go to ``Plan.retracted`` and the model chooses again from the bo
 move twice at one board (``vsp.retry_plan_sample`` teaches this). Before a move the model may look: a look
 word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.looks``. With ``heed_looks``
 the move is then chosen among those whose cell the look did not name a hole or the edge (when the look
-leaves any): the model is held to what it just said it sees, not to the true map. Greedy thoughts are
+leaves any), and a plan ends right after a move into the cell its look named the goal, and only then: the
+model is held to what it just said it sees, not to the true map. With ``avoid_revisits`` the
+move is also kept off the cells the plan already stood on (while a move to a new cell is left): a shortest
+path never comes back, and plans that fail mostly pace back and forth. Greedy thoughts are
 drafted from the board before them (``draft_thoughts``; ``Decoder.generate_latent``): the same thoughts,
 checked several tokens per forward, since a move changes about two cells. ``imagine_rows`` follows given moves
 instead of choosing them (looks and thoughts as above; safety with visual thoughts). ``thoughts`` picks the
@@ -124,11 +127,26 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             return allowed
         return _prefer(allowed, _fresh_moves([plans[r].actions for r in rs], move_ids, V), move_ids)
 
+    def heed_goal(rs: list[int], allowed: torch.Tensor) -> torch.Tensor:
+        """With ``heed_looks``: "Done" alone after a move into the cell the look before it named the goal, and
+        no "Done" before the first move or after a move whose look named something else there (``goal_named``)."""
+        if not heed_looks:
+            return allowed
+        for i, r in enumerate(rs):
+            named = goal_named(plans[r])
+            if named:
+                allowed[i] = False
+                allowed[i, done_id] = True
+            elif named is False:
+                allowed[i, done_id] = False
+        return allowed
+
     for step in range(max_steps):
         retract = can_retract and step > 0
         first = torch.zeros(len(rows), V, dtype=torch.bool)
         first[:, move_ids + [done_id] + look_ids + ([fell_id] if retract else [])] = True
-        nxt = dec.sample_text(params, generator, allowed=prefer_fresh(rows.tolist(), first)).cpu()
+        first = heed_goal(rows.tolist(), prefer_fresh(rows.tolist(), first))
+        nxt = dec.sample_text(params, generator, allowed=first).cpu()
         fell = nxt == fell_id
         for r in rows[~fell].tolist():
             banned[r].clear()  # the last move stood (or there was none): a new board, nothing taken back yet
@@ -199,6 +217,16 @@ def imagine_rows(api, canvases: list[np.ndarray], actions: list[list[str]], para
                                        generator, draft_thoughts), idx):
             plans[i] = p
     return plans
+
+
+def goal_named(plan: Plan) -> bool | None:
+    """Did the look before the plan's last kept move name the goal in that move's cell? False before any move
+    (the player starts off the goal), None if that move had no look."""
+    if not plan.actions:
+        return False
+    if plan.looks[-1] is None:
+        return None
+    return plan.looks[-1].split()[LOOK_ORDER.index(plan.actions[-1])] == "G"
 
 
 def falls_at(plan: Plan) -> int | None:
