@@ -122,39 +122,33 @@ def walk_look_sample(rng: np.random.Generator, size: int, style: str, canvas: in
     that avoids the goal and, half the time, ends in a hole. The moves are ``Attempt`` s (read, never targets:
     the policy stays the planner's); the looks and boards are supervised. Plans never turn back, so without this
     the model cannot imagine a move back to a cell it left (``LatentUM.imagine``, safety with visual thoughts)."""
-    _check(size, style, canvas)
-    m, actions = _look_walk(rng, size)
-    pos, assistant = m.player, []
-    for a in actions:
-        assistant += [neighbour_words(m, pos), Attempt(a)]
-        pos = move(m, pos, a)
-        assistant.append(render_canvas(m, pos, style, a, canvas=canvas))
-    return Sample([PLAN_PROMPT, _map_image(m, style, canvas)], assistant, "vsp_walk_look",
-                  _meta(m, style, " ".join(actions), actions=actions, safe=pos not in m.holes))
+    return _walk_sample(rng, size, style, canvas, boards=True)
 
 
 def text_walk_look_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
     """The text-only counterpart of ``walk_look_sample`` (same walks and looks, no boards): [look, a1, look, a2,
     ...] with the moves as ``Attempt`` s, so the text-only baseline sees the same walks as the latent planner."""
+    return _walk_sample(rng, size, style, canvas, boards=False)
+
+
+def _walk_sample(rng: np.random.Generator, size: int, style: str, canvas: int, boards: bool) -> Sample:
+    """A random in-grid walk of 1-9 moves that avoids the goal and, half the time, ends in a hole: a look
+    before each given move, and with ``boards`` the board after it."""
     _check(size, style, canvas)
-    m, actions = _look_walk(rng, size)
-    pos, assistant = m.player, []
-    for a in actions:
-        assistant += [neighbour_words(m, pos), Attempt(a)]
-        pos = move(m, pos, a)
-    return Sample([TEXT_PLAN_PROMPT, _map_image(m, style, canvas)], assistant, "vsp_walk_text_look",
-                  _meta(m, style, " ".join(actions), actions=actions, safe=pos not in m.holes))
-
-
-def _look_walk(rng: np.random.Generator, size: int) -> tuple[LakeMap, list[str]]:
-    """A map and a random in-grid walk of 1-9 moves on it that avoids the goal and, half the time, ends in a
-    hole (``walk_look_sample``)."""
     actions = None
     while actions is None:  # rejection: a map where this walk exists (e.g. a hole next to the walk's end)
         m = generate_map(size, rng)
         length = int(rng.integers(1, 10))
         actions = _walk(m, rng, length, length if rng.random() < 0.5 else None)
-    return m, actions
+    pos, assistant = m.player, []
+    for a in actions:
+        assistant += [neighbour_words(m, pos), Attempt(a)]
+        pos = move(m, pos, a)
+        if boards:
+            assistant.append(render_canvas(m, pos, style, a, canvas=canvas))
+    prompt, task = (PLAN_PROMPT, "vsp_walk_look") if boards else (TEXT_PLAN_PROMPT, "vsp_walk_text_look")
+    return Sample([prompt, _map_image(m, style, canvas)], assistant, task,
+                  _meta(m, style, " ".join(actions), actions=actions, safe=pos not in m.holes))
 
 
 def text_look_plan_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
