@@ -264,20 +264,20 @@ class LatentUM:
     # --- planning ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def plan(self, image, *, max_steps: int | None = None, seed: int = 0, sampling: SamplingParams = GREEDY,
-             heed_looks: bool = True, avoid_revisits: bool = True):
+             heed_looks: bool = True, avoid_revisits: bool = False):
         """Plan a FrozenLake map: returns a Plan with ``actions`` (L/D/R/U) and ``thoughts`` (LatentImage), at
         most ``max_steps`` moves (None: 4 per cell of the map's side, ``planner.STEPS_PER_SIDE``).
         ``heed_looks`` (default): never move where the model's own look just named a hole or the edge (when it
         looks and another move is left; ``generation.planner``); False lets the model choose freely.
-        ``avoid_revisits`` (default): never move back to a cell the plan already stood on (counted from the
-        moves alone) while a move to a new cell is left."""
+        ``avoid_revisits``: never move back to a cell the plan already stood on (counted from the moves alone)
+        while a move to a new cell is left (off by default: it did not help on the whole, README)."""
         return self.plan_batch([image], max_steps=max_steps, seed=seed, sampling=sampling,
                                heed_looks=heed_looks, avoid_revisits=avoid_revisits)[0]
 
     @torch.inference_mode()
     def plan_batch(self, images: list, *, max_steps: int | None = None, seed: int = 0,
                    sampling: SamplingParams = GREEDY, thoughts: str = "latent", heed_looks: bool = True,
-                   draft_thoughts: bool = True, avoid_revisits: bool = True):
+                   draft_thoughts: bool = True, avoid_revisits: bool = False):
         """Plan several maps (batched by size). ``thoughts``: "latent" (ours), "pixel" (each thought rendered and
         re-encoded before it is read) or "none" (text only). ``draft_thoughts``: check each greedy thought
         against the board before it, several tokens per forward (the same thoughts, a few times faster)."""

@@ -44,9 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heed-looks", action=argparse.BooleanOptionalAction, default=True,
                    help="hold every planner to its own looks: no move into a cell it just named a hole or the edge "
                         "(default; --no-heed-looks scores free choices)")
-    p.add_argument("--avoid-revisits", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep every planner off cells its plan already stood on while a move to a new cell is left "
-                        "(default; --no-avoid-revisits lets plans pace back and forth)")
+    p.add_argument("--avoid-revisits", action="store_true",
+                   help="keep every planner off cells its plan already stood on while a move to a new cell is left")
     p.add_argument("--oracle-thoughts", action="store_true",
                    help="also plan with the true next boards as thoughts (a diagnostic: thought errors vs move choice)")
     p.add_argument("--latency-maps", type=int, default=5,

@@ -137,7 +137,7 @@ def latent_match(api, ids: list[torch.Tensor], truth: list, style: str) -> float
     return float(np.mean(ok))
 
 
-def oracle_plans(api, maps, style: str, heed_looks: bool = True, avoid_revisits: bool = True) -> list:
+def oracle_plans(api, maps, style: str, heed_looks: bool = True, avoid_revisits: bool = False) -> list:
     """Plans whose thoughts are the true next boards (rendered, encoded) instead of generated ones: the
     success the planner's move choice reaches when every visual thought is right (a diagnostic, not a planner)."""
     from latentum.generation.planner import plan_rows
@@ -233,7 +233,7 @@ def latency(api, canvases, thoughts: str, n: int, **rules) -> dict[str, float]:
 def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classic"), per_level: int = 100,
                  seed: int = 0, text_model: str | None = None, pixel: bool = False,
                  latency_maps: int = 5, oracle: bool = False, heed_looks: bool = True,
-                 avoid_revisits: bool = True) -> dict:
+                 avoid_revisits: bool = False) -> dict:
     from latentum.api import LatentUM
 
     text_api = LatentUM.from_pretrained(text_model) if text_model else None
