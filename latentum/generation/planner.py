@@ -121,11 +121,14 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             allowed[i, [t for t in move_ids if t not in banned[r]] + extra] = True
         return allowed
 
+    def fresh_of(rs: list[int]) -> torch.Tensor | None:
+        """(len(rs), V) bool: the moves onto a cell each row's plan has not stood on (None: rule off)."""
+        return _fresh_moves([plans[r].actions for r in rs], move_ids, V) if avoid_revisits else None
+
     def prefer_fresh(rs: list[int], allowed: torch.Tensor) -> torch.Tensor:
         """``allowed`` (len(rs), V) with its moves cut to those onto a new cell (``avoid_revisits``), if any."""
-        if not avoid_revisits:
-            return allowed
-        return _prefer(allowed, _fresh_moves([plans[r].actions for r in rs], move_ids, V), move_ids)
+        fresh = fresh_of(rs)
+        return allowed if fresh is None else _prefer(allowed, fresh, move_ids)
 
     def heed_goal(rs: list[int], allowed: torch.Tensor) -> torch.Tensor:
         """With ``heed_looks``: "Done" alone after a move into the cell the look before it named the goal, and
@@ -163,9 +166,8 @@ def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, g
             allowed[:, look_ids] = allowed[:, move_ids].any(-1, keepdim=True)  # a look needs a move to follow
             nxt[fell] = dec.sample_text(params, generator, allowed=allowed, rows=torch.nonzero(fell).flatten()).cpu()
         moves = moves_left(rows.tolist(), [])
-        fresh = _fresh_moves([plans[r].actions for r in rows.tolist()], move_ids, V) if avoid_revisits else None
         nxt, looks = _look_then_move(dec, nxt, look_ids, moves, params, generator, move_ids,
-                                     heed=heed_looks, fresh=fresh)
+                                     heed=heed_looks, fresh=fresh_of(rows.tolist()))
         going = nxt != done_id
         for r, t, look in zip(rows.tolist(), nxt.tolist(), looks):
             if t == done_id:
@@ -315,17 +317,17 @@ def _heeding(moves: torch.Tensor, said: torch.Tensor, move_ids: list[int], tok) 
     whose every move is ruled out keep ``moves``."""
     ids = [i for w in HAZARDS if (i := tok.token_to_id(w)) is not None]
     hazard = torch.isin(said, torch.tensor(ids, dtype=said.dtype))  # (n, 4), in LOOK_ORDER
-    safe = moves.clone()
-    safe[:, move_ids] &= ~hazard
-    return torch.where(safe.any(-1, keepdim=True), safe, moves)
+    clear = torch.ones_like(moves)
+    clear[:, move_ids] = ~hazard
+    return _prefer(moves, clear, move_ids)
 
 
-def _prefer(allowed: torch.Tensor, fresh: torch.Tensor, move_ids: list[int]) -> torch.Tensor:
-    """``allowed`` (n, V) bool with its moves cut to the ``fresh`` (n, V) ones in rows that keep any; other
-    tokens (looks, "Done") stay as they are."""
+def _prefer(allowed: torch.Tensor, keep: torch.Tensor, move_ids: list[int]) -> torch.Tensor:
+    """``allowed`` (n, V) bool with its moves cut to the ``keep`` (n, V) ones in rows that keep any (the others
+    keep all their moves); other tokens (looks, "Done") stay as they are."""
     out = allowed.clone()
     moves = allowed[:, move_ids]
-    new = moves & fresh[:, move_ids]
+    new = moves & keep[:, move_ids]
     out[:, move_ids] = torch.where(new.any(-1, keepdim=True), new, moves)
     return out
 
