@@ -254,6 +254,13 @@ class TrainConfig:
     """Stage 2: start the generation branch as a copy of the understanding branch and the visual projector as
     MBAQ's up-projection (LatentUM). False keeps them as loaded, to continue a trained stage-2 model
     (``init_from`` its export) with a new mixture or schedule."""
+    init_projector: bool | None = None
+    """Stage 2: start the visual projector as a copy of MBAQ's up-projection; None follows ``init_generation``.
+    True with ``init_generation: false`` continues a stage-2 model whose quantizer was retrained since, so
+    its thoughts are read the way the new codes were aligned from the first step."""
+    fresh_quantizer: bool = False
+    """Stage 1 from a trained model (``init_from``): start the quantizer from random weights instead of the
+    loaded one, e.g. to align it again on a new task mixture with a stage-2 model as the teacher."""
     tasks: dict[str, float] = field(default_factory=dict)
     """Task name -> sampling weight for this stage's data mixture."""
     map_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])

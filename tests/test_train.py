@@ -227,3 +227,63 @@ def test_a_recipe_switches_coordinate_grounding_on_for_the_model_it_continues(de
     assert not build_model(recipe, debug_run, "mome").cfg.ground_coordinates  # as the export was saved
     recipe.model.ground_coordinates = True
     assert build_model(recipe, debug_run, "mome").cfg.ground_coordinates
+
+
+def test_init_projector_resets_only_the_projector_of_a_continued_stage2(debug_run):
+    """``init_projector: true`` with ``init_generation: false``: the projector starts again as MBAQ's
+    up-projection (a retrained quantizer), the generation branch stays as trained."""
+    from latentum.api import LatentUM
+    from latentum.train.run import build_model
+
+    recipe = load_recipe(str(DEBUG))
+    recipe.stages["mome"] = dataclasses.replace(recipe.stages["mome"], init_from=str(debug_run / "model"),
+                                                init_generation=False, init_projector=True)
+    trained = LatentUM.from_pretrained(debug_run / "model").model.state_dict()
+    model = build_model(recipe, debug_run, "mome")
+    up, proj = model.quantizer.up.state_dict(), model.visual_projector.net.state_dict()
+    assert up.keys() == proj.keys() and all(torch.equal(up[k], proj[k]) for k in up)
+    assert not all(torch.equal(trained[f"visual_projector.net.{k}"], proj[k]) for k in proj)
+    gen = [k for k in _gen_side(model) if k.startswith("backbone")]
+    assert gen and all(torch.equal(trained[k], model.state_dict()[k]) for k in gen)
+
+
+def test_fresh_quantizer_starts_stage1_over_on_a_trained_model(debug_run):
+    from latentum.train.run import build_model
+
+    recipe = load_recipe(str(DEBUG))
+    recipe.stages["mbaq"] = dataclasses.replace(recipe.stages["mbaq"], init_from=str(debug_run / "model"))
+    kept = build_model(recipe, debug_run, "mbaq")
+    recipe.stages["mbaq"] = dataclasses.replace(recipe.stages["mbaq"], fresh_quantizer=True)
+    torch.manual_seed(0)
+    fresh = build_model(recipe, debug_run, "mbaq")
+    codebook = "quantizer.vq._codebook.embed"
+    assert not torch.equal(kept.state_dict()[codebook], fresh.state_dict()[codebook])
+    others = [k for k in kept.state_dict() if not k.startswith("quantizer.")]
+    assert others and all(torch.equal(kept.state_dict()[k], fresh.state_dict()[k]) for k in others)
+    assert fresh.quantizer.usage_ema.eq(1.0 / fresh.cfg.quantizer.codebook_size).all()
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log:UserWarning")  # no Trainer attached here
+def test_stage1_trains_a_loaded_quantizer_in_train_mode(debug_run):
+    """A stage loads its model in eval mode (``from_pretrained``); the trained part must train in train mode,
+    or the quantizer never revives a dead code nor counts usage, and the frozen parts stay in eval mode."""
+    from latentum.data.tokenizer import TextTokenizer
+    from latentum.data.worlds import make_sample
+    from latentum.train.data import PackCollate
+    from latentum.train.run import build_model
+    from latentum.train.systems import MBAQSystem
+
+    recipe = load_recipe(str(DEBUG))
+    cfg = recipe.stages["mbaq"]
+    model = build_model(recipe, debug_run, "mbaq")
+    assert not model.training  # as loaded
+    system = MBAQSystem(model, cfg)
+    system.on_train_epoch_start()
+    assert model.quantizer.training and model.quantizer.vq.training
+    assert not model.encoder.training and not model.backbone.training
+    rng = np.random.default_rng(0)
+    samples = [make_sample("vsp_player", rng, map_sizes=[3], canvas=recipe.model.encoder.image_size)]
+    batch = PackCollate(TextTokenizer.load(debug_run / "vlm" / "export"), recipe.model.encoder.grid, cfg)((samples, 0))
+    usage = model.quantizer.usage_ema.clone()
+    system.losses(batch)
+    assert not torch.equal(usage, model.quantizer.usage_ema)

@@ -37,10 +37,10 @@ def test_every_sampler_shape_and_meta(task, sampler):
         m = s.meta["map"]
         assert isinstance(m, fl.LakeMap) and m.size == s.meta["size"]
         assert all(im.shape == (64, 64, 3) for im in s.images)
-        # the input map image shows exactly this map with the player at its start
+        # the input map image shows exactly this map with the player at its start (or where its walk ended)
         user_img = next(x for x in s.user if isinstance(x, np.ndarray))
-        style = s.meta["style"]
-        assert fl.read_canvas(user_img, m.size, style=style) == fl.state_of(m, None, style)
+        style, pos = s.meta["style"], s.meta.get("pos", m.player)
+        assert fl.read_canvas(user_img, m.size, style=style) == fl.state_of(m, pos, style)
 
 
 def test_plan_sample_follows_bfs_and_imagined_boards_are_the_simulated_ones():
@@ -114,6 +114,21 @@ def test_walk_look_samples_imagine_given_moves_that_may_turn_back_or_end_in_a_ho
     assert 0.3 < np.mean(safe) < 0.8
     assert any(len(set(fl.simulate(s.meta["map"], s.meta["actions"], "gym").positions)) <= len(s.meta["actions"])
                for s in samples), "some walks come back to a cell they left"
+
+
+def test_walk_player_samples_ask_where_the_player_is_after_a_walk():
+    samples = draws(vsp.walk_player_sample, 60)
+    for s in samples:
+        m, walk = s.meta["map"], s.meta["actions"]
+        assert 1 <= len(walk) <= 9
+        pos = m.player
+        for a in walk:
+            pos = fl.move(m, pos, a)
+        assert pos == s.meta["pos"] and s.user[1] == vsp.PLAYER_Q
+        assert s.assistant == [vsp.PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)]
+        np.testing.assert_array_equal(s.user[0], fl.render_canvas(m, pos, s.meta["style"], walk[-1]))
+    off_start = np.mean([s.meta["pos"] != s.meta["map"].player for s in samples])
+    assert off_start > 0.6, "mostly boards where the start shows alone"
 
 
 def test_text_walk_look_samples_are_the_same_walks_and_looks_without_boards():

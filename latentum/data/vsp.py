@@ -249,6 +249,25 @@ def player_sample(rng: np.random.Generator, size: int, style: str, canvas: int =
     return Sample([_map_image(m, style, canvas), PLAYER_Q], [answer], "vsp_player", _meta(m, style, answer))
 
 
+def walk_player_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """``player_sample`` on the board after a random walk of 1-9 moves (as ``vsp_walk_look`` draws them), so the
+    player mostly stands off the start, where the start shows alone (a stool in the classic look), facing its
+    last move: a visual thought's board. On input maps the player always covers the start, so a quantizer
+    aligned on them alone gives a lone start and the player one code (README, "What the codes keep")."""
+    _check(size, style, canvas)
+    actions = None
+    while actions is None:
+        m = generate_map(size, rng)
+        length = int(rng.integers(1, 10))
+        actions = _walk(m, rng, length, length if rng.random() < 0.5 else None)
+    pos = m.player
+    for a in actions:
+        pos = move(m, pos, a)
+    answer = PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)
+    image = render_canvas(m, pos, style, actions[-1], canvas=canvas)
+    return Sample([image, PLAYER_Q], [answer], "vsp_walk_player", _meta(m, style, answer, actions=actions, pos=pos))
+
+
 def neighbour_words(m: LakeMap, pos: Pos) -> str:
     """The cells left of, below, right of and above ``pos`` (the move order L D R U): F, H, G or Edge (off
     the grid)."""
@@ -324,6 +343,7 @@ SAMPLERS: dict[str, Sampler] = {
     "vsp_relation": relation_sample,
     "vsp_grid": grid_sample,
     "vsp_player": player_sample,
+    "vsp_walk_player": walk_player_sample,
     "vsp_describe": describe_sample,
     "vsp_neighbours": neighbour_sample,
     "vsp_safety": safety_sample,

@@ -23,6 +23,7 @@ from latentum.config import STAGES, RecipeConfig
 from latentum.data.tokenizer import TextTokenizer
 from latentum.data.worlds import default_tokenizer
 from latentum.model.latentum import LatentUMModel
+from latentum.model.quantizer import MBAQ
 from latentum.train.data import ImageStream, packed_loader
 from latentum.train.systems import DecoderSystem, MBAQSystem, MoMESystem, VLMSystem
 
@@ -83,8 +84,13 @@ def build_model(recipe: RecipeConfig, out: Path, stage: str) -> LatentUMModel:
     model = LatentUM.from_pretrained(folder).model
     if recipe.model.ground_coordinates:  # a recipe can switch it on for the model it continues
         model.cfg.ground_coordinates = True
-    if stage == "mome" and recipe.stages[stage].init_generation:
+    cfg = recipe.stages[stage]
+    if stage == "mbaq" and cfg.fresh_quantizer:
+        q = model.quantizer
+        model.quantizer = MBAQ(q.cfg, q.feature_dim, q.out_dim)
+    if stage == "mome" and cfg.init_generation:
         model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
+    if stage == "mome" and (cfg.init_generation if cfg.init_projector is None else cfg.init_projector):
         model.init_visual_projector()  # latents start out read like MBAQ's quantized features
     return model
 

@@ -40,11 +40,13 @@ class StageSystem(L.LightningModule):
         self.cfg = cfg
 
     def on_train_epoch_start(self):
-        # Frozen parts stay in eval mode: the quantizer must not revive codes or update usage while frozen.
+        # Trained parts in train mode, frozen parts in eval mode: a loaded model (``from_pretrained``) comes in
+        # eval mode, and the quantizer must revive dead codes and keep usage while it trains, not while frozen.
+        # modules() is pre-order, so a frozen child visited after its parent ends up in eval mode.
         for module in self.modules():
             params = list(module.parameters())
-            if module is not self and params and not any(p.requires_grad for p in params):
-                module.eval()
+            if module is not self and params:
+                module.train(any(p.requires_grad for p in params))
 
     def training_step(self, batch, batch_idx):
         out = self.losses(batch)
