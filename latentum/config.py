@@ -59,6 +59,9 @@ class QuantizerConfig:
     """Weight of the codebook-usage entropy bonus (maximised; LatentUM uses 0.1)."""
     dead_code_threshold: float = 0.03
     """A code whose EMA usage falls below this fraction of uniform usage is re-seeded from the batch."""
+    norm_latents: bool = False
+    """Layer-normalise z (no affine) before the code search, so the down-projection cannot push a token's z far
+    out, where it keeps its code whatever the behaviour loss asks (ours; LatentUM searches the raw z)."""
 
     def __post_init__(self):
         _check(self.codebooks >= 1, f"quantizer.codebooks must be >= 1, got {self.codebooks}")

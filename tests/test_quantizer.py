@@ -48,6 +48,21 @@ def test_ids_are_nearest_code_per_chunk():
         assert torch.equal(q.encode(x).ids, expect)
 
 
+def test_norm_latents_searches_the_layer_normalised_z_and_adds_no_weights():
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, norm_latents=True)
+    q, plain = make(cfg=cfg).eval(), make().eval()
+    assert q.state_dict().keys() == plain.state_dict().keys()  # old checkpoints load either way
+    x = feats() * 50  # a far-out z keeps unit scale
+    with torch.no_grad():
+        z = F.layer_norm(q.down(x), (cfg.dim,)).reshape(2, 8, cfg.codebooks, cfg.code_dim)
+        dist = torch.cdist(z.transpose(0, 2).reshape(cfg.codebooks, -1, cfg.code_dim), q.vq.codebook)
+        expect = dist.argmin(-1).reshape(cfg.codebooks, 8, 2).permute(2, 1, 0)
+        assert torch.equal(q.encode(x).ids, expect)
+        assert not torch.equal(plain.encode(x).ids, expect)
+
+
 def test_straight_through_gradient_reaches_down_projection_and_codebook():
     q = make().train()
     out = q.encode(feats())

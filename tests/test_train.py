@@ -263,6 +263,21 @@ def test_fresh_quantizer_starts_stage1_over_on_a_trained_model(debug_run):
     assert fresh.quantizer.usage_ema.eq(1.0 / fresh.cfg.quantizer.codebook_size).all()
 
 
+def test_fresh_quantizer_takes_the_recipe_config_and_keeps_the_code_shapes(debug_run):
+    from latentum.train.run import build_model
+
+    recipe = load_recipe(str(DEBUG))
+    recipe.stages["mbaq"] = dataclasses.replace(recipe.stages["mbaq"], init_from=str(debug_run / "model"),
+                                                fresh_quantizer=True)
+    recipe.model.quantizer = dataclasses.replace(recipe.model.quantizer, norm_latents=True)
+    model = build_model(recipe, debug_run, "mbaq")
+    assert model.cfg.quantizer.norm_latents and model.quantizer.cfg.norm_latents  # exported with the model
+    recipe.model.quantizer = dataclasses.replace(recipe.model.quantizer,
+                                                 codebook_size=2 * recipe.model.quantizer.codebook_size)
+    with pytest.raises(ValueError, match="fresh_quantizer.*codebook_size"):
+        build_model(recipe, debug_run, "mbaq")
+
+
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log:UserWarning")  # no Trainer attached here
 def test_stage1_trains_a_loaded_quantizer_in_train_mode(debug_run):
     """A stage loads its model in eval mode (``from_pretrained``); the trained part must train in train mode,

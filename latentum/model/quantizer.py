@@ -59,6 +59,7 @@ class MBAQ(nn.Module):
         self.out_dim = out_dim
         G, K, d = cfg.codebooks, cfg.codebook_size, cfg.code_dim
         self.down = _mlp(feature_dim, cfg.hidden_dim, G * d)
+        self.norm = nn.LayerNorm(G * d, elementwise_affine=False) if cfg.norm_latents else nn.Identity()
         self.vq = VectorQuantize(
             dim=G * d, codebook_dim=d, heads=G, separate_codebook_per_head=True, codebook_size=K,
             learnable_codebook=True, ema_update=False,  # codebook trained by gradient (LatentUM)
@@ -79,7 +80,7 @@ class MBAQ(nn.Module):
         """features (B, N, F) -> z_q (B, N, D), ids (B, N, G), VQ loss. Updates usage in training."""
         if features.dim() != 3 or features.size(-1) != self.feature_dim:
             raise ValueError(f"features must be (B, N, {self.feature_dim}), got {tuple(features.shape)}")
-        z = self.down(features)  # (B, N, D)
+        z = self.norm(self.down(features))  # (B, N, D)
         if self.training:
             self._set_dead_code_threshold(z.shape[0] * z.shape[1])
         # fp32 nearest-code search: bf16 autocast distances would blur the argmin (the library disables

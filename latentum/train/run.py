@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from latentum.api import LatentUM, save_model_folder
-from latentum.config import STAGES, RecipeConfig
+from latentum.config import STAGES, QuantizerConfig, RecipeConfig
 from latentum.data.tokenizer import TextTokenizer
 from latentum.data.worlds import default_tokenizer
 from latentum.model.latentum import LatentUMModel
@@ -86,13 +86,25 @@ def build_model(recipe: RecipeConfig, out: Path, stage: str) -> LatentUMModel:
         model.cfg.ground_coordinates = True
     cfg = recipe.stages[stage]
     if stage == "mbaq" and cfg.fresh_quantizer:
-        q = model.quantizer
-        model.quantizer = MBAQ(q.cfg, q.feature_dim, q.out_dim)
+        model.quantizer = fresh_quantizer(model, recipe.model.quantizer)
     if stage == "mome" and cfg.init_generation:
         model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
     if stage == "mome" and (cfg.init_generation if cfg.init_projector is None else cfg.init_projector):
         model.init_visual_projector()  # latents start out read like MBAQ's quantized features
     return model
+
+
+def fresh_quantizer(model: LatentUMModel, qcfg: QuantizerConfig) -> MBAQ:
+    """A new MBAQ from the recipe's quantizer config for a trained model. Its code shapes must be the model's,
+    since a stage 2 that continues the model predicts and reads codes of that shape."""
+    old = model.cfg.quantizer
+    fields = ("codebooks", "codebook_size", "code_dim", "hidden_dim")
+    shape, want = tuple(getattr(old, k) for k in fields), tuple(getattr(qcfg, k) for k in fields)
+    if shape != want:
+        raise ValueError(f"fresh_quantizer: the recipe's quantizer {fields} = {want} "
+                         f"must match the loaded model's {shape}")
+    model.cfg.quantizer = copy.deepcopy(qcfg)
+    return MBAQ(model.cfg.quantizer, model.quantizer.feature_dim, model.quantizer.out_dim)
 
 
 def train_stage(recipe: RecipeConfig, stage: str, out: str | Path, *, resume: bool = False,
