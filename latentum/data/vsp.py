@@ -135,11 +135,7 @@ def _walk_sample(rng: np.random.Generator, size: int, style: str, canvas: int, b
     """A random in-grid walk of 1-9 moves that avoids the goal and, half the time, ends in a hole: a look
     before each given move, and with ``boards`` the board after it."""
     _check(size, style, canvas)
-    actions = None
-    while actions is None:  # rejection: a map where this walk exists (e.g. a hole next to the walk's end)
-        m = generate_map(size, rng)
-        length = int(rng.integers(1, 10))
-        actions = _walk(m, rng, length, length if rng.random() < 0.5 else None)
+    m, actions = _random_walk(rng, size)
     pos, assistant = m.player, []
     for a in actions:
         assistant += [neighbour_words(m, pos), Attempt(a)]
@@ -255,11 +251,7 @@ def walk_player_sample(rng: np.random.Generator, size: int, style: str, canvas: 
     last move: a visual thought's board. On input maps the player always covers the start, so a quantizer
     aligned on them alone gives a lone start and the player one code (README, "What the codes keep")."""
     _check(size, style, canvas)
-    actions = None
-    while actions is None:
-        m = generate_map(size, rng)
-        length = int(rng.integers(1, 10))
-        actions = _walk(m, rng, length, length if rng.random() < 0.5 else None)
+    m, actions = _random_walk(rng, size)
     pos = m.player
     for a in actions:
         pos = move(m, pos, a)
@@ -294,6 +286,17 @@ def describe_sample(rng: np.random.Generator, size: int, style: str, canvas: int
 
 
 # ------------------------------------------------------------------------------------------- reasoning
+
+
+def _random_walk(rng: np.random.Generator, size: int) -> tuple[LakeMap, list[str]]:
+    """A fresh map and an in-grid walk of 1-9 moves on it that avoids the goal and, half the time, ends in a
+    hole (``_walk``); maps where such a walk does not exist are drawn again."""
+    actions = None
+    while actions is None:
+        m = generate_map(size, rng)
+        length = int(rng.integers(1, 10))
+        actions = _walk(m, rng, length, length if rng.random() < 0.5 else None)
+    return m, actions
 
 
 def _walk(m: LakeMap, rng: np.random.Generator, length: int, hole_at: int | None) -> list[str] | None:
