@@ -131,6 +131,21 @@ def test_walk_player_samples_ask_where_the_player_is_after_a_walk():
     assert off_start > 0.6, "mostly boards where the start shows alone"
 
 
+def test_plan_player_samples_ask_where_the_player_is_along_the_plan():
+    samples = draws(vsp.plan_player_sample, 60)
+    for s in samples:
+        m, done = s.meta["map"], s.meta["actions"]
+        assert done == fl.shortest_plan(m)[:len(done)] and len(done) >= 1
+        pos = m.player
+        for a in done:
+            pos = fl.move(m, pos, a)
+        assert pos == s.meta["pos"] and s.user[1] == vsp.PLAYER_Q
+        assert s.assistant == [vsp.PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)]
+        np.testing.assert_array_equal(s.user[0], fl.render_canvas(m, pos, s.meta["style"], done[-1]))
+    on_goal = np.mean([s.meta["pos"] == s.meta["map"].goal for s in samples])
+    assert 0.4 < on_goal < 0.9, "half the boards or more end the plan, on the goal"
+
+
 def test_text_walk_look_samples_are_the_same_walks_and_looks_without_boards():
     for text, seen in zip(draws(vsp.text_walk_look_sample, 24), draws(vsp.walk_look_sample, 24)):
         assert text.user[0] == vsp.TEXT_PLAN_PROMPT and len(text.images) == 1

@@ -260,6 +260,24 @@ def walk_player_sample(rng: np.random.Generator, size: int, style: str, canvas: 
     return Sample([image, PLAYER_Q], [answer], "vsp_walk_player", _meta(m, style, answer, actions=actions, pos=pos))
 
 
+def plan_player_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """``player_sample`` on a board along the shortest plan, half the time its last (the player on the goal):
+    the thought a plan ends with. In the classic look the present hides the elf on the goal, so its board
+    shows no player at all and its goal cell codes as the goal alone; the reader has to learn that an elf
+    seen nowhere stands on the goal (README, "What the codes keep")."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    plan = shortest_plan(m)
+    steps = len(plan) if rng.random() < 0.5 else int(rng.integers(1, len(plan) + 1))
+    pos = m.player
+    for a in plan[:steps]:
+        pos = move(m, pos, a)
+    answer = PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)
+    image = render_canvas(m, pos, style, plan[steps - 1], canvas=canvas)
+    return Sample([image, PLAYER_Q], [answer], "vsp_plan_player",
+                  _meta(m, style, answer, actions=plan[:steps], pos=pos))
+
+
 def neighbour_words(m: LakeMap, pos: Pos) -> str:
     """The cells left of, below, right of and above ``pos`` (the move order L D R U): F, H, G or Edge (off
     the grid)."""
@@ -347,6 +365,7 @@ SAMPLERS: dict[str, Sampler] = {
     "vsp_grid": grid_sample,
     "vsp_player": player_sample,
     "vsp_walk_player": walk_player_sample,
+    "vsp_plan_player": plan_player_sample,
     "vsp_describe": describe_sample,
     "vsp_neighbours": neighbour_sample,
     "vsp_safety": safety_sample,
