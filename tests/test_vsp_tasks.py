@@ -116,17 +116,22 @@ def test_walk_look_samples_imagine_given_moves_that_may_turn_back_or_end_in_a_ho
                for s in samples), "some walks come back to a cell they left"
 
 
+def assert_asks_where_the_player_ends(s):
+    """A "Where is the player ?" sample on the board after its moves, the player facing the last."""
+    m, moves = s.meta["map"], s.meta["actions"]
+    pos = m.player
+    for a in moves:
+        pos = fl.move(m, pos, a)
+    assert pos == s.meta["pos"] and s.user[1] == vsp.PLAYER_Q
+    assert s.assistant == [vsp.PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)]
+    np.testing.assert_array_equal(s.user[0], fl.render_canvas(m, pos, s.meta["style"], moves[-1]))
+
+
 def test_walk_player_samples_ask_where_the_player_is_after_a_walk():
     samples = draws(vsp.walk_player_sample, 60)
     for s in samples:
-        m, walk = s.meta["map"], s.meta["actions"]
-        assert 1 <= len(walk) <= 9
-        pos = m.player
-        for a in walk:
-            pos = fl.move(m, pos, a)
-        assert pos == s.meta["pos"] and s.user[1] == vsp.PLAYER_Q
-        assert s.assistant == [vsp.PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)]
-        np.testing.assert_array_equal(s.user[0], fl.render_canvas(m, pos, s.meta["style"], walk[-1]))
+        assert 1 <= len(s.meta["actions"]) <= 9
+        assert_asks_where_the_player_ends(s)
     off_start = np.mean([s.meta["pos"] != s.meta["map"].player for s in samples])
     assert off_start > 0.6, "mostly boards where the start shows alone"
 
@@ -134,14 +139,9 @@ def test_walk_player_samples_ask_where_the_player_is_after_a_walk():
 def test_plan_player_samples_ask_where_the_player_is_along_the_plan():
     samples = draws(vsp.plan_player_sample, 60)
     for s in samples:
-        m, done = s.meta["map"], s.meta["actions"]
-        assert done == fl.shortest_plan(m)[:len(done)] and len(done) >= 1
-        pos = m.player
-        for a in done:
-            pos = fl.move(m, pos, a)
-        assert pos == s.meta["pos"] and s.user[1] == vsp.PLAYER_Q
-        assert s.assistant == [vsp.PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)]
-        np.testing.assert_array_equal(s.user[0], fl.render_canvas(m, pos, s.meta["style"], done[-1]))
+        done = s.meta["actions"]
+        assert len(done) >= 1 and done == fl.shortest_plan(s.meta["map"])[:len(done)]
+        assert_asks_where_the_player_ends(s)
     on_goal = np.mean([s.meta["pos"] == s.meta["map"].goal for s in samples])
     assert 0.4 < on_goal < 0.9, "half the boards or more end the plan, on the goal"
 
