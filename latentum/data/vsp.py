@@ -252,30 +252,29 @@ def walk_player_sample(rng: np.random.Generator, size: int, style: str, canvas: 
     aligned on them alone gives a lone start and the player one code (README, "What the codes keep")."""
     _check(size, style, canvas)
     m, actions = _random_walk(rng, size)
-    pos = m.player
-    for a in actions:
-        pos = move(m, pos, a)
-    answer = PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)
-    image = render_canvas(m, pos, style, actions[-1], canvas=canvas)
-    return Sample([image, PLAYER_Q], [answer], "vsp_walk_player", _meta(m, style, answer, actions=actions, pos=pos))
+    return _player_after(m, actions, style, canvas, "vsp_walk_player")
 
 
 def plan_player_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
     """``player_sample`` on a board along the shortest plan, half the time its last (the player on the goal):
     the thought a plan ends with. In the classic look the present hides the elf on the goal, so its board
     shows no player at all and its goal cell codes as the goal alone; the reader has to learn that an elf
-    seen nowhere stands on the goal (README, "What the codes keep")."""
+    seen nowhere stands on the goal (README, "The board a plan ends on")."""
     _check(size, style, canvas)
     m = generate_map(size, rng)
     plan = shortest_plan(m)
     steps = len(plan) if rng.random() < 0.5 else int(rng.integers(1, len(plan) + 1))
+    return _player_after(m, plan[:steps], style, canvas, "vsp_plan_player")
+
+
+def _player_after(m: LakeMap, moves: list[str], style: str, canvas: int, task: str) -> Sample:
+    """"Where is the player ?" on the board after ``moves`` (at least one), the player facing the last."""
     pos = m.player
-    for a in plan[:steps]:
+    for a in moves:
         pos = move(m, pos, a)
     answer = PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)
-    image = render_canvas(m, pos, style, plan[steps - 1], canvas=canvas)
-    return Sample([image, PLAYER_Q], [answer], "vsp_plan_player",
-                  _meta(m, style, answer, actions=plan[:steps], pos=pos))
+    image = render_canvas(m, pos, style, moves[-1], canvas=canvas)
+    return Sample([image, PLAYER_Q], [answer], task, _meta(m, style, answer, actions=moves, pos=pos))
 
 
 def neighbour_words(m: LakeMap, pos: Pos) -> str:
