@@ -226,10 +226,12 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     ground_coordinates: bool = False
-    """Coordinates written in a prompt ("row 2 column 3") carry the named cell's position embedding on the
-    column number, the embedding every image token of that cell carries (``CellPositions``), like the location
-    tokens of Kosmos-2 / PaliGemma: a question then finds its cell by matching the same vector, not by learning
-    which number word means which row. A recipe can switch it on for a model it continues."""
+    """Coordinates written in a prompt ("row 2 column 3") carry the named cell's position embedding from the
+    column number to the end of the text (``canvas.named_cells``), the embedding every image token of that cell
+    carries (``CellPositions``), like the location tokens of Kosmos-2 / PaliGemma: a question then finds its
+    cell by matching the same vector, not by learning which number word means which row, and the token that
+    predicts the answer holds it itself (one attention step, not two). A recipe can switch it on for a model
+    it continues."""
 
 
 @dataclass

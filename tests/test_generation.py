@@ -108,8 +108,8 @@ def test_cached_decoding_equals_one_forward(model, sample):
 @torch.no_grad()
 @pytest.mark.parametrize("latent", [False, True])
 def test_a_grounded_question_reads_the_same_in_training_and_inference(model, latent):
-    """With ground_coordinates the hole question's column number carries its cell's embedding in the packed
-    forward and in the prefill alike (and the hidden states differ from the ungrounded ones); a LatentView
+    """With ground_coordinates the hole question's column number and the "?" after it carry their cell's
+    embedding in the packed forward and in the prefill alike (and the hidden states differ from the ungrounded ones); a LatentView
     question (training) equals feeding the latents and then the question (``answer_latents``)."""
     from latentum.train.data import as_latent_question
 
@@ -118,7 +118,7 @@ def test_a_grounded_question_reads_the_same_in_training_and_inference(model, lat
     grounded = copy.deepcopy(model)
     grounded.cfg.ground_coordinates = True
     p = pack([s], TOK, 8)
-    assert (p.text_cells >= 0).sum() == 1
+    assert (p.text_cells >= 0).sum() == 2
     full = grounded.forward_packed(p).hidden[0]
     dec = Decoder(grounded, TOK, 1, 512)
     if latent:

@@ -186,16 +186,17 @@ def test_a_latent_view_question_reads_its_image_as_latents_and_generates_nothing
     assert as_latent_question(plan) is plan  # samples that generate images keep their continuous input
 
 
-def test_written_coordinates_name_their_cell_on_the_column_number():
+def test_written_coordinates_name_their_cell_from_the_column_number_on():
     from latentum.data.canvas import named_cells
 
     s = vsp.hole_sample(np.random.default_rng(7), 6, "gymnasium", canvas=64)
     r, c = s.meta["cell"]
     p = pack([s], TOK, 8)
     at = (p.text_cells[0] >= 0).nonzero().flatten().tolist()
-    assert len(at) == 1 and p.text_cells[0, at[0]] == r * 8 + c
-    assert TOK.id_to_token(int(p.ids[0, at[0]])) == str(c + 1)
-    ids = TOK.encode("row 9 column 1 row 2 column 8 , row 3 ? column 2")
-    assert named_cells(ids, TOK, 8) == [-1] * 7 + [1 * 8 + 7] + [-1] * 6  # 9 is no word; "? column" no pair
+    assert len(at) == 2 and (p.text_cells[0, at] == r * 8 + c).all()  # C and the "?" that predicts the answer
+    assert [TOK.id_to_token(int(p.ids[0, k])) for k in at] == [str(c + 1), "?"]
+    ids = TOK.encode("row 9 column 1 row 2 column 8 , row 3 ? column 2 row 1 column 1")
+    want = [-1] * 7 + [1 * 8 + 7] * 10 + [0]  # 9 is no word; "? column" no pair; a later cell takes over
+    assert named_cells(ids, TOK, 8) == want
     answer = pack([vsp.player_sample(np.random.default_rng(1), 4, "classic", canvas=64)], TOK, 8)
     assert (answer.text_cells < 0).all()  # the assistant's own coordinates are not grounded

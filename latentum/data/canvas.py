@@ -43,13 +43,14 @@ def rope_offsets(g: int) -> tuple[tuple[int, int], ...]:
 
 def named_cells(ids: list[int], tok, grid: int = 8) -> list[int]:
     """Per token of ``ids``: the canvas cell (r * grid + c, 0-indexed) that a written "row R column C"
-    (1-indexed, as VSP writes them) names, on the token of C; -1 everywhere else. Coordinates outside the
-    canvas name nothing."""
+    (1-indexed, as VSP writes them) names, from the token of C to the end of the text (a later "row R column C"
+    takes over); -1 before. The token after C ("?" in the hole question) predicts the answer, so it holds the
+    cell itself and finds it in the image in one attention step. Coordinates outside the canvas name nothing."""
     words = [tok.id_to_token(i) for i in ids]
     cells = [-1] * len(ids)
     for k in range(3, len(words)):
         row, r, col, c = words[k - 3:k + 1]
         if (row, col) == ("row", "column") and f"{r}{c}".isdigit() and max(int(r), int(c)) <= grid \
                 and min(int(r), int(c)) >= 1:
-            cells[k] = (int(r) - 1) * grid + int(c) - 1
+            cells[k:] = [(int(r) - 1) * grid + int(c) - 1] * (len(ids) - k)
     return cells
