@@ -12,6 +12,7 @@ from latentum.config import load_recipe
 from latentum.data import vsp
 from latentum.data.canvas import active_grid, active_index, rope_offsets
 from latentum.data.packing import pack
+from latentum.data.sample import Sample
 from latentum.data.worlds import default_tokenizer
 from latentum.generation.engine import Decoder
 from latentum.generation.sampling import GREEDY, SamplingParams, sample_logits
@@ -109,8 +110,9 @@ def test_cached_decoding_equals_one_forward(model, sample):
 @pytest.mark.parametrize("latent", [False, True])
 def test_a_grounded_question_reads_the_same_in_training_and_inference(model, latent):
     """With ground_coordinates the hole question's column number and the "?" after it carry their cell's
-    embedding in the packed forward and in the prefill alike (and the hidden states differ from the ungrounded ones); a LatentView
-    question (training) equals feeding the latents and then the question (``answer_latents``)."""
+    embedding in the packed forward and in the prefill alike (and the hidden states differ from the ungrounded
+    ones); a LatentView question (training) equals feeding the latents and then the question
+    (``answer_latents``)."""
     from latentum.train.data import as_latent_question
 
     s = vsp.hole_sample(np.random.default_rng(4), 5, "classic", canvas=64)
@@ -131,6 +133,20 @@ def test_a_grounded_question_reads_the_same_in_training_and_inference(model, lat
     torch.testing.assert_close(dec.last[0], full[n - 1], atol=2e-5, rtol=1e-4)
     plain = model.forward_packed(p).hidden[0]
     assert not torch.allclose(plain[n - 1], full[n - 1])
+
+
+@torch.no_grad()
+def test_a_named_cell_ends_with_its_text_in_training_and_inference(model):
+    """A question before its image: the cell it names stays on the question's own tokens (not the image's
+    framing tokens after it) in the prefill, as in packing, so the two forwards agree."""
+    s = vsp.hole_sample(np.random.default_rng(4), 5, "classic", canvas=64)
+    s = Sample([s.user[1], s.user[0]], s.assistant, s.task, s.meta)
+    grounded = copy.deepcopy(model)
+    grounded.cfg.ground_coordinates = True
+    full = grounded.forward_packed(pack([s], TOK, 8)).hidden[0]
+    dec = Decoder(grounded, TOK, 1, 512)
+    dec.prefill([s.user])
+    torch.testing.assert_close(dec.last[0], full[dec.cache.length - 1], atol=2e-5, rtol=1e-4)
 
 
 @torch.no_grad()

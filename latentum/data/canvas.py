@@ -47,10 +47,11 @@ def named_cells(ids: list[int], tok, grid: int = 8) -> list[int]:
     takes over); -1 before. The token after C ("?" in the hole question) predicts the answer, so it holds the
     cell itself and finds it in the image in one attention step. Coordinates outside the canvas name nothing."""
     words = [tok.id_to_token(i) for i in ids]
-    cells = [-1] * len(ids)
-    for k in range(3, len(words)):
-        row, r, col, c = words[k - 3:k + 1]
+    cells, cell = [], -1
+    for k in range(len(words)):
+        row, r, col, c = words[k - 3:k + 1] if k >= 3 else ("", "", "", "")
         if (row, col) == ("row", "column") and f"{r}{c}".isdigit() and max(int(r), int(c)) <= grid \
                 and min(int(r), int(c)) >= 1:
-            cells[k:] = [(int(r) - 1) * grid + int(c) - 1] * (len(ids) - k)
+            cell = (int(r) - 1) * grid + int(c) - 1
+        cells.append(cell)
     return cells

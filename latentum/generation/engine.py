@@ -73,18 +73,14 @@ class Decoder:
         return self.feed(self.model.backbone.embed(ids.to(self.model.device)), gen, valid)
 
     def feed_prompt_ids(self, ids: torch.Tensor):
-        """Feed prompt text (B, T) through the und branch, with the cells its coordinates name
+        """Feed one prompt text per row (B, T) through the und branch, with the cells its coordinates name
         (``ModelConfig.ground_coordinates``), as packing does for a training sample's user text."""
-        return self.feed(self._prompt_embeddings(ids))
-
-    def _prompt_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        """Prompt token ids (B, T) -> embeddings (B, T, D), grounded (``LatentUMModel.ground``) if the model is."""
         x = self.model.backbone.embed(ids.to(self.model.device))
-        if not self.model.cfg.ground_coordinates:
-            return x
-        grid = self.model.cfg.encoder.grid
-        cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
-        return self.model.ground(x, cells)
+        if self.model.cfg.ground_coordinates:
+            grid = self.model.cfg.encoder.grid
+            cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
+            x = self.model.ground(x, cells)
+        return self.feed(x)
 
     def feed_latents(self, ids: torch.Tensor):
         """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read)."""
@@ -109,15 +105,17 @@ class Decoder:
         """Left-pad and feed ``<bos>`` + each row's user items (text and input images)."""
         grid = self.model.cfg.encoder.grid
         rows = [prompt_tokens(p, self.tok, grid, drop_text) for p in prompts]
-        T = max(len(ids) for ids, _ in rows)
+        T = max(len(ids) for ids, _, _ in rows)
         ids = torch.full((len(rows), T), self.tok.pad_id, dtype=torch.long)
+        cells = torch.full((len(rows), T), -1, dtype=torch.long)
         valid = torch.zeros(len(rows), T, dtype=torch.bool)
         offsets = torch.zeros(len(rows), T, 2, dtype=torch.long)
         span = torch.full((len(rows), T), -1, dtype=torch.long)
         dst, src, pixels = [], [], []
-        for b, (row, images) in enumerate(rows):
+        for b, (row, row_cells, images) in enumerate(rows):
             off = T - len(row)
             ids[b, off:] = torch.tensor(row)
+            cells[b, off:] = torch.tensor(row_cells)
             valid[b, off:] = True
             for start, g, px in images:
                 offsets[b, off + start:off + start + g * g] = torch.tensor(rope_offsets(g))
@@ -126,7 +124,7 @@ class Decoder:
                 src += [len(pixels) * grid**2 + i for i in active_index(g, grid)]
                 pixels.append(px)
         dev = self.model.device
-        x = self._prompt_embeddings(ids)
+        x = self.model.ground(self.model.backbone.embed(ids.to(dev)), cells)
         if pixels:
             D = x.size(-1)
             emb = self.model.input_embeddings(np.stack(pixels)).reshape(-1, D)  # (I*C, D)
@@ -258,17 +256,21 @@ def framed_offsets(g: int) -> torch.Tensor:
 
 
 def prompt_tokens(items: list[Item], tok, canvas_grid: int, drop_text: bool = False):
-    """User items -> (token ids, [(start of image tokens, active grid, pixels)]) for ``<bos>`` + items."""
-    ids, images = [tok.bos_id], []
+    """User items -> (token ids, the cell each names (``named_cells`` per text item, as packing does; -1
+    elsewhere), [(start of image tokens, active grid, pixels)]) for ``<bos>`` + items."""
+    ids, cells, images = [tok.bos_id], [-1], []
     for i, item in enumerate(items):
         if isinstance(item, str):
             t = tok.encode(item)
-            ids += [tok.pad_id] * len(t) if drop_text else t
+            t = [tok.pad_id] * len(t) if drop_text else t
+            ids += t
+            cells += named_cells(t, tok, canvas_grid)
         elif isinstance(item, np.ndarray):
             g = active_grid(item, canvas_grid)
             ids.append(tok.img_start_id)
             images.append((len(ids), g, item))
             ids += [tok.image_id] * g * g + [tok.img_end_id]
+            cells += [-1] * (g * g + 2)
         else:
             raise TypeError(f"prompt item {i} must be str or an image array, got {type(item).__name__}")
-    return ids, images
+    return ids, cells, images
