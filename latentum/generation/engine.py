@@ -75,12 +75,9 @@ class Decoder:
     def feed_prompt_ids(self, ids: torch.Tensor):
         """Feed one prompt text per row (B, T) through the und branch, with the cells its coordinates name
         (``ModelConfig.ground_coordinates``), as packing does for a training sample's user text."""
-        x = self.model.backbone.embed(ids.to(self.model.device))
-        if self.model.cfg.ground_coordinates:
-            grid = self.model.cfg.encoder.grid
-            cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
-            x = self.model.ground(x, cells)
-        return self.feed(x)
+        grid = self.model.cfg.encoder.grid
+        cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
+        return self.feed(self.model.ground(self.model.backbone.embed(ids.to(self.model.device)), cells))
 
     def feed_latents(self, ids: torch.Tensor):
         """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read)."""
