@@ -140,6 +140,36 @@ class LatentUM:
         prompts = [[self._image_item(im, "images"), q] for im, q in zip(images, questions)]
         return answer_rows(self, prompts, max_new_tokens, sampling, _generator(seed))
 
+    @torch.inference_mode()
+    def choose(self, image, question: str, options: list[str]) -> str:
+        """The option the model finds most likely as the whole answer to ``question`` about ``image`` (the
+        cloze form of a multiple-choice question, as lm-eval-harness and OLMES score small models: each
+        option's words and <eos> by teacher forcing). E.g. ``choose(map, "Write the map as a text grid .",
+        grids)``; ``score_options`` gives the log-probabilities."""
+        scores = self.score_options_batch([image], [question], [options])[0]
+        return options[int(np.argmax(scores))]
+
+    @torch.inference_mode()
+    def score_options(self, image, question: str, options: list[str]) -> list[float]:
+        """Log-probability of each option as the whole answer to ``question`` about ``image``."""
+        return self.score_options_batch([image], [question], [options])[0]
+
+    @torch.inference_mode()
+    def score_options_batch(self, images: list, questions: list[str], options: list[list[str]]) -> list[list[float]]:
+        """``score_options`` for several (image, question, options)."""
+        from latentum.generation.interleaved import option_logprobs
+
+        if not len(images) == len(questions) == len(options):
+            raise ValueError(f"images, questions and options must have the same length, got {len(images)}, "
+                             f"{len(questions)} and {len(options)}")
+        for i, (q, opts) in enumerate(zip(questions, options)):
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"questions[{i}] must be a non-empty string, got {q!r}")
+            if isinstance(opts, str) or not opts or not all(isinstance(o, str) and o.strip() for o in opts):
+                raise ValueError(f"options[{i}] must be a non-empty list of non-empty strings, got {opts!r}")
+        prompts = [[self._image_item(im, f"images[{i}]"), q] for i, (im, q) in enumerate(zip(images, questions))]
+        return option_logprobs(self, prompts, [list(o) for o in options])
+
     def _image_item(self, image, argument: str):
         return image if isinstance(image, LatentImage) else load_image(image, self.canvas, argument)
 

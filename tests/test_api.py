@@ -31,6 +31,40 @@ def test_answer_accepts_array_pil_and_path(api, lake, tmp_path):
     assert api.answer_batch([image, image], ["Where is the player ?"] * 2) == [single] * 2
 
 
+def _stepwise_logprob(api, image, question: str, option: str) -> float:
+    """Feed the option one token at a time and add up each token's log-probability (the reference)."""
+    from latentum.generation.interleaved import _prefill
+
+    dec = _prefill(api, [[api._image_item(image, "image"), question]])
+    total = 0.0
+    for t in api.tokenizer.encode(option) + [api.tokenizer.eos_id]:
+        total += float(dec.text_logits().log_softmax(-1)[0, t])
+        dec.feed_ids(torch.tensor([[t]]))
+    return total
+
+
+def test_score_options_equals_token_by_token_scoring(api, lake):
+    _, image = lake
+    q = "Write the map as a text grid ."
+    options = ["S F / F G", "Yes", "S F H F / F F F F / H F F F / F F F G", "row 1 column 2"]  # padded to the longest
+    with torch.inference_mode():
+        scores = api.score_options(image, q, options)
+        reference = [_stepwise_logprob(api, image, q, o) for o in options]
+    assert np.allclose(scores, reference, atol=1e-3), (scores, reference)
+    assert api.choose(image, q, options) == options[int(np.argmax(reference))]
+    assert api.score_options_batch([image, image], [q, "Where is the player ?"], [options, options[:2]])[0] == \
+        pytest.approx(scores, abs=1e-3)
+    latent = api.image_latent(image)  # a LatentImage prompt is scored one row at a time
+    assert all(np.isfinite(api.score_options(latent, q, options[:2])))
+
+
+@pytest.mark.parametrize("options, match", [("Yes", "options\\[0\\] must be a non-empty list"),
+                                            ([], "options\\[0\\] must be"), (["Yes", ""], "options\\[0\\] must be")])
+def test_score_options_rejects_bad_options(api, lake, options, match):
+    with pytest.raises(ValueError, match=match):
+        api.score_options(lake[1], "Is there a hole at row 1 column 1 ?", options)
+
+
 def test_generate_images_render_and_read_back(api):
     latents = api.generate_images(["a red circle", "two squares"], cfg_scale=3.0, seed=0)
     assert len(latents) == 2 and all(isinstance(x, LatentImage) for x in latents)
@@ -149,6 +183,8 @@ def test_neighbour_qa_is_evaluated_when_the_vocabulary_has_its_words(api):
     out = qa_metrics(api, 3, "classic", 2, seed=0)
     assert 0.0 <= out["vsp_neighbours"] <= 1.0
     assert out["perception"] == pytest.approx(np.mean([out[t] for t in QA_TASKS]))  # reported, not averaged in
+    assert out["perception_scored"] == pytest.approx(np.mean([out["vsp_hole"], out["vsp_relation"],
+                                                              out["vsp_grid_scored"]]))
 
 
 def test_an_image_latent_is_its_encoded_active_grid_and_renders_as_its_own_reference(api, lake):

@@ -11,7 +11,9 @@ Metrics per style and level:
   share of maps the model transcribes exactly as a text grid, and ``vsp_neighbours`` (what is next to the
   player), when the model's vocabulary has its words (both reported, not part of ``perception``); and, as a
   diagnostic, the hole and grid questions answered from the model's own transcription of the map
-  (``*_transcribed``, ``perception_transcribed``: a fixed rule reads the answer off the grid it wrote);
+  (``*_transcribed``, ``perception_transcribed``: a fixed rule reads the answer off the grid it wrote); the grid
+  question is also scored in the cloze form (``vsp_grid_scored``: the option the model finds most likely as the
+  map's text grid, ``LatentUM.score_options``; ``perception_scored`` counts it in place of the letter);
 - visual-thought fidelity: the share of thoughts equal to the simulated next state, judged by the pixel oracle
   on the rendered thought (full board), by the model reading the latent back ("Where is the player ?"), and
   in latent space (every token's codes equal those of the true next board, encoded; ``fidelity_latent``);
@@ -178,7 +180,10 @@ def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, floa
             out["vsp_safety_imagined"] = imagined_safety(api, samples)
         if task in ("vsp_hole", "vsp_grid"):
             out[f"{task}_transcribed"] = transcribed_answers(api, samples)
+        if task == "vsp_grid":
+            out["vsp_grid_scored"] = scored_grids(api, samples)
     out["perception"] = float(np.mean([out[t] for t in QA_TASKS]))
+    out["perception_scored"] = float(np.mean([out["vsp_hole"], out["vsp_relation"], out["vsp_grid_scored"]]))
     out["perception_transcribed"] = float(np.mean([out["vsp_hole_transcribed"], out["vsp_relation"],
                                                    out["vsp_grid_transcribed"]]))
     return out
@@ -193,6 +198,18 @@ def transcribed_answers(api, samples) -> float:
     longest = max(len(s.meta["map"].text_grid().split()) for s in samples)
     grids = api.answer_batch(images, [vsp.DESCRIBE_Q] * len(samples), max_new_tokens=longest + 2)
     return float(np.mean([read_answer(s, g) == s.meta["answer"] for s, g in zip(samples, grids)]))
+
+
+def scored_grids(api, samples) -> float:
+    """Grid (T3) questions in the cloze form: the option whose text grid the model finds most likely as its
+    answer to ``DESCRIBE_Q`` (each option's words and <eos>, teacher-forced), as lm-eval-harness and OLMES
+    score multiple choice for models too small to answer by letter. The model's likelihoods choose; no rule
+    reads its text."""
+    options = [list(s.meta["options"].items()) for s in samples]
+    scores = api.score_options_batch([s.user[0] for s in samples], [vsp.DESCRIBE_Q] * len(samples),
+                                     [[grid for _, grid in o] for o in options])
+    said = [o[int(np.argmax(sc))][0] for o, sc in zip(options, scores)]
+    return float(np.mean([a == s.meta["answer"] for a, s in zip(said, samples)]))
 
 
 def read_answer(sample, grid: str) -> str:
@@ -316,7 +333,8 @@ def print_report(report: dict) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| style | level | latent gym | latent strict | text gym | text strict | pixel gym | pixel strict "
-            "| fidelity pixel | fidelity read | fidelity latent | perception | safety | safety imagined "
+            "| fidelity pixel | fidelity read | fidelity latent | perception | perception (grid scored) | safety "
+            "| safety imagined "
             "| s/plan latent | s/plan text | s/plan pixel |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -326,7 +344,8 @@ def format_table(rows: list[dict]) -> str:
                      f"{g('text', 'gym')} | {g('text', 'strict')} | {g('pixel', 'gym')} | {g('pixel', 'strict')} | "
                      f"{g('latent', 'fidelity_pixel')} | {g('latent', 'fidelity_read')} | "
                      f"{g('latent', 'fidelity_latent')} | "
-                     f"{r['qa']['perception']:.3f} | {r['qa']['vsp_safety']:.3f} | "
+                     f"{r['qa']['perception']:.3f} | {r['qa'].get('perception_scored', float('nan')):.3f} | "
+                     f"{r['qa']['vsp_safety']:.3f} | "
                      f"{r['qa']['vsp_safety_imagined']:.3f} | {g('latent', 'sec_per_plan')} | "
                      f"{g('text', 'sec_per_plan')} | {g('pixel', 'sec_per_plan')} |")
     return "\n".join(lines)

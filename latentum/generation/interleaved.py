@@ -57,6 +57,33 @@ def answer_rows(api, prompts: list[list], max_new_tokens: int, params: SamplingP
     return rows
 
 
+def option_logprobs(api, prompts: list[list], options: list[list[str]]) -> list[list[float]]:
+    """Log-probability of each option as the whole answer to its prompt: its words, then <eos> (the cloze
+    form of a multiple-choice question). One row per (prompt, option), prefilled in chunks; options are
+    right-padded and scored by teacher forcing, with no sampling. Prompts holding a LatentImage go one row at
+    a time (``_prefill``)."""
+    from latentum.api import LatentImage
+
+    tok = api.tokenizer
+    rows = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
+    out = [[0.0] * len(opts) for opts in options]
+    latent = any(isinstance(x, LatentImage) for p in prompts for x in p)
+    for chunk in _chunks(rows, 1 if latent else 64):
+        dec = _prefill(api, [prompts[i] for i, _ in chunk])
+        conts = [tok.encode(options[i][j]) + [tok.eos_id] for i, j in chunk]
+        L = max(len(c) for c in conts)
+        ids = torch.tensor([c + [tok.pad_id] * (L - len(c)) for c in conts])  # (B, L)
+        valid = torch.tensor([[k < len(c) for k in range(L)] for c in conts])  # (B, L)
+        logits = dec.text_logits()[:, None]  # (B, 1, V): predicts token 0
+        if L > 1:
+            hidden = dec.feed_ids(ids[:, :-1], valid=valid[:, :-1].to(api.model.device))  # (B, L - 1, D)
+            logits = torch.cat([logits, api.model.backbone.logits(hidden).float()], dim=1)  # (B, L, V)
+        logp = logits.log_softmax(-1).gather(-1, ids[..., None].to(logits.device))[..., 0].cpu()  # (B, L)
+        for (i, j), lp, v in zip(chunk, logp, valid):
+            out[i][j] = float(lp[v].sum())
+    return out
+
+
 def answer_latents(api, ids: torch.Tensor, questions: list[str], max_new_tokens: int = 8,
                    params: SamplingParams | None = None, generator=None) -> list[str]:
     """Answer questions about latent images (I, N, G), read through the und branch: <bos> <img> latents
