@@ -183,6 +183,17 @@ def test_relation_sample_matches_vsp_t2_semantics():
     assert len({s.assistant[0] for s in samples}) == 8  # all 8 non-empty answers occur
 
 
+def test_relation_steps_sample_writes_both_cells_then_the_relation():
+    samples = draws(vsp.relation_steps_sample, 60)
+    for s in samples:
+        m, text = s.meta["map"], s.assistant[0]
+        (pr, pc), (gr, gc) = m.player, m.goal
+        assert text.startswith(f"player row {pr + 1} column {pc + 1} , goal row {gr + 1} column {gc + 1} , ")
+        assert vsp.final_answer(text) == vsp.relation_words(m.player, m.goal) == s.meta["answer"]
+        assert s.user[1] == vsp.RELATION_Q  # the same question as the direct task
+    assert vsp.final_answer("Above Left") == "Above Left"  # a direct answer is its own final answer
+
+
 def test_grid_sample_has_one_true_option_and_a_near_miss():
     samples = draws(vsp.grid_sample, 60)
     for s in samples:

@@ -44,6 +44,7 @@ RELATION_Q = "Where is the player relative to the goal ?"
 GRID_Q = "Which text grid matches the map ? A : {A} B : {B} C : {C} D : {D}"
 PLAYER_Q = "Where is the player ?"
 PLAYER_A = "row {row} column {col}"
+RELATION_STEPS_A = "player row {pr} column {pc} , goal row {gr} column {gc} , {relation}"
 SAFETY_Q = "Is the action sequence {actions} safe ?"
 DESCRIBE_Q = "Write the map as a text grid ."
 NEIGHBOURS_Q = "What is left of , below , right of and above the player ?"
@@ -210,6 +211,26 @@ def relation_sample(rng: np.random.Generator, size: int, style: str, canvas: int
                   _meta(m, style, answer))
 
 
+def relation_steps_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
+    """T2 worked out: where the player is, where the goal is, then the relation, e.g. "player row 2 column 3 ,
+    goal row 4 column 4 , Above Left" (the answer is the words after the last comma, ``final_answer``). Each
+    step is one the model already takes well (finding a cell, as "Where is the player ?") or a comparison of
+    two written numbers; asked directly, the relation goes wrong when the two cells are a column or a row
+    apart (README, "The relation worked out")."""
+    _check(size, style, canvas)
+    m = generate_map(size, rng)
+    relation = relation_words(m.player, m.goal)
+    (pr, pc), (gr, gc) = m.player, m.goal
+    answer = RELATION_STEPS_A.format(pr=pr + 1, pc=pc + 1, gr=gr + 1, gc=gc + 1, relation=relation)
+    return Sample([_map_image(m, style, canvas), RELATION_Q], [answer], "vsp_relation_steps",
+                  _meta(m, style, relation))
+
+
+def final_answer(text: str) -> str:
+    """The answer a worked-out reply ends with: the words after its last comma (all of ``text`` if none)."""
+    return text.rsplit(",", 1)[-1].strip()
+
+
 def _near_miss(m: LakeMap, rng: np.random.Generator) -> str:
     """The true text grid with one ice cell turned into a hole or one hole into ice."""
     rows = [list(row) for row in m.desc()]
@@ -361,6 +382,7 @@ SAMPLERS: dict[str, Sampler] = {
     "vsp_walk_text_look": text_walk_look_sample,
     "vsp_hole": hole_sample,
     "vsp_relation": relation_sample,
+    "vsp_relation_steps": relation_steps_sample,
     "vsp_grid": grid_sample,
     "vsp_player": player_sample,
     "vsp_walk_player": walk_player_sample,
@@ -375,7 +397,7 @@ SAMPLERS: dict[str, Sampler] = {
 def vocabulary() -> set[str]:
     """Every whitespace-separated word a VSP text can contain (templates, answers, grid letters, indices)."""
     templates = [PLAN_PROMPT, TEXT_PLAN_PROMPT, HOLE_Q, RELATION_Q, GRID_Q, PLAYER_Q, PLAYER_A, SAFETY_Q,
-                 DESCRIBE_Q, NEIGHBOURS_Q]
+                 DESCRIBE_Q, NEIGHBOURS_Q, RELATION_STEPS_A]
     words = {w for t in templates for w in re.sub(r"\{\w+\}", " ", t).split()}
     words |= set(ACTIONS) | {DONE, FELL, YES, NO, EDGE} | set(RELATIONS) | set(OPTIONS) | set("SFHG") | {"/"}
     words |= {str(i) for i in range(1, MAX_SIZE + 1)}

@@ -173,8 +173,10 @@ def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, floa
         images = [s.user[0] for s in samples]
         questions = [s.user[1] for s in samples]
         longest = max(len(api.tokenizer.encode(s.assistant[0])) for s in samples)
-        pred = api.answer_batch(images, questions, max_new_tokens=max(8, longest + 2))
+        pred = api.answer_batch(images, questions, max_new_tokens=max(20, longest + 2))  # room for worked steps
         gold = [api.tokenizer.normalize(s.assistant[0]) for s in samples]
+        if task == "vsp_relation":  # answered directly or worked out ("player row ... , Above Left")
+            pred = [vsp.final_answer(p) for p in pred]
         out[task] = float(np.mean([p == g for p, g in zip(pred, gold)]))
         if task == "vsp_safety":
             out["vsp_safety_imagined"] = imagined_safety(api, samples)
