@@ -66,6 +66,41 @@ def test_shipped_model_imagines_given_moves_and_tells_safe_from_unsafe(api, styl
 
 
 @pytest.mark.parametrize("style", ["gymnasium", "classic"])
+def test_shipped_model_works_out_where_the_player_is_relative_to_the_goal(api, style):
+    """VSP T2 on twenty fixed 6x6 questions, answered in steps ("player row 2 column 3 , goal row 4 column 4 ,
+    Above Left", ``vsp_relation_steps``) and scored on the words after the last comma: when shipped it
+    answered 19/20 (gymnasium) and 20/20 (classic); the previous weights, answering directly, 20/20."""
+    import numpy as np
+
+    from latentum.data import vsp
+    from latentum.data.worlds import make_sample
+
+    rng = np.random.default_rng(2024)
+    samples = [make_sample("vsp_relation", rng, map_sizes=[6], canvas=api.canvas, style=style) for _ in range(20)]
+    said = api.answer_batch([s.user[0] for s in samples], [s.user[1] for s in samples], max_new_tokens=20)
+    right = sum(vsp.final_answer(a) == s.meta["answer"] for a, s in zip(said, samples))
+    assert right >= 17, f"{style}: {right}/20 relation questions right"
+
+
+@pytest.mark.parametrize("style", ["gymnasium", "classic"])
+def test_shipped_model_picks_the_text_grid_of_the_map(api, style):
+    """VSP T3 on twenty fixed 5x5 questions in the cloze form (``LatentUM.choose``: the option the model finds
+    most likely as the map's text grid; one distractor differs in a single cell): when shipped it chose
+    20/20 in each style (asked for the letter, the model is below chance: README, "Results")."""
+    import numpy as np
+
+    from latentum.data import vsp
+    from latentum.data.worlds import make_sample
+
+    rng = np.random.default_rng(2024)
+    samples = [make_sample("vsp_grid", rng, map_sizes=[5], canvas=api.canvas, style=style) for _ in range(20)]
+    options = [list(s.meta["options"].values()) for s in samples]
+    scores = api.score_options_batch([s.user[0] for s in samples], [vsp.DESCRIBE_Q] * 20, options)
+    right = sum(o[int(np.argmax(sc))] == s.meta["map"].text_grid() for o, sc, s in zip(options, scores, samples))
+    assert right >= 17, f"{style}: {right}/20 grid questions right"
+
+
+@pytest.mark.parametrize("style", ["gymnasium", "classic"])
 def test_shipped_model_answers_where_the_holes_are(api, style):
     """VSP T1 on twenty fixed 4x4 questions, "Is there a hole at row R column C ?" (coordinates grounded,
     README "Written coordinates, grounded"): when shipped it answered 20/20 in each style; the previous
