@@ -136,7 +136,7 @@ def test_full_vsp_evaluation_meets_targets(api):
     report = evaluate_vsp(api, per_level=100)
     for style, s in report["summary"].items():
         assert s["latent"]["strict"] >= 0.95 and s["latent"]["min_strict"] >= 0.90, style
-        assert s["qa"]["perception_scored"] >= 0.99 and s["qa"]["vsp_safety_imagined"] >= 0.95, style  # grid: cloze form
+        assert s["qa"]["perception_scored"] >= 0.99 and s["qa"]["vsp_safety_imagined"] >= 0.95, style  # cloze grid
 
 
 def _moves_into_said_hazards(plan) -> int:
