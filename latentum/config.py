@@ -263,6 +263,10 @@ class TrainConfig:
     """Stage 2: start the visual projector as a copy of MBAQ's up-projection; None follows ``init_generation``.
     True with ``init_generation: false`` continues a stage-2 model whose quantizer was retrained since, so
     its thoughts are read the way the new codes were aligned from the first step."""
+    init_decoder: str | None = None
+    """Stage 3: start the pixel decoder from this decoder folder (``PixelDecoder.save_pretrained``, e.g.
+    ``checkpoints/tiny/decoder``) instead of random weights, to train it further; its config must equal the
+    recipe's ``decoder``."""
     fresh_quantizer: bool = False
     """Stage 1 from a trained model (``init_from``): start the quantizer from random weights instead of the
     loaded one, e.g. to align it again on a new task mixture with a stage-2 model as the teacher."""
@@ -274,7 +278,9 @@ class TrainConfig:
     aia: AIAConfig = field(default_factory=AIAConfig)
     changed_weight: float = 1.0
     """Stage 2: loss weight of latent tokens whose pixels differ from the previous image's (the cells a
-    planning move changes) relative to unchanged ones; 1 = uniform. Without it copying scores ~98% on 8x8."""
+    planning move changes) relative to unchanged ones; 1 = uniform. Without it copying scores ~98% on 8x8.
+    Stage 3: the same for the decoder's pixels in cells that differ from the image's reference (where the
+    player went and came from; an input map is its own reference, so it trains uniformly)."""
     code_noise: float = 0.15
     """Stage 2: probability of replacing each code of a read-back latent by a random one (LatentUM §8)."""
     aia_queries: int = 16

@@ -531,3 +531,60 @@ def test_api_reference_is_checked_and_ignored_without_reference_conditioning(unt
     assert np.array_equal(api.render_ids(ids), api.render_ids(ids, reference=ref))
     with pytest.raises(ValueError, match="reference"):
         api.render_ids(ids, reference=ref[:4])
+
+
+def test_weighted_loss_is_the_mse_under_uniform_weights_and_is_checked():
+    dec = make()
+    x, codes = data()
+    plain = dec.loss(x, codes, generator=torch.Generator().manual_seed(0))
+    ones = dec.loss(x, codes, generator=torch.Generator().manual_seed(0), weight=torch.full((2, 1, 16, 16), 3.0))
+    assert torch.allclose(plain.total, ones.total) and torch.allclose(ones.parts["mse"], plain.total)
+    weight = torch.zeros(2, 1, 16, 16)
+    weight[0] = 1.0  # only the first image counts: the second can be anything
+    both = dec.loss(x, codes, generator=torch.Generator().manual_seed(0), weight=weight)
+    other = dec.loss(torch.stack([x[0], -x[1]]), codes, generator=torch.Generator().manual_seed(0), weight=weight)
+    assert torch.allclose(both.total, other.total) and not torch.allclose(both.parts["mse"], other.parts["mse"])
+    for bad in (torch.ones(2, 16, 16), torch.ones(2, 1, 8, 8), -torch.ones(2, 1, 16, 16)):
+        with pytest.raises(ValueError, match="weight must be"):
+            dec.loss(x, codes, weight=bad)
+
+
+def test_changed_cells_marks_the_cells_that_differ_from_the_reference():
+    from latentum.train.systems import changed_cells
+
+    refs = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    pixels = refs.clone()
+    pixels[0, 9, 30, 1] = 7  # one pixel of cell (1, 7) on a 4x4 grid of 8 px cells
+    mask = changed_cells(pixels, refs, grid=4, resolution=16)  # (2, 1, 16, 16): 4 px per cell
+    want = torch.zeros(2, 1, 16, 16)
+    want[0, 0, 4:8, 12:16] = 1
+    assert torch.equal(mask, want)
+
+
+def test_decoder_system_weights_changed_cells_and_starts_from_a_trained_decoder(tmp_path, monkeypatch):
+    from latentum.config import TrainConfig
+    from latentum.train.systems import DecoderSystem
+
+    model, dcfg = _debug_model()
+    side = model.cfg.encoder.image_size
+    refs = torch.zeros(2, side, side, 3, dtype=torch.uint8)
+    pixels = refs.clone()
+    pixels[1, :4, :4] = 255  # the top-left cell changed in the second image
+    seen = []
+    real = PixelDecoder.loss
+    monkeypatch.setattr(PixelDecoder, "loss", lambda self, *a, **k: seen.append(k) or real(self, *a, **k))
+    system = DecoderSystem(model, dcfg, TrainConfig(changed_weight=5.0))
+    assert torch.isfinite(system.losses((pixels, [None, None], refs)).total)
+    w = seen[-1]["weight"]
+    cell = dcfg.resolution // model.cfg.encoder.grid
+    assert w[0].eq(1).all() and w[1, 0, :cell, :cell].eq(5).all() and w[1].sum() == w[1].numel() + 4 * cell**2
+    DecoderSystem(model, dcfg, TrainConfig()).losses((pixels, [None, None], refs))
+    assert seen[-1]["weight"] is None  # changed_weight 1: the plain MSE
+
+    system.decoder.save_pretrained(tmp_path / "dec")
+    again = DecoderSystem(model, dcfg, TrainConfig(init_decoder=str(tmp_path / "dec")))
+    for k, v in system.decoder.state_dict().items():
+        assert torch.equal(again.decoder.state_dict()[k], v), k
+    other = DecoderConfig(**{**dcfg.__dict__, "cond_channels": dcfg.cond_channels + 1})
+    with pytest.raises(ValueError, match="init_decoder"):
+        DecoderSystem(model, other, TrainConfig(init_decoder=str(tmp_path / "dec")))

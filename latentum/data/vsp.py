@@ -278,9 +278,9 @@ def walk_player_sample(rng: np.random.Generator, size: int, style: str, canvas: 
 
 def plan_player_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
     """``player_sample`` on a board along the shortest plan, half the time its last (the player on the goal):
-    the thought a plan ends with. In the classic look the present hides the elf on the goal, so its board
-    shows no player at all and its goal cell codes as the goal alone; the reader has to learn that an elf
-    seen nowhere stands on the goal (README, "The board a plan ends on")."""
+    the thought a plan ends with. In the classic look MBAQ codes the goal cell with the elf in front
+    of the present exactly as the goal alone, so the board's codes show no player at all; the reader has to
+    learn that an elf coded nowhere stands on the goal (README, "The board a plan ends on")."""
     _check(size, style, canvas)
     m = generate_map(size, rng)
     plan = shortest_plan(m)

@@ -59,18 +59,19 @@ def answer_rows(api, prompts: list[list], max_new_tokens: int, params: SamplingP
 
 def option_logprobs(api, prompts: list[list], options: list[list[str]]) -> list[list[float]]:
     """Log-probability of each option as the whole answer to its prompt: its words, then <eos> (the cloze
-    form of a multiple-choice question). One row per (prompt, option), prefilled in chunks; options are
-    right-padded and scored by teacher forcing, with no sampling. Prompts holding a LatentImage go one row at
-    a time (``_prefill``)."""
+    form of a multiple-choice question). Each prompt is prefilled once, in chunks, and its cache repeated
+    once per option (``Decoder.keep_rows``); options are right-padded and scored by teacher forcing, with no
+    sampling. Prompts holding a LatentImage are prefilled one at a time (``_prefill``)."""
     from latentum.api import LatentImage
 
     tok = api.tokenizer
-    rows = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
-    out = [[0.0] * len(opts) for opts in options]
+    out: list[list[float]] = []
     latent = any(isinstance(x, LatentImage) for p in prompts for x in p)
-    for chunk in _chunks(rows, 1 if latent else 64):
-        dec = _prefill(api, [prompts[i] for i, _ in chunk])
-        conts = [tok.encode(options[i][j]) + [tok.eos_id] for i, j in chunk]
+    for chunk in _chunks(list(range(len(prompts))), 1 if latent else 16):
+        dec = _prefill(api, [prompts[i] for i in chunk])
+        rows = [(k, j) for k, i in enumerate(chunk) for j in range(len(options[i]))]  # (prompt in chunk, option)
+        dec.keep_rows(torch.tensor([k for k, _ in rows], device=api.model.device))  # a prompt's rows share its cache
+        conts = [tok.encode(options[chunk[k]][j]) + [tok.eos_id] for k, j in rows]
         L = max(len(c) for c in conts)
         ids = torch.tensor([c + [tok.pad_id] * (L - len(c)) for c in conts])  # (B, L)
         valid = torch.tensor([[k < len(c) for k in range(L)] for c in conts])  # (B, L)
@@ -79,8 +80,11 @@ def option_logprobs(api, prompts: list[list], options: list[list[str]]) -> list[
             hidden = dec.feed_ids(ids[:, :-1], valid=valid[:, :-1].to(api.model.device))  # (B, L - 1, D)
             logits = torch.cat([logits, api.model.backbone.logits(hidden).float()], dim=1)  # (B, L, V)
         logp = logits.log_softmax(-1).gather(-1, ids[..., None].to(logits.device))[..., 0].cpu()  # (B, L)
-        for (i, j), lp, v in zip(chunk, logp, valid):
-            out[i][j] = float(lp[v].sum())
+        scores = [float(lp[v].sum()) for lp, v in zip(logp, valid)]
+        for i in chunk:
+            n = len(options[i])
+            out.append(scores[:n])
+            scores = scores[n:]
     return out
 
 

@@ -160,15 +160,18 @@ class PixelDecoder(nn.Module):
         return self.unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t, class_labels=labels).sample
 
     def loss(self, images: Tensor, codes: Tensor, styles: Tensor | None = None, reference: Tensor | None = None,
-             generator: torch.Generator | None = None) -> LossBreakdown:
+             generator: torch.Generator | None = None, weight: Tensor | None = None) -> LossBreakdown:
         """images (B, 3, R, R) in [-1, 1], codes (B, N, Dc), styles (B,) long (``style_labels``; None = unknown),
         reference (B, N, Dc) codes of the image each started from (None = its own codes; ``reference`` decoders
-        only) -> MSE on the scheduler's prediction target at uniformly random timesteps."""
+        only), weight (B, 1, R, R) >= 0 per pixel (None = uniform) -> the weighted MSE on the scheduler's
+        prediction target at uniformly random timesteps (all ones: the plain MSE)."""
         R = self.cfg.resolution
         if images.dim() != 4 or images.shape[1:] != (3, R, R):
             raise ValueError(f"images must be (B, 3, {R}, {R}) in [-1, 1], got {tuple(images.shape)}")
         if codes.size(0) != images.size(0):
             raise ValueError(f"codes batch {codes.size(0)} must match images batch {images.size(0)}")
+        if weight is not None and (weight.shape != (images.size(0), 1, R, R) or bool((weight < 0).any())):
+            raise ValueError(f"weight must be ({images.size(0)}, 1, {R}, {R}) and >= 0, got {tuple(weight.shape)}")
         B = images.size(0)
         labels = self._labels(styles, B, images.device)
         noise = _randn(images.shape, generator, images.device)
@@ -179,8 +182,13 @@ class PixelDecoder(nn.Module):
         target = {"epsilon": noise, "sample": images}.get(kind)
         if target is None:  # v_prediction
             target = self.train_scheduler.get_velocity(images, noise, t)
-        mse = F.mse_loss(pred.float(), target.float())
-        return LossBreakdown(mse, {"mse": mse.detach()})
+        err = (pred.float() - target.float()).pow(2)  # (B, 3, R, R)
+        mse = err.mean()
+        if weight is None:
+            return LossBreakdown(mse, {"mse": mse.detach()})
+        weight = weight.to(err)
+        loss = (err * weight).sum() / (weight.sum() * err.size(1)).clamp_min(1e-8)
+        return LossBreakdown(loss, {"mse": mse.detach(), "weighted_mse": loss.detach()})
 
     @torch.no_grad()
     def render(self, codes: Tensor, styles: Tensor | None = None, reference: Tensor | None = None,

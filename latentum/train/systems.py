@@ -194,6 +194,8 @@ class DecoderSystem(StageSystem):
         self.model = model
         q = model.cfg.quantizer
         self.decoder = PixelDecoder(decoder_cfg, code_dim=q.dim, grid=model.cfg.encoder.grid)
+        if cfg.init_decoder:
+            self.decoder.load_state_dict(_trained_decoder(cfg.init_decoder, self.decoder).state_dict())
         set_trainable(model, [])
         self._warned_styles = False
         self._warned_references = False
@@ -205,7 +207,12 @@ class DecoderSystem(StageSystem):
         x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
         if x.size(-1) != R:
             x = F.interpolate(x, size=(R, R), mode="area")
-        return self.decoder.loss(x.to(self.device), codes, self._style_labels(styles, x.size(0)), ref_codes)
+        weight = None
+        if self.cfg.changed_weight != 1 and references is not None:
+            changed = changed_cells(pixels, references, self.decoder.grid, R)  # (B, 1, R, R)
+            weight = (1 + (self.cfg.changed_weight - 1) * changed).to(self.device)
+        return self.decoder.loss(x.to(self.device), codes, self._style_labels(styles, x.size(0)), ref_codes,
+                                 weight=weight)
 
     @staticmethod
     def _unpack(batch) -> tuple[torch.Tensor, list | None, torch.Tensor | None]:
@@ -252,3 +259,21 @@ class DecoderSystem(StageSystem):
             return None
         drop = torch.rand(batch) < self.decoder.cfg.style_dropout  # torch's RNG, seeded by Lightning
         return labels.masked_fill(drop, 0).to(self.device)
+
+
+def changed_cells(pixels: torch.Tensor, references: torch.Tensor, grid: int, resolution: int) -> torch.Tensor:
+    """uint8 canvases (B, H, W, 3) and their references -> (B, 1, R, R) float, 1 on the pixels of the grid cells
+    (``grid`` x ``grid`` over the canvas) where the two differ, 0 elsewhere."""
+    diff = (pixels != references).any(-1).float()[:, None]  # (B, 1, H, W)
+    cells = F.adaptive_max_pool2d(diff, grid)  # (B, 1, grid, grid)
+    return F.interpolate(cells, size=resolution, mode="nearest")
+
+
+def _trained_decoder(folder: str, fresh: PixelDecoder) -> PixelDecoder:
+    """``TrainConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's."""
+    trained = PixelDecoder.from_pretrained(folder)
+    if (trained.cfg, trained.code_dim, trained.grid) != (fresh.cfg, fresh.code_dim, fresh.grid):
+        raise ValueError(f"init_decoder {folder!r}: its config {trained.cfg} (code_dim {trained.code_dim}, grid "
+                         f"{trained.grid}) differs from the recipe's decoder {fresh.cfg} (code_dim "
+                         f"{fresh.code_dim}, grid {fresh.grid})")
+    return trained
