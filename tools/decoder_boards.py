@@ -18,7 +18,7 @@ import torch
 
 from latentum.api import LatentUM
 from latentum.data import frozenlake as fl
-from latentum.eval.vsp import eval_maps, true_board_ids
+from latentum.eval.vsp import drawn_right, eval_maps, true_board_ids
 
 
 def boards_right(api: LatentUM, style: str, level: int, maps: int) -> dict[bool, list[bool]]:
@@ -29,13 +29,10 @@ def boards_right(api: LatentUM, style: str, level: int, maps: int) -> dict[bool,
         for a in fl.shortest_plan(m):
             pos = fl.move(m, pos, a)
             truth.append((m, pos, a))
-    ids = true_board_ids(api, truth, style)
-    start = true_board_ids(api, [(m, m.player, None) for m, _, _ in truth], style)
+    right = drawn_right(api, true_board_ids(api, truth, style), truth, style)
     out: dict[bool, list[bool]] = {True: [], False: []}
-    for i in range(0, len(truth), 64):
-        pixels = api.render_ids(ids[i:i + 64], style=style, reference=start[i:i + 64])
-        for img, (m, pos, _) in zip(pixels, truth[i:i + 64]):
-            out[pos == m.goal].append(fl.read_canvas(img, m.size, style) == fl.state_of(m, pos, style))
+    for ok, (m, pos, _) in zip(right, truth):
+        out[pos == m.goal].append(ok)
     return out
 
 

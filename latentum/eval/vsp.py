@@ -111,15 +111,22 @@ def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[s
     out = {"fidelity_read": float(np.mean([r == a for r, a in zip(read, answers)])),
            "fidelity_latent": latent_match(api, ids, truth, style), "thoughts": len(ids)}
     if pixel_oracle and api.decoder_path is not None:
-        ok = []
-        for i in range(0, len(ids), 64):
-            chunk = truth[i:i + 64]
-            start = true_board_ids(api, [(m, m.player, None) for m, _, _ in chunk], style)  # the input maps' codes
-            pixels = api.render_ids(torch.stack(ids[i:i + 64]), style=style, reference=start)  # in the oracle's look
-            for img, (m, pos, _) in zip(pixels, chunk):
-                ok.append(fl.read_canvas(img, m.size, style) == fl.state_of(m, pos, style))
-        out["fidelity_pixel"] = float(np.mean(ok))
+        out["fidelity_pixel"] = float(np.mean(drawn_right(api, torch.stack(ids), truth, style)))
     return out
+
+
+def drawn_right(api, ids: torch.Tensor, truth: list, style: str) -> list[bool]:
+    """Render thoughts ``ids`` (B, N, G) in ``style``, each with its plan's input map (encoded as the planner saw
+    it) as the reference, and ask the pixel oracle whether each shows its true board ``truth`` = [(map, player
+    cell, last move)]."""
+    ok = []
+    for i in range(0, len(truth), 64):
+        chunk = truth[i:i + 64]
+        start = true_board_ids(api, [(m, m.player, None) for m, _, _ in chunk], style)  # the input maps' codes
+        pixels = api.render_ids(ids[i:i + 64], style=style, reference=start)  # in the oracle's look
+        ok += [fl.read_canvas(img, m.size, style) == fl.state_of(m, pos, style)
+               for img, (m, pos, _) in zip(pixels, chunk)]
+    return ok
 
 
 def true_board_ids(api, truth: list, style: str) -> torch.Tensor:

@@ -193,9 +193,9 @@ class DecoderSystem(StageSystem):
         super().__init__(cfg)
         self.model = model
         q = model.cfg.quantizer
-        self.decoder = PixelDecoder(decoder_cfg, code_dim=q.dim, grid=model.cfg.encoder.grid)
-        if cfg.init_decoder:
-            self.decoder.load_state_dict(_trained_decoder(cfg.init_decoder, self.decoder).state_dict())
+        grid = model.cfg.encoder.grid
+        self.decoder = (_trained_decoder(cfg.init_decoder, decoder_cfg, q.dim, grid) if cfg.init_decoder else
+                        PixelDecoder(decoder_cfg, code_dim=q.dim, grid=grid))
         set_trainable(model, [])
         self._warned_styles = False
         self._warned_references = False
@@ -269,11 +269,10 @@ def changed_cells(pixels: torch.Tensor, references: torch.Tensor, grid: int, res
     return F.interpolate(cells, size=resolution, mode="nearest")
 
 
-def _trained_decoder(folder: str, fresh: PixelDecoder) -> PixelDecoder:
+def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) -> PixelDecoder:
     """``TrainConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's."""
     trained = PixelDecoder.from_pretrained(folder)
-    if (trained.cfg, trained.code_dim, trained.grid) != (fresh.cfg, fresh.code_dim, fresh.grid):
+    if (trained.cfg, trained.code_dim, trained.grid) != (cfg, code_dim, grid):
         raise ValueError(f"init_decoder {folder!r}: its config {trained.cfg} (code_dim {trained.code_dim}, grid "
-                         f"{trained.grid}) differs from the recipe's decoder {fresh.cfg} (code_dim "
-                         f"{fresh.code_dim}, grid {fresh.grid})")
+                         f"{trained.grid}) differs from the recipe's decoder {cfg} (code_dim {code_dim}, grid {grid})")
     return trained
