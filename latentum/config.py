@@ -205,6 +205,11 @@ class DecoderConfig:
     code grid), so from a thought's codes alone no decoder can tell which of two such cells is the player; the
     reference shows which one is the stool. An image without one (an input map, a Shapes image) is its own
     reference. False: codes only, as every decoder saved before this existed."""
+    summary: int = 0
+    """Width of a summary of the whole code grid (a per-token MLP, max over tokens) added to the timestep
+    embedding next to the style's: what no cell's code says alone, e.g. that no cell holds the player (the
+    classic player on the goal, whose cell MBAQ codes as the goal alone). Its last layer starts at zero, so a
+    decoder grown from one without it renders exactly as before. 0: none, as every decoder saved before it."""
 
     def __post_init__(self):
         _check(self.prediction_type in ("epsilon", "sample", "v_prediction"),
@@ -217,6 +222,8 @@ class DecoderConfig:
                f"decoder.styles must start with \"none\" (index 0, the unknown style) or be empty, got {self.styles!r}")
         _check(0 <= self.style_dropout <= 1, f"decoder.style_dropout must be in [0, 1], got {self.style_dropout}")
         _check(isinstance(self.reference, bool), f"decoder.reference must be true or false, got {self.reference!r}")
+        _check(isinstance(self.summary, int) and not isinstance(self.summary, bool) and self.summary >= 0,
+               f"decoder.summary must be an int >= 0 (0: no summary), got {self.summary!r}")
 
 
 @dataclass

@@ -120,7 +120,7 @@ def seeded(seed=0):
 def loud_styles(dec):
     """Scale the (random-init) style embedding up so its effect on a few-step render is visible."""
     with torch.no_grad():
-        dec.unet.class_embedding.weight.mul_(20)
+        (dec.style_embed if dec.cfg.summary else dec.unet.class_embedding).weight.mul_(20)
     return dec
 
 
@@ -588,3 +588,79 @@ def test_decoder_system_weights_changed_cells_and_starts_from_a_trained_decoder(
     other = DecoderConfig(**{**dcfg.__dict__, "cond_channels": dcfg.cond_channels + 1})
     with pytest.raises(ValueError, match="init_decoder"):
         DecoderSystem(model, other, TrainConfig(init_decoder=str(tmp_path / "dec")))
+
+
+SUM = DecoderConfig(**{**REF.__dict__, "summary": 8})  # a summary of the whole code grid as well
+
+
+def loud_summary(dec):
+    """Give the zero-initialised summary projection weights, as training would."""
+    with torch.no_grad():
+        dec.summary_out.weight.normal_(0, 1.0)
+    return dec
+
+
+def test_with_summary_renders_the_same_pixels_until_trained():
+    dec = loud_styles(loud_cond(make(REF))).eval()
+    grown = dec.with_summary(8).eval()
+    assert grown.cfg == SUM and grown.unet.class_embedding.__class__.__name__ == "Identity"
+    assert torch.equal(grown.style_embed.weight, dec.unet.class_embedding.weight)
+    _, codes = data()
+    _, other = data(seed=1)
+    labels = dec.style_labels(["gymnasium", "classic"], 2)
+    assert np.array_equal(dec.render(codes, labels, other, generator=seeded()),
+                          grown.render(codes, labels, other, generator=seeded()))
+    loud_summary(grown)
+    assert not np.array_equal(dec.render(codes, labels, other, generator=seeded()),
+                              grown.render(codes, labels, other, generator=seeded()))
+    with pytest.raises(ValueError, match="already has a summary"):
+        grown.with_summary(8)
+
+
+def test_summary_sees_every_token_and_not_their_order():
+    """The class input is a function of the whole grid: the code of the one token holding a maximum moves it
+    wherever that token is, a permutation of the tokens does not (max over tokens)."""
+    dec = loud_summary(make(SUM)).eval()
+    _, codes = data()
+    labels = dec.style_labels("classic", 2)
+    base = dec.class_input(labels, codes)
+    moved = codes.clone()
+    top = dec.summary(codes)[..., 0].argmax(1)  # (B,) the token holding the first feature's maximum
+    moved[torch.arange(2), top] *= -1  # that one token only, wherever it is
+    assert (dec.class_input(labels, moved) - base).abs().amax(1).gt(1e-4).all()
+    perm = codes[:, torch.randperm(codes.size(1))]
+    assert torch.allclose(dec.class_input(labels, perm), base, atol=1e-6)
+    assert make(REF).class_input(labels, codes) is labels  # no summary: the style labels as they are
+
+
+def test_summary_trains_and_saves_bit_identical(tmp_path):
+    dec = loud_styles(make(SUM))
+    images, codes = data()
+    loss = dec.loss(images, codes, dec.style_labels("gymnasium", 2), generator=seeded()).total
+    loss.backward()
+    assert torch.isfinite(loss) and dec.summary_out.weight.grad.abs().sum() > 0
+    dec.eval().save_pretrained(tmp_path / "dec")
+    back = PixelDecoder.from_pretrained(tmp_path / "dec").eval()
+    assert back.cfg == SUM
+    sd, sd2 = dec.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    labels = dec.style_labels("classic", 2)
+    assert np.array_equal(dec.render(codes, labels, generator=seeded()), back.render(codes, labels, generator=seeded()))
+    unstyled = make(DecoderConfig(**{**SUM.__dict__, "styles": []}))
+    assert unstyled.style_embed is None and unstyled.class_input(None, codes).shape == (2, 4 * CFG.channels[0])
+    with pytest.raises(ValueError, match="decoder.summary"):
+        DecoderConfig(summary=-1)
+
+
+def test_init_decoder_grows_the_recipes_summary(tmp_path):
+    from latentum.config import TrainConfig
+    from latentum.train.systems import DecoderSystem
+
+    model, dcfg = _debug_model()
+    DecoderSystem(model, dcfg, TrainConfig()).decoder.save_pretrained(tmp_path / "dec")
+    summed = DecoderConfig(**{**dcfg.__dict__, "summary": 8})
+    grown = DecoderSystem(model, summed, TrainConfig(init_decoder=str(tmp_path / "dec"))).decoder
+    saved = PixelDecoder.from_pretrained(tmp_path / "dec")
+    assert grown.cfg == summed
+    for k, v in saved.state_dict().items():
+        assert torch.equal(grown.state_dict()[k.replace("unet.class_embedding", "style_embed")], v), k

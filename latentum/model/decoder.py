@@ -27,6 +27,14 @@ channels, which is what the UNet compares, and its first conv already weighs eac
 projection would only give the reference its own Cc-dim view, and new parameter names). None as a
 reference means the image itself (an input map, a Shapes image). A config without ``reference`` (every decoder
 saved before it) builds the UNet with 3 + Cc input channels and renders exactly as it did.
+
+Summary: each conditioning map shows one cell's code where that cell is drawn, and the UNet's receptive field
+ties a pixel to codes nearby; what no single code says stays hard to learn. In the classic look MBAQ codes the
+player standing on the goal as the goal alone, so that board differs from every other in one global fact: no
+cell holds a player code. With ``summary`` = Hs > 0 an MLP per token (LayerNorm, Dc -> Hs -> Hs) is max-pooled
+over the N tokens and projected to the timestep embedding (Dt = 4 * channels[0]), where it is added with the
+style's embedding (diffusers' ``class_embed_type="identity"``: the class input is that sum). The projection
+starts at zero, so ``with_summary`` grows a decoder without one into one that renders the same pixels.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +64,20 @@ KNOWN_STYLES = tuple(DecoderConfig().styles)
 
 def _unet(cfg: DecoderConfig) -> UNet2DModel:
     """Plain ResNet blocks with attention only at the coarsest level (cheap on CPU); norm groups are the
-    largest divisor shared by every width (<= 32), so tiny widths like 8/16 stay valid."""
+    largest divisor shared by every width (<= 32), so tiny widths like 8/16 stay valid. A ``summary`` decoder
+    takes its class input as an embedding (style + summary, made by ``PixelDecoder``), not a style index."""
     n = len(cfg.channels)
-    groups = math.gcd(32, *cfg.channels)
     cond = cfg.cond_channels * (2 if cfg.reference else 1)  # the codes' map (+ the reference's)
+    if cfg.summary:
+        classes = dict(class_embed_type="identity")
+    else:  # None: no class embedding, as before styles existed
+        classes = dict(num_class_embeds=len(cfg.styles) or None)
     return UNet2DModel(
         sample_size=cfg.resolution, in_channels=3 + cond, out_channels=3,
         block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
         down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
-        norm_num_groups=groups, attention_head_dim=min(cfg.channels[-1], 32),
-        num_class_embeds=len(cfg.styles) or None,  # None: no class embedding, as before styles existed
+        norm_num_groups=math.gcd(32, *cfg.channels), attention_head_dim=min(cfg.channels[-1], 32), **classes,
     )
 
 
@@ -84,6 +95,14 @@ class PixelDecoder(nn.Module):
         # the conditioning unit scale so the UNet cannot ignore it and regress to the mean image.
         self.cond = nn.Sequential(nn.LayerNorm(code_dim), nn.Linear(code_dim, cfg.cond_channels))
         self.unet = _unet(cfg)
+        if cfg.summary:
+            Dt = 4 * cfg.channels[0]  # UNet2DModel's timestep embedding width
+            self.style_embed = nn.Embedding(len(cfg.styles), Dt) if cfg.styles else None
+            self.summary = nn.Sequential(nn.LayerNorm(code_dim), nn.Linear(code_dim, cfg.summary), nn.SiLU(),
+                                         nn.Linear(cfg.summary, cfg.summary))
+            self.summary_out = nn.Linear(cfg.summary, Dt)
+            nn.init.zeros_(self.summary_out.weight)  # starts as no summary: renders as the decoder it grew from
+            nn.init.zeros_(self.summary_out.bias)
         # squaredcos suits small images; "trailing" makes an 8-step DDIM start at pure noise (t = T-1).
         self._sched_kwargs = dict(num_train_timesteps=cfg.train_timesteps, beta_schedule="squaredcos_cap_v2",
                                   prediction_type=cfg.prediction_type, timestep_spacing="trailing")
@@ -154,10 +173,32 @@ class PixelDecoder(nn.Module):
                              f"got {styles.tolist()}")
         return styles.to(device)
 
-    def predict(self, noisy: Tensor, t: Tensor, cond: Tensor, labels: Tensor | None = None) -> Tensor:
-        """One network call: noisy (B, 3, R, R), t (B,), cond (B, Cc or 2 Cc, R, R) (``cond_map``), labels (B,) or
-        None (unconditioned decoder) -> prediction (B, 3, R, R)."""
-        return self.unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t, class_labels=labels).sample
+    def class_input(self, labels: Tensor | None, codes: Tensor) -> Tensor | None:
+        """The UNet's class input: style labels (B,) (``_labels``; None for an unconditioned decoder) as they
+        are, or for a ``summary`` decoder the embedding (B, Dt): the codes' (B, N, Dc) summary + the style's."""
+        if not self.cfg.summary:
+            return labels
+        emb = self.summary_out(self.summary(codes).amax(dim=1))  # (B, N, Hs) -> max over tokens -> (B, Dt)
+        return emb if labels is None else emb + self.style_embed(labels)
+
+    def predict(self, noisy: Tensor, t: Tensor, cond: Tensor, classes: Tensor | None = None) -> Tensor:
+        """One network call: noisy (B, 3, R, R), t (B,), cond (B, Cc or 2 Cc, R, R) (``cond_map``), classes
+        (``class_input``: labels (B,), an embedding (B, Dt), or None) -> prediction (B, 3, R, R)."""
+        return self.unet(torch.cat([noisy, cond.to(noisy.dtype)], dim=1), t, class_labels=classes).sample
+
+    def with_summary(self, width: int) -> PixelDecoder:
+        """This decoder grown a code summary of ``width`` (``DecoderConfig.summary``), its weights copied (the
+        style embedding moves out of the UNet): it renders the same pixels until the summary is trained."""
+        if self.cfg.summary:
+            raise ValueError(f"this decoder already has a summary (decoder.summary={self.cfg.summary})")
+        grown = PixelDecoder(replace(self.cfg, summary=width), self.code_dim, self.grid)
+        state = dict(self.state_dict())
+        if self.cfg.styles:
+            state["style_embed.weight"] = state.pop("unet.class_embedding.weight")
+        missing, unexpected = grown.load_state_dict(state, strict=False)
+        if unexpected or not all(k.startswith("summary") for k in missing):
+            raise RuntimeError(f"with_summary: weights left over {unexpected}, missing {missing}")
+        return grown.to(next(self.parameters()).device)
 
     def loss(self, images: Tensor, codes: Tensor, styles: Tensor | None = None, reference: Tensor | None = None,
              generator: torch.Generator | None = None, weight: Tensor | None = None) -> LossBreakdown:
@@ -177,7 +218,7 @@ class PixelDecoder(nn.Module):
         noise = _randn(images.shape, generator, images.device)
         t = _randint(self.cfg.train_timesteps, B, generator, images.device)  # (B,)
         noisy = self.train_scheduler.add_noise(images, noise, t)
-        pred = self.predict(noisy, t, self.cond_map(codes, reference), labels)
+        pred = self.predict(noisy, t, self.cond_map(codes, reference), self.class_input(labels, codes))
         kind = self.cfg.prediction_type
         target = {"epsilon": noise, "sample": images}.get(kind)
         if target is None:  # v_prediction
@@ -200,14 +241,14 @@ class PixelDecoder(nn.Module):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         cond = self.cond_map(codes, reference)
-        labels = self._labels(styles, codes.size(0), codes.device)
+        classes = self.class_input(self._labels(styles, codes.size(0), codes.device), codes)
         scheduler = DDIMScheduler(**self._sched_kwargs)  # fresh per call: schedulers hold timestep state
         scheduler.set_timesteps(steps, device=codes.device)
         R = self.cfg.resolution
         x = _randn((codes.size(0), 3, R, R), generator, codes.device)
         for t in scheduler.timesteps:
             tt = t.expand(x.size(0))  # (B,)
-            x = scheduler.step(self.predict(x, tt, cond, labels), t, x).prev_sample
+            x = scheduler.step(self.predict(x, tt, cond, classes), t, x).prev_sample
         pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, R, R)
         return rearrange(pixels, "b c h w -> b h w c").cpu().numpy()
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -270,8 +271,11 @@ def changed_cells(pixels: torch.Tensor, references: torch.Tensor, grid: int, res
 
 
 def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) -> PixelDecoder:
-    """``TrainConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's."""
+    """``TrainConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's; one saved
+    without the recipe's ``summary`` grows it (``PixelDecoder.with_summary``)."""
     trained = PixelDecoder.from_pretrained(folder)
+    if cfg.summary and not trained.cfg.summary and trained.cfg == replace(cfg, summary=0):
+        trained = trained.with_summary(cfg.summary)
     if (trained.cfg, trained.code_dim, trained.grid) != (cfg, code_dim, grid):
         raise ValueError(f"init_decoder {folder!r}: its config {trained.cfg} (code_dim {trained.code_dim}, grid "
                          f"{trained.grid}) differs from the recipe's decoder {cfg} (code_dim {code_dim}, grid {grid})")
