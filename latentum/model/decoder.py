@@ -2,7 +2,7 @@
 
 Legend: B batch, R output resolution, S grid side (image tokens per row), N = S * S tokens, Dc code_dim
 (G * per-codebook dim, z_q before the up-projection), Cc cond_channels (the conditioning map has 2 Cc with a
-reference), K number of styles.
+reference), K number of styles, Hs summary width, Dt timestep embedding width (4 * channels[0]).
 
 Conditioning is spatial: tokens are raster-ordered patches, so LayerNorm + Linear(Dc -> Cc) per token laid out as a
 (B, Cc, S, S) map and nearest-upsampled to R lines each code up with the pixels it describes; the map is
