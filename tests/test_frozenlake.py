@@ -280,3 +280,21 @@ def test_read_canvas_rejects_bad_input():
         fl.read_canvas(np.zeros((100, 100, 3), np.uint8), 3)
     with pytest.raises(ValueError, match="size"):
         fl.read_canvas(np.zeros((128, 128, 3), np.uint8), 9)
+
+
+def test_kill_still_stops_a_process_that_rendered_a_classic_board():
+    """SDL (pygame, under gym's classic renderer) takes over SIGTERM, which Python leaves at its default, unless
+    told not to: ``kill`` and ``timeout`` would no longer stop an evaluation."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time, numpy as np\n"
+            "from latentum.data import frozenlake as fl\n"
+            "m = fl.generate_map(3, np.random.default_rng(0))\n"
+            "fl.render_canvas(m, m.player, 'classic')\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n"
+            "print('survived')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGTERM and "survived" not in out.stdout, (out.returncode, out.stderr[-500:])

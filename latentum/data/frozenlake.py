@@ -230,8 +230,11 @@ def _simulate_strict(m: LakeMap, actions: list[str]) -> Rollout:
 
 @contextlib.contextmanager
 def _headless():
-    """pygame needs a video driver even for off-screen surfaces: SDL's dummy one, unless the user set one."""
+    """pygame needs a video driver even for off-screen surfaces: SDL's dummy one, unless the user set one. SDL
+    also takes over SIGTERM (Python leaves it at the default) to queue a quit event no one reads here, so
+    ``kill`` and ``timeout`` would no longer stop a process that has rendered a classic board: keep the default."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     yield
 
