@@ -274,7 +274,7 @@ def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) 
     """``TrainConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's; one saved
     without the recipe's ``summary`` grows it (``PixelDecoder.with_summary``)."""
     trained = PixelDecoder.from_pretrained(folder)
-    if cfg.summary and not trained.cfg.summary and trained.cfg == replace(cfg, summary=0):
+    if cfg.summary and trained.cfg == replace(cfg, summary=0):  # saved without the recipe's summary
         trained = trained.with_summary(cfg.summary)
     if (trained.cfg, trained.code_dim, trained.grid) != (cfg, code_dim, grid):
         raise ValueError(f"init_decoder {folder!r}: its config {trained.cfg} (code_dim {trained.code_dim}, grid "
