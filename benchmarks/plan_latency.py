@@ -19,8 +19,9 @@ import time
 import torch
 
 from latentum.api import LatentUM
-from latentum.data import frozenlake as fl
-from latentum.eval.vsp import eval_maps
+from latentum.apps.vsp import planner
+from latentum.apps.vsp.evaluate import eval_maps
+from latentum.worlds.frozenlake import lake as fl
 
 MODES = {"token-by-token": False, "drafted": True}
 
@@ -38,7 +39,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     api = LatentUM.from_pretrained(args.model)
     maps = eval_maps(args.level, args.maps)
-    api.plan(fl.render_canvas(maps[0], maps[0].player, "gymnasium", canvas=api.canvas))  # warm-up
+    planner.plan(api, fl.render_canvas(maps[0], maps[0].player, "gymnasium", canvas=api.canvas))  # warm-up
     for style in args.styles:
         per_plan = {mode: [] for mode in MODES}
         per_move = {mode: [] for mode in MODES}
@@ -48,7 +49,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for mode, draft in MODES.items():
                     t0 = time.perf_counter()
-                    plans[mode] = api.plan_batch([canvas], draft_thoughts=draft)[0]
+                    plans[mode] = planner.plan_batch(api, [canvas], draft_thoughts=draft)[0]
                     best[mode] = min(best[mode], time.perf_counter() - t0)
             a, b = plans.values()
             same = a.actions == b.actions and all(x.ids.equal(y.ids) for x, y in zip(a.thoughts, b.thoughts))

@@ -5,12 +5,12 @@ __all__ = ["LatentUM", "LatentImage", "SamplingParams"]
 
 
 def __getattr__(name):  # lazy: `import latentum` stays light (no torch) until the API is used
-    if name in ("LatentUM", "LatentImage"):
-        from latentum import api
+    if name == "LatentUM":
+        from latentum.api import LatentUM
 
-        return getattr(api, name)
-    if name == "SamplingParams":
-        from latentum.generation.sampling import SamplingParams
+        return LatentUM
+    if name in ("LatentImage", "SamplingParams"):
+        from latentum import types
 
-        return SamplingParams
+        return getattr(types, name)
     raise AttributeError(f"module 'latentum' has no attribute {name!r}")

@@ -19,17 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
                                  "train its stages, evaluate, plan FrozenLake maps, generate and answer.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train one stage or all stages of a recipe",
-                       description="Train a recipe's stages (vlm -> mbaq -> mome, and decoder) with Lightning. "
-                       "Each stage exports weights the next one starts from; --resume continues a killed run.")
+    p = sub.add_parser("train", help="train a recipe's legs (all, or one)",
+                       description="Train a recipe's legs in order with Lightning (stages vlm, mbaq, mome, decoder). "
+                       "Each leg exports weights the legs after it start from; the last model leg and the last "
+                       "decoder leg are assembled into <out>/model. A run folder that exists is refused unless "
+                       "--resume (continue from each leg's last checkpoint) or --overwrite (start over).")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/tiny.yaml")
-    p.add_argument("--stage", default="all", help="vlm | mbaq | mome | decoder | all (default: all)")
+    p.add_argument("--leg", "--stage", dest="leg", default="all",
+                   help="one leg's name (in a recipe with stages:, the stage's name) or all (default: all)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
-    p.add_argument("--resume", action="store_true", help="continue from each stage's last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue each leg from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start legs that already have a run over")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default: 0)")
     p.add_argument("--devices", type=int, default=None, help="override the number of devices/processes")
     p.add_argument("--strategy", default=None, help="override the Lightning strategy (auto, ddp, fsdp)")
-    p.add_argument("--steps", type=int, default=None, help="override every stage's step count")
+    p.add_argument("--steps", type=int, default=None, help="override every leg's step count")
 
     p = sub.add_parser("eval", help="evaluate a model", description="Evaluate on fresh seeds never used in "
                        "training. 'vsp': planning success (gym and strict rules), perception QA, safety, "
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Answer a question about an image with the understanding branch.")
     p.add_argument("image", help="path to the image")
     p.add_argument("question", help="e.g. 'Is there a hole at row 2 column 3 ?'")
+    p.add_argument("--board", action="store_true", help="the image is a FrozenLake map render (64 px per cell): "
+                   "lay it out cell by cell as the planner does, instead of resizing it")
     _add_model(p)
 
     p = sub.add_parser("demo", help="plan a few maps with the shipped checkpoint and write GIFs",
@@ -92,39 +98,47 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# Commands import what they use inside themselves, so `latentum --help` starts without torch.
 def _load(args):
     from latentum.api import LatentUM
 
     if not Path(args.model, "config.json").is_file():
-        raise FileNotFoundError(f"--model {args.model!r} is not a model folder (no config.json)")
-    return LatentUM.from_pretrained(args.model)
+        raise ValueError(f"--model {args.model!r} is not a model folder (no config.json)")
+    try:
+        return LatentUM.from_pretrained(args.model)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from None
 
 
 def cmd_train(args) -> int:
-    from latentum.config import STAGES, load_recipe
-    from latentum.train.run import assemble, train_all, train_stage
+    from latentum.train.config import load_recipe
+    from latentum.train.run import assemble, train_leg, train_recipe
 
     recipe = load_recipe(args.config)
-    for cfg in recipe.stages.values():
-        cfg.devices = args.devices or cfg.devices
-        cfg.strategy = args.strategy or cfg.strategy
-        cfg.steps = args.steps or cfg.steps
+    for name, value in (("devices", args.devices), ("steps", args.steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    for leg in recipe.legs:
+        leg.config.devices = args.devices or leg.config.devices
+        leg.config.strategy = args.strategy or leg.config.strategy
+        leg.config.steps = args.steps or leg.config.steps
     out = Path(args.out or f"runs/{recipe.name}")
-    if args.stage == "all":
-        final = train_all(recipe, out, resume=args.resume, num_workers=args.workers)
+    if args.leg == "all":
+        final = train_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, num_workers=args.workers)
         print(f"model exported to {final}")
-    elif args.stage in STAGES:
-        export = train_stage(recipe, args.stage, out, resume=args.resume, num_workers=args.workers)
-        if args.stage in ("mome", "decoder") and (out / "mome" / "export").is_dir():
-            assemble(out)
-        print(f"stage {args.stage} exported to {export}")
-    else:
-        raise ValueError(f"--stage must be one of {STAGES + ('all',)}, got {args.stage!r}")
+        return 0
+    export = train_leg(recipe, recipe.leg(args.leg).name, out, resume=args.resume, overwrite=args.overwrite,
+                       num_workers=args.workers)
+    print(f"leg {args.leg} exported to {export}")
+    try:
+        print(f"model assembled in {assemble(recipe, out)}")
+    except (ValueError, FileNotFoundError):
+        pass  # an earlier leg has not been trained yet
     return 0
 
 
 def cmd_eval(args) -> int:
-    from latentum.eval.vsp import evaluate_vsp, print_report
+    from latentum.apps.vsp.evaluate import evaluate_vsp, print_report
 
     report = evaluate_vsp(_load(args), levels=args.levels, styles=args.styles, per_level=args.per_level,
                           seed=args.seed, text_model=args.text_model, pixel=args.pixel,
@@ -140,7 +154,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from latentum.eval.demo import plan_image
+    from latentum.apps.vsp.demo import plan_image
 
     print(plan_image(_load(args), args.image, max_steps=args.max_steps, seed=args.seed, gif=args.gif))
     return 0
@@ -159,12 +173,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_answer(args) -> int:
-    print(_load(args).answer(args.image, args.question, seed=args.seed))
+    from latentum.apps.vsp.planner import board_canvas
+
+    api = _load(args)
+    image = board_canvas(api, args.image, "image") if args.board else args.image
+    print(api.answer(image, args.question, seed=args.seed))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from latentum.eval.demo import run_demo
+    from latentum.apps.vsp.demo import run_demo
 
     run_demo(_load(args), per_size=args.per_size, out=args.out, seed=args.seed)
     return 0

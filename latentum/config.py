@@ -1,13 +1,16 @@
-"""Typed configs for every component. Imports nothing heavy (no torch), so the CLI and tests parse fast.
+"""Typed configs for every model component. Imports nothing heavy (no torch), so the CLI and tests parse fast.
 
-Every dataclass validates itself in ``__post_init__``; the YAML files in ``configs/`` map onto these
-(``ModelConfig`` under ``model:``, ``TrainConfig`` per stage under ``stages:``).
+Every dataclass validates itself in ``__post_init__``; ``from_dict`` checks keys and types first, so a bad
+field is a one-line error that names it. A recipe's ``model:`` and ``decoder:`` map onto ``ModelConfig`` and
+``DecoderConfig``; its legs onto the stage configs of ``train.config``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -20,7 +23,7 @@ class EncoderConfig:
     """Vision encoder: a timm ViT over the square image canvas (the "VLM" side of stage 0)."""
 
     image_size: int = 128
-    """Side of the square canvas in pixels (FrozenLake maps are fitted onto it, one patch per cell)."""
+    """Side of the square canvas in pixels (content may sit top-left on it, ``data.canvas``)."""
     patch_size: int = 16
     """ViT patch size; the canvas gives (image_size // patch_size) ** 2 image tokens."""
     width: int = 128
@@ -181,49 +184,42 @@ class AIAConfig:
 
 @dataclass
 class DecoderConfig:
-    """Pixel decoder: a diffusers UNet2DModel conditioned on the spatial map of quantized codes."""
+    """Pixel decoder: a diffusers UNet2DModel conditioned on the spatial map of quantized codes, the codes of the
+    image each one started from, a style label and a summary of the whole code grid (``model.decoder``)."""
 
     resolution: int = 64
     """Output side in pixels (the canvas is rendered at this size)."""
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     layers_per_block: int = 1
     cond_channels: int = 16
-    """Channels of the projected code map fed next to the noisy image."""
+    """Channels of the projected code map fed next to the noisy image (twice: the codes', the reference's)."""
     train_timesteps: int = 1000
     inference_steps: int = 8
     prediction_type: str = "sample"
-    styles: list[str] = field(default_factory=lambda: ["none", "gymnasium", "classic"])
-    """Render styles the decoder is conditioned on (a diffusers class embedding), index 0 "none" = unknown style
-    (Shapes images, callers that do not know it). MBAQ codes are style-agnostic, so without a label the decoder
-    draws a blend of the FrozenLake looks. Empty: no style conditioning (decoders saved before it existed)."""
+    styles: list[str] = field(default_factory=lambda: ["none"])
+    """Render styles the decoder is conditioned on, index 0 "none" = unknown style (callers that do not know it).
+    Semantic codes keep little of an image's look, so a world with several looks names them here (its samples
+    carry ``meta["style"]``) and the decoder draws the one asked for."""
     style_dropout: float = 0.1
-    """Training: probability a FrozenLake image's style label is replaced by "none", so an unknown style still
-    renders a board (the blend an unconditioned decoder draws) instead of an untrained one."""
-    reference: bool = False
-    """Also condition on a reference image's codes: the map a thought started from (an input map, the player on
-    its start cell). MBAQ codes alias the player and the start stool (a board with the two swapped has the same
-    code grid), so from a thought's codes alone no decoder can tell which of two such cells is the player; the
-    reference shows which one is the stool. An image without one (an input map, a Shapes image) is its own
-    reference. False: codes only, as every decoder saved before this existed."""
-    summary: int = 0
-    """Width of a summary of the whole code grid (a per-token MLP, max over tokens) added to the timestep
-    embedding next to the style's: what no cell's code says alone, e.g. that no cell holds the player (the
-    classic player on the goal, whose cell MBAQ codes as the goal alone). Its last layer starts at zero, so a
-    decoder grown from one without it renders exactly as before. 0: none, as every decoder saved before it."""
+    """Training: probability an image's style label is replaced by "none", so the unknown style still renders
+    (a blend of the looks) instead of an untrained one."""
+    summary: int = 64
+    """Width of the summary of the whole code grid (a per-token MLP, max over tokens) added to the timestep
+    embedding next to the style's: what no cell's code says alone. Its last layer starts at zero."""
 
     def __post_init__(self):
         _check(self.prediction_type in ("epsilon", "sample", "v_prediction"),
                f"decoder.prediction_type must be epsilon|sample|v_prediction, got {self.prediction_type!r}")
+        _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
+               f"decoder.channels must be a non-empty list of ints >= 1, got {self.channels!r}")
         _check(self.resolution % 2 ** (len(self.channels) - 1) == 0,
                f"decoder.resolution={self.resolution} must divide by 2**(len(channels)-1)")
         _check(all(isinstance(s, str) and s for s in self.styles) and len(set(self.styles)) == len(self.styles),
                f"decoder.styles must be distinct non-empty names, got {self.styles!r}")
-        _check(not self.styles or self.styles[0] == "none",
-               f"decoder.styles must start with \"none\" (index 0, the unknown style) or be empty, got {self.styles!r}")
+        _check(bool(self.styles) and self.styles[0] == "none",
+               f"decoder.styles must start with \"none\" (index 0, the unknown style), got {self.styles!r}")
         _check(0 <= self.style_dropout <= 1, f"decoder.style_dropout must be in [0, 1], got {self.style_dropout}")
-        _check(isinstance(self.reference, bool), f"decoder.reference must be true or false, got {self.reference!r}")
-        _check(isinstance(self.summary, int) and not isinstance(self.summary, bool) and self.summary >= 0,
-               f"decoder.summary must be an int >= 0 (0: no summary), got {self.summary!r}")
+        _check(self.summary >= 1, f"decoder.summary must be an int >= 1, got {self.summary!r}")
 
 
 @dataclass
@@ -241,132 +237,68 @@ class ModelConfig:
     it continues."""
 
 
-@dataclass
-class TrainConfig:
-    """One training stage (a LightningModule + its data) as the YAML writes it."""
-
-    steps: int = 100
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    precision: str = "bf16-mixed"
-    """Lightning precision; bf16 autocast is several times faster on CPUs with AMX."""
-    strategy: str = "auto"
-    """Lightning strategy: auto | ddp | ddp_spawn | fsdp."""
-    devices: int = 1
-    log_every: int = 10
-    checkpoint_every: int = 100
-    seed: int = 0
-    init_from: str | None = None
-    """Start from this exported model folder instead of the previous stage's export (e.g. a baseline that
-    shares another recipe's stages 0-1)."""
-    init_generation: bool = True
-    """Stage 2: start the generation branch as a copy of the understanding branch and the visual projector as
-    MBAQ's up-projection (LatentUM). False keeps them as loaded, to continue a trained stage-2 model
-    (``init_from`` its export) with a new mixture or schedule."""
-    init_projector: bool | None = None
-    """Stage 2: start the visual projector as a copy of MBAQ's up-projection; None follows ``init_generation``.
-    True with ``init_generation: false`` continues a stage-2 model whose quantizer was retrained since, so
-    its thoughts are read the way the new codes were aligned from the first step."""
-    init_decoder: str | None = None
-    """Stage 3: start the pixel decoder from this decoder folder (``PixelDecoder.save_pretrained``, e.g.
-    ``checkpoints/tiny/decoder``) instead of random weights, to train it further; its config must equal the
-    recipe's ``decoder``."""
-    fresh_quantizer: bool = False
-    """Stage 1 from a trained model (``init_from``): start the quantizer from random weights instead of the
-    loaded one, e.g. to align it again on a new task mixture with a stage-2 model as the teacher."""
-    tasks: dict[str, float] = field(default_factory=dict)
-    """Task name -> sampling weight for this stage's data mixture."""
-    map_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
-    train_understanding: bool = True
-    """Stage 2 only: also train the understanding branch (text loss on trajectories)."""
-    aia: AIAConfig = field(default_factory=AIAConfig)
-    changed_weight: float = 1.0
-    """Stage 2: loss weight of latent tokens whose pixels differ from the previous image's (the cells a
-    planning move changes) relative to unchanged ones; 1 = uniform. Without it copying scores ~98% on 8x8.
-    Stage 3: the same for the decoder's pixels in cells that differ from the image's reference (where the
-    player went and came from; an input map is its own reference, so it trains uniformly)."""
-    code_noise: float = 0.15
-    """Stage 2: probability of replacing each code of a read-back latent by a random one (LatentUM §8)."""
-    aia_queries: int = 16
-    """AIA intensity per sample is estimated from at most this many random rows of its query span (an
-    unbiased estimate of the span mean; the full span costs Q x S logits per head and layer)."""
-    bucket: int = 4
-    """Draw ``bucket`` batches of samples at once and batch them by length, so rows pad less."""
-    cfg_dropout: float = 0.1
-    """Stage 2: probability of dropping the prompt of a text-to-image sample (classifier-free guidance)."""
-    latent_inputs: float = 0.0
-    """Stage 2: probability that a question's input image is read as its latent codes, the way the model reads
-    its own visual thoughts back, instead of as continuous features (``LatentView``). Questions (samples with
-    no assistant image) only; teaches answering about a thought (``answer_latents``, ``fidelity_read``)."""
-
-    def __post_init__(self):
-        if isinstance(self.aia, dict):
-            self.aia = AIAConfig(**self.aia)
-        _check(self.steps > 0, f"steps must be > 0, got {self.steps}")
-        _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(all(w >= 0 for w in self.tasks.values()), f"task weights must be >= 0, got {self.tasks}")
-        _check(all(3 <= s <= 8 for s in self.map_sizes), f"map_sizes must be within 3..8, got {self.map_sizes}")
-        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.log_every > 0 and self.checkpoint_every > 0, "log_every and checkpoint_every must be > 0")
-        _check(self.devices >= 1, f"devices must be >= 1, got {self.devices}")
-        _check(self.changed_weight >= 1, f"changed_weight must be >= 1, got {self.changed_weight}")
-        for name in ("code_noise", "cfg_dropout", "latent_inputs"):
-            _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
-
-
-STAGES = ("vlm", "mbaq", "mome", "decoder")
-
-
-@dataclass
-class RecipeConfig:
-    """A whole recipe: the model, the pixel decoder and one TrainConfig per stage."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    stages: dict[str, TrainConfig] = field(default_factory=dict)
-    name: str = "recipe"
-
-    def __post_init__(self):
-        if isinstance(self.model, dict):
-            self.model = from_dict(ModelConfig, self.model)
-        if isinstance(self.decoder, dict):
-            self.decoder = from_dict(DecoderConfig, self.decoder)
-        self.stages = {k: v if isinstance(v, TrainConfig) else from_dict(TrainConfig, v)
-                       for k, v in self.stages.items()}
-        unknown = set(self.stages) - set(STAGES)
-        _check(not unknown, f"unknown stages {sorted(unknown)}; expected a subset of {STAGES}")
-
-
-def from_dict(cls: type, data: dict[str, Any]):
-    """Build dataclass ``cls`` from a plain dict, recursing into nested dataclasses; unknown keys raise."""
+def from_dict(cls: type, data: dict[str, Any], where: str = ""):
+    """Build dataclass ``cls`` from a plain dict, recursing into nested dataclasses; unknown keys and values of the
+    wrong type raise a ValueError naming the field (``where`` prefixes its path, e.g. "model.encoder")."""
     if not isinstance(data, dict):
-        raise TypeError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        raise ValueError(f"{where or cls.__name__}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     hints = get_type_hints(cls)
     kwargs = {}
     for k, v in data.items():
-        t = hints[k]
-        kwargs[k] = from_dict(t, v) if is_dataclass(t) and isinstance(v, dict) else v
+        t, name = hints[k], f"{where}.{k}" if where else k
+        nested = [a for a in (t, *get_args(t)) if is_dataclass(a)]  # a dataclass, or an optional one
+        if nested and isinstance(v, dict):
+            kwargs[k] = from_dict(nested[0], v, name)
+        elif is_dataclass(t):
+            kwargs[k] = v if isinstance(v, t) else from_dict(t, v, name)
+        else:
+            _check(_is_instance(v, t), f"{name} must be {_type_name(t)}, got {v!r}")
+            kwargs[k] = v
     return cls(**kwargs)
+
+
+def _is_instance(value, hint) -> bool:
+    """Whether a YAML/JSON value fits a config field's type hint (int fits float; bool fits only bool)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_is_instance(x, args[0]) for x in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_is_instance(k, args[0]) and _is_instance(x, args[1])
+                                               for k, x in value.items())
+    if is_dataclass(hint):
+        return isinstance(value, (hint, dict))
+    return True
+
+
+def _type_name(hint) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return {bool: "true or false", int: "an int", float: "a finite number", str: "a string",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def to_dict(cfg) -> dict[str, Any]:
     return asdict(cfg)
-
-
-def load_recipe(path: str) -> RecipeConfig:
-    """Parse a recipe YAML (``configs/*.yaml``) into a validated RecipeConfig."""
-    import yaml
-
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a YAML mapping at the top level")
-    return from_dict(RecipeConfig, data)

@@ -29,11 +29,11 @@ def pytest_configure(config):
 def debug_run(tmp_path_factory) -> Path:
     """Run folder of ``configs/debug.yaml`` trained through all four stages; the final model is
     ``<run>/model`` (with ``decoder/``), each stage's files are under ``<run>/<stage>``."""
-    from latentum.config import load_recipe
-    from latentum.train.run import train_all
+    from latentum.train.config import load_recipe
+    from latentum.train.run import train_recipe
 
     out = tmp_path_factory.mktemp("debug_run")
-    final = train_all(load_recipe(str(DEBUG_RECIPE)), out, progress=False)
+    final = train_recipe(load_recipe(str(DEBUG_RECIPE)), out, progress=False)
     assert Path(final) == out / "model"
     return out
 
@@ -42,10 +42,10 @@ def debug_run(tmp_path_factory) -> Path:
 def untrained_model(tmp_path_factory) -> Path:
     """A loadable model folder with random weights (debug-recipe sizes, no decoder/): for tests of argument
     handling that must not depend on training working."""
-    from latentum.api import save_model_folder
-    from latentum.config import load_recipe
-    from latentum.data.worlds import default_tokenizer
+    from latentum.checkpoint import save_model_folder
     from latentum.model.latentum import LatentUMModel
+    from latentum.train.config import load_recipe
+    from latentum.worlds.registry import default_tokenizer
 
     cfg = copy.deepcopy(load_recipe(str(DEBUG_RECIPE)).model)
     tok = default_tokenizer()

@@ -7,7 +7,8 @@ import torch
 from einops import repeat
 
 from latentum.config import AIAConfig, AIAStage
-from latentum.losses.aia import aia_loss, span_attention_mass, stage_targets
+from latentum.losses.aia import aia_loss, stage_targets
+from latentum.model.attention import span_attention_mass
 
 
 def _eager_mass(q, k, allowed, query_mask, key_mask):

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from latentum import LatentImage, LatentUM
-from latentum.data import frozenlake as fl
+from latentum.apps.vsp import planner
+from latentum.worlds.frozenlake import lake as fl
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def _stepwise_logprob(api, image, question: str, option: str) -> float:
     """Feed the option one token at a time and add up each token's log-probability (the reference)."""
     from latentum.generation.interleaved import _prefill
 
-    dec = _prefill(api, [[api._image_item(image, "image"), question]])
+    dec = _prefill(api.model, api.tokenizer, [[api._image_item(image, "image"), question]])
     total = 0.0
     for t in api.tokenizer.encode(option) + [api.tokenizer.eos_id]:
         total += float(dec.text_logits().log_softmax(-1)[0, t])
@@ -59,7 +60,8 @@ def test_score_options_equals_token_by_token_scoring(api, lake):
 
 
 @pytest.mark.parametrize("options, match", [("Yes", "options\\[0\\] must be a non-empty list"),
-                                            ([], "options\\[0\\] must be"), (["Yes", ""], "options\\[0\\] must be")])
+                                            ([], "options\\[0\\] must be"),
+                                            (["Yes", ""], "options\\[0\\]\\[1\\] must be")])
 def test_score_options_rejects_bad_options(api, lake, options, match):
     with pytest.raises(ValueError, match=match):
         api.score_options(lake[1], "Is there a hole at row 1 column 1 ?", options)
@@ -82,7 +84,7 @@ def test_generate_and_plan(api, lake):
     m, image = lake
     out = api.generate(["Plan a safe path for the player to the goal .", image], max_images=2, max_new_tokens=6)
     assert isinstance(out, list) and all(isinstance(x, (str, LatentImage)) for x in out)
-    plan = api.plan(image, max_steps=4, seed=0)
+    plan = planner.plan(api, image, max_steps=4, seed=0)
     assert set(plan.actions) <= set("LDRU") and len(plan.actions) <= 4
     assert len(plan.thoughts) == len(plan.actions)
     assert all(t.ids.shape[0] == m.size**2 for t in plan.thoughts)
@@ -99,7 +101,7 @@ def test_save_load_round_trip_is_bit_identical(api, tmp_path):
 
 
 @pytest.mark.parametrize("bad, err, match", [
-    (np.zeros((10, 20, 3), np.uint8), ValueError, "square"),
+    (np.zeros((0, 20, 3), np.uint8), ValueError, "uint8 \\(H, W, 3\\)"),
     (np.zeros((64, 64), np.uint8), ValueError, "uint8 \\(H, W, 3\\)"),
     (np.zeros((64, 64, 3), np.float32), ValueError, "uint8"),
     ("does/not/exist.png", ValueError, "no such file"),
@@ -119,20 +121,20 @@ def test_bad_arguments_are_named(api, lake, tmp_path):
     with pytest.raises(ValueError, match="prompts"):
         api.generate_images([])
     with pytest.raises(TypeError, match="seed"):
-        api.plan(image, seed="0")
+        planner.plan(api, image, seed="0")
     with pytest.raises(ValueError, match="max_steps"):
-        api.plan(image, max_steps=0)
+        planner.plan(api, image, max_steps=0)
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     with pytest.raises(ValueError, match="cannot read"):
-        api.plan(text)
+        planner.plan(api, text)
     with pytest.raises(ValueError, match="not a latentum model folder"):
         LatentUM.from_pretrained(tmp_path)
 
 
 def test_latent_fidelity_is_exact_match_with_the_encoded_true_board(api):
+    from latentum.apps.vsp.evaluate import eval_maps, latent_match
     from latentum.data.canvas import active_index
-    from latentum.eval.vsp import eval_maps, latent_match
 
     m = eval_maps(4, 1, seed=7)[0]
     pos, truth = m.player, []
@@ -150,8 +152,8 @@ def test_latent_fidelity_is_exact_match_with_the_encoded_true_board(api):
 def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch):
     """The oracle planner reads exactly the encoded simulated board after each of its own moves (and keeps
     them as its thoughts, so a move it takes back drops its board too)."""
+    from latentum.apps.vsp.evaluate import eval_maps, oracle_plans
     from latentum.data.canvas import active_index
-    from latentum.eval.vsp import eval_maps, oracle_plans
     from latentum.generation.engine import Decoder
 
     seen, feed = [], Decoder.feed_latents
@@ -173,9 +175,9 @@ def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch):
 
 
 def test_neighbour_qa_is_evaluated_when_the_vocabulary_has_its_words(api):
-    from latentum.data import vsp
+    from latentum.apps.vsp.evaluate import QA_TASKS, extra_qa_tasks, qa_metrics
     from latentum.data.tokenizer import build_tokenizer
-    from latentum.eval.vsp import QA_TASKS, extra_qa_tasks, qa_metrics
+    from latentum.worlds.frozenlake import tasks as vsp
 
     assert extra_qa_tasks(api.tokenizer) == ("vsp_neighbours",)
     older = build_tokenizer(sorted(vsp.vocabulary() - {vsp.EDGE}))  # a model trained before the task existed
@@ -191,7 +193,7 @@ def test_an_image_latent_is_its_encoded_active_grid_and_renders_as_its_own_refer
     from latentum.data.canvas import active_index
 
     m, image = lake
-    latent = api.image_latent(image)
+    latent = api.image_latent(planner.board_canvas(api, image))  # the board laid out cell by cell
     assert isinstance(latent, LatentImage) and latent.grid == m.size
     canvas = fl.render_canvas(m, canvas=api.canvas, style="classic")
     want = api.model.image_ids(canvas[None])[0, list(active_index(m.size, api.config.encoder.grid))].cpu()
@@ -199,7 +201,8 @@ def test_an_image_latent_is_its_encoded_active_grid_and_renders_as_its_own_refer
     from latentum.generation.interleaved import answer_latents
 
     q = "Where is the player ?"  # a LatentImage question (item by item) equals the batched latent path
-    assert api.answer(latent, q) == answer_latents(api, latent.ids[None], [q], max_new_tokens=16)[0]
+    read = answer_latents(api.model, api.tokenizer, latent.ids[None], [q], max_new_tokens=16)[0]
+    assert api.answer(latent, q) == read
     own = np.asarray(api.render(latent, style="classic", reference=latent))
     assert np.array_equal(own, np.asarray(api.render(latent, style="classic")))  # None = its own codes
     with pytest.raises(ValueError, match="image"):

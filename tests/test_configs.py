@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from latentum.config import (
-    STAGES,
     AIAConfig,
     AIAStage,
     BackboneConfig,
@@ -16,15 +15,22 @@ from latentum.config import (
     EncoderConfig,
     ModelConfig,
     QuantizerConfig,
-    RecipeConfig,
-    TrainConfig,
     from_dict,
+)
+from latentum.train.config import (
+    STAGE_CONFIGS,
+    DecoderStageConfig,
+    MBAQConfig,
+    MoMEConfig,
+    RecipeConfig,
+    VLMConfig,
     load_recipe,
-    to_dict,
+    parse_recipe,
+    recipe_to_data,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-YAMLS = sorted((ROOT / "configs").glob("*.yaml"))
+YAMLS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 def test_configs_folder_is_not_empty():
@@ -35,32 +41,34 @@ def test_configs_folder_is_not_empty():
 def test_shipped_yaml_parses_and_round_trips(path):
     recipe = load_recipe(str(path))
     assert isinstance(recipe, RecipeConfig)
-    assert recipe.stages and set(recipe.stages) <= set(STAGES)
-    assert all(isinstance(c, TrainConfig) for c in recipe.stages.values())
-    # config.json of an export is to_dict of the config: it must rebuild the same config.
-    assert from_dict(RecipeConfig, to_dict(recipe)) == recipe
+    assert recipe.legs and all(isinstance(x.config, STAGE_CONFIGS[x.stage]) for x in recipe.legs)
+    # An export records recipe_to_data of its recipe: it must rebuild the same recipe.
+    assert parse_recipe(recipe_to_data(recipe)) == recipe
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
 def test_shipped_yaml_names_only_known_tasks(path):
-    """config.py cannot check task names (it imports nothing heavy); a typo would only fail at train time."""
-    from latentum.data.worlds import TASKS
+    from latentum.worlds.registry import TASKS
 
-    for stage, cfg in load_recipe(str(path)).stages.items():
-        assert cfg.tasks, f"{path.name}: stage {stage!r} has no tasks"
-        assert set(cfg.tasks) <= set(TASKS), f"{path.name}: stage {stage!r}: {set(cfg.tasks) - set(TASKS)}"
+    for leg in load_recipe(str(path)).legs:
+        assert leg.config.tasks, f"{path.name}: leg {leg.name!r} has no tasks"
+        assert set(leg.config.tasks) <= set(TASKS), f"{path.name}: leg {leg.name!r}"
 
 
 def test_from_dict_rejects_unknown_keys_by_name():
     with pytest.raises(ValueError, match="stpes") as e:
-        from_dict(TrainConfig, {"steps": 5, "stpes": 6})
-    assert "TrainConfig" in str(e.value)
+        from_dict(VLMConfig, {"steps": 5, "stpes": 6})
+    assert "VLMConfig" in str(e.value)
 
 
 @pytest.mark.parametrize("text, bad", [
     ("model: {backbone: {dimm: 32}}\n", "dimm"),  # nested dataclass
-    ("stages: {vlm: {steps: 2, lrr: 0.1}}\n", "lrr"),  # per-stage TrainConfig
-    ("stages: {vlm: {aia: {und_wieght: 0.1}}}\n", "und_wieght"),  # two levels down
+    ("stages: {vlm: {steps: 2, lrr: 0.1}}\n", "stages.vlm.*lrr"),  # a stage's own config
+    ("stages: {mome: {aia: {und_wieght: 0.1}}}\n", "und_wieght"),  # two levels down
+    ("stages: {vlm: {init_generation: true}}\n", "init_generation"),  # another stage's option
+    ("legs: [{name: a, stage: mome, changed_wieght: 2}]\n", "legs.a.*changed_wieght"),
+    ("legs: [{name: a, stage: mbaq}, {name: a, stage: mome}]\n", "taken"),
+    ("legs: [{name: a, stage: pretrain}]\n", "pretrain"),
     ("stages: {vlmm: {steps: 2}}\n", "vlmm"),  # unknown stage
     ("nmae: x\n", "nmae"),  # top level
 ])
@@ -79,7 +87,7 @@ def test_load_recipe_rejects_a_non_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("cls", [EncoderConfig, QuantizerConfig, BackboneConfig, AIAConfig, DecoderConfig,
-                                 ModelConfig, TrainConfig, RecipeConfig])
+                                 ModelConfig, VLMConfig, MBAQConfig, MoMEConfig, DecoderStageConfig, RecipeConfig])
 def test_defaults_are_valid(cls):
     cls()
 
@@ -100,13 +108,16 @@ def test_defaults_are_valid(cls):
     (lambda: AIAConfig(gen_stages=[AIAStage(0.0, 0.1, 0.1), AIAStage(0.0, 0.2, 0.1)]), "gen_stages"),
     (lambda: DecoderConfig(prediction_type="noise"), "prediction_type"),
     (lambda: DecoderConfig(resolution=30, channels=[8, 16, 32]), "resolution"),
-    (lambda: TrainConfig(steps=0), "steps"),
-    (lambda: TrainConfig(lr=0.0), "lr"),
-    (lambda: TrainConfig(batch_size=0), "batch_size"),
-    (lambda: TrainConfig(map_sizes=[2, 3]), "map_sizes"),
-    (lambda: TrainConfig(tasks={"vsp_plan": -1.0}), "task weights"),
-    (lambda: TrainConfig(aia={"und_weight": -1.0}), "aia"),
-    (lambda: RecipeConfig(stages={"pretrain": {}}), "pretrain"),
+    (lambda: VLMConfig(steps=0), "steps"),
+    (lambda: MBAQConfig(lr=0.0), "lr"),
+    (lambda: MoMEConfig(batch_size=0), "batch_size"),
+    (lambda: MoMEConfig(worlds={"frozenlake": {"map_sizes": [2, 3]}}), "map_sizes"),
+    (lambda: MoMEConfig(worlds={"lake": {}}), "lake"),
+    (lambda: MoMEConfig(tasks={"vsp_plan": -1.0}), "weights"),
+    (lambda: MoMEConfig(tasks={"vsp_plann": 1.0}), "vsp_plann"),
+    (lambda: MoMEConfig(aia={"und_weight": -1.0}), "aia"),
+    (lambda: DecoderStageConfig(changed_weight=0.5), "changed_weight"),
+    (lambda: parse_recipe({"stages": {"pretrain": {}}}), "pretrain"),
 ])
 def test_invalid_value_is_rejected_naming_the_field(build, field):
     with pytest.raises(ValueError, match=field):

@@ -8,15 +8,17 @@ import pytest
 import torch
 
 from latentum.api import LatentImage, LatentUM
-from latentum.config import load_recipe
-from latentum.data import vsp
+from latentum.apps.vsp import planner
 from latentum.data.canvas import active_grid, active_index, rope_offsets
 from latentum.data.packing import pack
 from latentum.data.sample import Sample
-from latentum.data.worlds import default_tokenizer
 from latentum.generation.engine import Decoder
-from latentum.generation.sampling import GREEDY, SamplingParams, sample_logits
+from latentum.generation.sampling import sample_logits
 from latentum.model.latentum import LatentUMModel
+from latentum.train.config import load_recipe
+from latentum.types import GREEDY, SamplingParams
+from latentum.worlds.frozenlake import tasks as vsp
+from latentum.worlds.registry import default_tokenizer
 
 TOK = default_tokenizer()
 
@@ -175,10 +177,10 @@ def test_sampling_is_seeded_and_filters():
 @torch.no_grad()
 def test_plan_and_generate_return_well_formed_results(model):
     api = LatentUM(model, TOK)
-    from latentum.data import frozenlake as fl
+    from latentum.worlds.frozenlake import lake as fl
 
     m = fl.generate_map(4, np.random.default_rng(0))
-    plan = api.plan(fl.render(m, style="classic"), max_steps=3, sampling=SamplingParams(1.0), seed=0)
+    plan = planner.plan(api, fl.render(m, style="classic"), max_steps=3, sampling=SamplingParams(1.0), seed=0)
     assert len(plan.actions) <= 3 and set(plan.actions) <= set("LDRU")
     assert all(isinstance(t, LatentImage) and t.ids.shape == (16, 2) for t in plan.thoughts)
     out = api.generate(["Plan a safe path", fl.render(m)], max_images=1, max_new_tokens=4)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentum.data import shapes
 from latentum.data.jsonl import iter_jsonl, read_jsonl, validate_jsonl, write_jsonl
 from latentum.data.sample import Sample
+from latentum.worlds.shapes import scene as shapes
 
 
 def _img(seed: int, side: int = 16) -> np.ndarray:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from latentum import LatentUM
-from latentum.data import frozenlake as fl
-from latentum.data.vsp import FELL
+from latentum.apps.vsp import planner
 from latentum.generation.engine import Decoder
+from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds.frozenlake.tasks import FELL
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def _maps(n, size=4):
 @torch.no_grad()
 def test_a_model_that_always_falls_tries_each_move_once_then_stops(api, monkeypatch):
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
-    plan = api.plan(fl.render(_maps(1)[0]), max_steps=10, heed_looks=False)  # its looks may name the goal
+    plan = planner.plan(api, fl.render(_maps(1)[0]), max_steps=10, heed_looks=False)  # its looks may name the goal
     assert plan.actions == [] and plan.thoughts == [] and plan.done
     assert sorted(a for _, a, _ in plan.retracted) == sorted(fl.ACTIONS)  # each move tried once, never twice
 
@@ -56,8 +57,8 @@ def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
 
     _force_fell(monkeypatch, api, when, never_done=True)
     images = [fl.render(m) for m in _maps(6)]
-    batch = api.plan_batch(images, max_steps=6, heed_looks=False)  # random looks may name the goal
-    single = [api.plan(im, max_steps=6, heed_looks=False) for im in images]
+    batch = planner.plan_batch(api, images, max_steps=6, heed_looks=False)  # random looks may name the goal
+    single = [planner.plan(api, im, max_steps=6, heed_looks=False) for im in images]
     assert sum(len(p.retracted) for p in batch) > 0  # the test exercises take-backs
     for b, s in zip(batch, single):
         assert b.actions == s.actions and [(k, a) for k, a, _ in b.retracted] == [(k, a) for k, a, _ in s.retracted]
@@ -68,13 +69,13 @@ def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
 @torch.no_grad()
 def test_text_only_plans_never_take_back(api, monkeypatch):
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
-    plan = api.plan_batch([fl.render(_maps(1)[0])], max_steps=3, thoughts="none", heed_looks=False)[0]
+    plan = planner.plan_batch(api, [fl.render(_maps(1)[0])], max_steps=3, thoughts="none", heed_looks=False)[0]
     assert plan.retracted == [] and len(plan.actions) == 3
 
 
 def test_takeback_metrics_replay_the_kept_moves():
-    from latentum.eval.vsp import takeback_metrics
-    from latentum.generation.planner import Plan
+    from latentum.apps.vsp.evaluate import takeback_metrics
+    from latentum.apps.vsp.planner import Plan
 
     m = fl.LakeMap.from_desc(["SFH", "FFF", "HFG"])  # player (0, 0); holes (0, 2) and (2, 0)
     plan = Plan(actions=["R", "D", "D", "R"], retracted=[(1, "R", None), (0, "D", None), (2, "L", None)])
@@ -85,8 +86,8 @@ def test_takeback_metrics_replay_the_kept_moves():
 
 
 def test_look_metrics_judge_each_look_at_the_cell_the_kept_moves_reached():
-    from latentum.eval.vsp import look_checks, look_metrics
-    from latentum.generation.planner import Plan
+    from latentum.apps.vsp.evaluate import look_checks, look_metrics
+    from latentum.apps.vsp.planner import Plan
 
     m = fl.LakeMap.from_desc(["SFH", "FFF", "HFG"])  # player (0, 0); holes (0, 2) and (2, 0)
     # at (0, 0): left Edge, below F, right F, above Edge; at (0, 1): F F H Edge (wrongly said F F F Edge)
@@ -122,15 +123,15 @@ def test_a_model_that_looks_says_four_words_before_every_move(api, monkeypatch):
     monkeypatch.setattr(Decoder, "text_logits", text_logits)
     monkeypatch.setattr(Decoder, "feed_ids", feed_ids)
     images = [fl.render(m) for m in _maps(3)]
-    batch = api.plan_batch(images, max_steps=3, heed_looks=False)  # its looks may name the goal: no early end
-    for b, s in zip(batch, [api.plan(im, max_steps=3, heed_looks=False) for im in images]):
+    batch = planner.plan_batch(api, images, max_steps=3, heed_looks=False)  # its looks may name the goal: no early end
+    for b, s in zip(batch, [planner.plan(api, im, max_steps=3, heed_looks=False) for im in images]):
         assert len(b.actions) == len(b.looks) == 3 and b.actions == s.actions and b.looks == s.looks
         assert all(look.split()[0] == "F" and len(look.split()) == 4 for look in b.looks)
         assert all(set(look.split()) <= {"F", "H", "G", "S", "Edge"} for look in b.looks)
 
 
 def test_heeding_rules_out_moves_into_named_hazards_unless_none_is_left():
-    from latentum.generation.planner import _heeding
+    from latentum.apps.vsp.planner import _heeding
 
     words = {"F": 1, "H": 2, "Edge": 3}
     tok = type("Tok", (), {"token_to_id": staticmethod(words.get)})()
@@ -146,7 +147,7 @@ def test_heeding_rules_out_moves_into_named_hazards_unless_none_is_left():
 
 
 def test_falls_at_is_the_first_move_into_a_cell_its_look_named_a_hole():
-    from latentum.generation.planner import Plan, falls_at
+    from latentum.apps.vsp.planner import Plan, falls_at
 
     #                                L D R U
     plan = Plan(actions=["R", "D", "L"], looks=["F H F Edge", "H F F F", "H F F F"])
@@ -172,7 +173,7 @@ def test_imagine_follows_the_given_moves_looks_before_each_and_stops_at_a_named_
     monkeypatch.setattr(Decoder, "text_logits", text_logits)
     images = [fl.render(m) for m in _maps(3)]
     walks = [["R", "L", "R"], ["R", "D", "U"], ["U"]]
-    plans = api.imagine_batch(images, walks)
+    plans = planner.imagine_batch(api, images, walks)
     assert [p.actions for p in plans] == [["R", "L", "R"], ["R", "D"], ["U"]]  # the second stops at its fall
     for p in plans:
         assert len(p.looks) == len(p.thoughts) == len(p.actions)
@@ -182,17 +183,16 @@ def test_imagine_follows_the_given_moves_looks_before_each_and_stops_at_a_named_
 
 @torch.no_grad()
 def test_imagine_batched_equals_alone_and_drafted_equals_token_by_token(api):
-    from latentum.api import load_image
-    from latentum.generation.planner import imagine_rows
-    from latentum.generation.sampling import GREEDY
+    from latentum.apps.vsp.planner import imagine_rows
+    from latentum.types import GREEDY
 
     images = [fl.render(m) for m in _maps(2)] + [fl.render(m) for m in _maps(1, size=3)]
     walks = [["R", "L"], ["D"], ["U", "D", "U"]]
-    batch = api.imagine_batch(images, walks)
-    canvases = [load_image(im, api.canvas) for im in images]
+    batch = planner.imagine_batch(api, images, walks)
+    canvases = [planner.board_canvas(api, im) for im in images]
     slow = imagine_rows(api, canvases, walks, GREEDY, None, draft_thoughts=False)
     for b, s, im, w in zip(batch, slow, images, walks):
-        alone = api.imagine(im, " ".join(w))
+        alone = planner.imagine(api, im, " ".join(w))
         for other in (alone, s):
             assert b.actions == other.actions and b.looks == other.looks
             assert all(torch.equal(x.ids, y.ids) for x, y in zip(b.thoughts, other.thoughts))
@@ -201,11 +201,11 @@ def test_imagine_batched_equals_alone_and_drafted_equals_token_by_token(api):
 def test_imagine_rejects_bad_moves(api):
     image = fl.render(_maps(1)[0])
     with pytest.raises(ValueError, match=r"actions\[0\] must be a non-empty list of moves"):
-        api.imagine(image, "R X")
+        planner.imagine(api, image, "R X")
     with pytest.raises(ValueError, match=r"actions\[0\]"):
-        api.imagine(image, [])
+        planner.imagine(api, image, [])
     with pytest.raises(ValueError, match="one move sequence per image"):
-        api.imagine_batch([image, image], ["R"])
+        planner.imagine_batch(api, [image, image], ["R"])
 
 
 
@@ -214,20 +214,21 @@ def test_imagine_rejects_bad_moves(api):
 
 @pytest.fixture(scope="module")
 def pixel_api(debug_run, tmp_path_factory):
-    """The debug model with a random-init reference decoder in place of its own (which has no reference)."""
+    """The debug model with a random-init decoder in place of its own, its code projection scaled up so the
+    reference's effect on the render is visible."""
     import shutil
 
-    from latentum.config import DecoderConfig
+    from latentum.checkpoint import load_decoder_folder, save_decoder_folder
     from latentum.model.decoder import PixelDecoder
 
     folder = tmp_path_factory.mktemp("pixel") / "model"
     shutil.copytree(debug_run / "model", folder, ignore=shutil.ignore_patterns("decoder"))
-    trained = PixelDecoder.from_pretrained(debug_run / "model" / "decoder")
+    trained = load_decoder_folder(debug_run / "model" / "decoder")
     torch.manual_seed(0)
-    dec = PixelDecoder(DecoderConfig(**{**trained.cfg.__dict__, "reference": True}), trained.code_dim, trained.grid)
+    dec = PixelDecoder(trained.cfg, trained.code_dim, trained.grid)
     with torch.no_grad():
         dec.cond[-1].weight.mul_(50)  # make the reference's effect on the render visible
-    dec.save_pretrained(folder / "decoder")
+    save_decoder_folder(dec, folder / "decoder")
     return LatentUM.from_pretrained(folder)
 
 
@@ -241,10 +242,10 @@ def _well_formed(plans, sizes, codebooks):
 @torch.no_grad()
 def test_pixel_mediated_plans_on_the_debug_model_are_well_formed(debug_run):
     api = LatentUM.from_pretrained(debug_run / "model")
-    assert api.decoder_path is not None and not api.decoder.cfg.reference  # it ignores the references
+    assert api.decoder_path is not None
     maps = _maps(2, size=4) + _maps(1, size=3)
     images = [fl.render(m, style=s) for m, s in zip(maps, ["gymnasium", "classic", "classic"])]
-    plans = api.plan_batch(images, thoughts="pixel", max_steps=4)
+    plans = planner.plan_batch(api, images, thoughts="pixel", max_steps=4)
     assert len(plans) == 3
     _well_formed(plans, [4, 4, 3], api.config.quantizer.codebooks)
 
@@ -253,14 +254,13 @@ def test_pixel_mediated_plans_on_the_debug_model_are_well_formed(debug_run):
 def test_pixel_mediated_plans_draw_each_thought_given_its_own_input_map(pixel_api, monkeypatch):
     """Every render of the round trip gets, per row, the codes of that row's input map (as the planner encoded
     it), in the map's style; the plans are well formed."""
-    from latentum.api import load_image
-    from latentum.generation.planner import _board_codes
+    from latentum.apps.vsp.planner import _board_codes
 
     api = pixel_api
     maps = _maps(3, size=4)
     styles = ["gymnasium", "classic", "gymnasium"]
     images = [fl.render(m, style=s) for m, s in zip(maps, styles)]
-    starts = _board_codes(api, [load_image(im, api.canvas) for im in images], 4)  # (3, 16, G)
+    starts = _board_codes(api, [planner.board_canvas(api, im) for im in images], 4)  # (3, 16, G)
     assert len({tuple(x.flatten().tolist()) for x in starts}) == 3  # three different maps
     calls = []
     real = LatentUM.render_ids
@@ -270,7 +270,7 @@ def test_pixel_mediated_plans_draw_each_thought_given_its_own_input_map(pixel_ap
         return real(self, ids, **kw)
 
     monkeypatch.setattr(LatentUM, "render_ids", spy)
-    plans = api.plan_batch(images, thoughts="pixel", max_steps=4)
+    plans = planner.plan_batch(api, images, thoughts="pixel", max_steps=4)
     _well_formed(plans, [4, 4, 4], api.config.quantizer.codebooks)
     thoughts = [[t.ids for t in p.thoughts] + [t for _, _, t in p.retracted] for p in plans]
     assert calls and sum(len(ids) for ids, _, _ in calls) == sum(len(t) for t in thoughts)
@@ -282,7 +282,7 @@ def test_pixel_mediated_plans_draw_each_thought_given_its_own_input_map(pixel_ap
 
 
 def test_pixel_round_trip_maps_batch_rows_to_their_plans_references(pixel_api, monkeypatch):
-    from latentum.generation.planner import _pixel_round_trip
+    from latentum.apps.vsp.planner import _pixel_round_trip
 
     api, G = pixel_api, pixel_api.config.quantizer.codebooks
     refs = torch.stack([torch.full((9, G), i) for i in range(4)])  # row i's map: all codes i
@@ -300,7 +300,7 @@ def test_pixel_round_trip_maps_batch_rows_to_their_plans_references(pixel_api, m
 
 
 def test_fresh_moves_are_those_to_a_cell_the_plan_has_not_stood_on():
-    from latentum.generation.planner import _fresh_moves
+    from latentum.apps.vsp.planner import _fresh_moves
 
     ids = [10, 11, 12, 13]  # L D R U
     fresh = _fresh_moves([["R", "D", "L"], []], ids, 16)  # cells (0,0) (0,1) (1,1) (1,0); then just (0,0)
@@ -340,7 +340,7 @@ def test_avoid_revisits_keeps_a_model_that_turns_back_on_new_cells(api, monkeypa
     monkeypatch.setattr(Decoder, "feed_ids", feed_ids)
     images = [fl.render(m) for m in _maps(2)]
     for avoid in (False, True):
-        for plan in api.plan_batch(images, max_steps=5, heed_looks=False, avoid_revisits=avoid):
+        for plan in planner.plan_batch(api, images, max_steps=5, heed_looks=False, avoid_revisits=avoid):
             cells = [(0, 0)]
             for a in plan.actions:
                 cells.append(fl.displace(cells[-1], a))
@@ -364,13 +364,13 @@ def test_heeded_plans_end_right_after_a_move_into_the_cell_their_look_named_the_
 
     monkeypatch.setattr(Decoder, "text_logits", text_logits)
     image = fl.render(_maps(1)[0])
-    heeded = api.plan(image, max_steps=5)
+    heeded = planner.plan(api, image, max_steps=5)
     assert len(heeded.actions) == 1 and heeded.looks == ["G G G G"] and heeded.done
-    assert api.plan(image, max_steps=5, heed_looks=False).actions == []
+    assert planner.plan(api, image, max_steps=5, heed_looks=False).actions == []
 
 
 def test_goal_named_reads_the_look_in_the_last_moves_direction():
-    from latentum.generation.planner import Plan, goal_named
+    from latentum.apps.vsp.planner import Plan, goal_named
 
     assert goal_named(Plan(actions=["R"], looks=["F H G Edge"])) is True  # right of the player: G
     assert goal_named(Plan(actions=["D"], looks=["F H G Edge"])) is False

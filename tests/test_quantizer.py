@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from latentum.config import QuantizerConfig
 from latentum.losses.behaviour import behaviour_kl, mbaq_loss
-from latentum.losses.breakdown import LossBreakdown
 from latentum.model.quantizer import MBAQ, USAGE_DECAY
+from latentum.types import LossBreakdown
 
 CFG = QuantizerConfig(codebooks=3, codebook_size=16, code_dim=4, hidden_dim=32)
 FEAT, OUT = 12, 20

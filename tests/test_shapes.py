@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentum.data import shapes as S
 from latentum.data.sample import Sample
+from latentum.worlds.shapes import scene as S
 
 
 def _down(img: np.ndarray, side: int = 64) -> np.ndarray:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
-from latentum.data import shapes
 from latentum.data.tokenizer import SPECIALS, TextTokenizer, build_tokenizer
+from latentum.worlds.shapes import scene as shapes
 
 WORDS = ["a", "red", "circle", "left", "of", "blue", "square", "?", "Is", "the", "Yes", "No", "2"]
 

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from latentum.config import STAGES, load_recipe
+from latentum.train.config import STAGE_CONFIGS, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
 
 
 def global_step(stage_folder: Path) -> int:
-    ckpt = torch.load(stage_folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(stage_folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return int(ckpt["global_step"])
 
 
@@ -39,8 +39,9 @@ def logged_steps(stage_folder: Path) -> list[list[int]]:
 # --- (a) the whole recipe -------------------------------------------------------------------------------
 def test_debug_recipe_trains_every_stage(debug_run):
     recipe = load_recipe(str(DEBUG))
-    assert set(recipe.stages) == set(STAGES)
-    for stage, cfg in recipe.stages.items():
+    assert [leg.stage for leg in recipe.legs] == list(STAGE_CONFIGS)
+    for leg in recipe.legs:
+        stage, cfg = leg.name, leg.config
         folder = debug_run / stage
         assert (folder / "export" / "config.json").is_file(), stage
         assert (folder / "export" / "model.safetensors").is_file(), stage
@@ -73,17 +74,18 @@ def test_exported_model_loads_with_its_decoder(debug_run):
 
 # --- (b) resume -----------------------------------------------------------------------------------------
 def _more_steps(recipe, stage: str, extra: int):
-    recipe.stages[stage] = dataclasses.replace(recipe.stages[stage], steps=recipe.stages[stage].steps + extra)
+    cfg = recipe.leg(stage).config
+    recipe.leg(stage).config = dataclasses.replace(cfg, steps=cfg.steps + extra)
     return recipe
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
-    from latentum.train.run import train_stage
+    from latentum.train.run import train_leg
 
     recipe = load_recipe(str(DEBUG))
-    first = recipe.stages["vlm"].steps
-    train_stage(recipe, "vlm", tmp_path, progress=False)
-    export = train_stage(_more_steps(recipe, "vlm", 2), "vlm", tmp_path, resume=True, progress=False)
+    first = recipe.leg("vlm").config.steps
+    train_leg(recipe, "vlm", tmp_path, progress=False)
+    export = train_leg(_more_steps(recipe, "vlm", 2), "vlm", tmp_path, resume=True, progress=False)
     assert global_step(tmp_path / "vlm") == first + 2
     # The resumed fit logs only the new steps: it continued, it did not start over.
     assert logged_steps(tmp_path / "vlm") == [list(range(first)), [first, first + 1]]
@@ -93,25 +95,81 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
 def test_a_copied_run_folder_resumes_and_keeps_one_last_checkpoint(debug_run, tmp_path):
     """Runs get copied (off a cluster, into a bigger disk). Resuming the copy must update its last.ckpt;
     a stale last.ckpt beside a fresh last-v1.ckpt would make the next --resume go back in time."""
-    from latentum.train.run import train_stage
+    from latentum.train.run import train_leg
 
     recipe = load_recipe(str(DEBUG))
-    first = recipe.stages["vlm"].steps
+    first = recipe.leg("vlm").config.steps
     shutil.copytree(debug_run / "vlm", tmp_path / "vlm", ignore=shutil.ignore_patterns("export"))
-    train_stage(_more_steps(recipe, "vlm", 2), "vlm", tmp_path, resume=True, progress=False)
+    train_leg(_more_steps(recipe, "vlm", 2), "vlm", tmp_path, resume=True, progress=False)
     assert logged_steps(tmp_path / "vlm")[-1] == [first, first + 1]
     assert [p.name for p in (tmp_path / "vlm" / "checkpoints").iterdir()] == ["last.ckpt"]
     assert global_step(tmp_path / "vlm") == first + 2
 
 
-def test_without_resume_a_stage_starts_over(debug_run, tmp_path):
-    from latentum.train.run import train_stage
+def test_an_existing_run_is_refused_without_resume_or_overwrite(debug_run, tmp_path):
+    from latentum.train.run import train_leg
 
     recipe = load_recipe(str(DEBUG))
-    steps = recipe.stages["vlm"].steps
+    steps = recipe.leg("vlm").config.steps
     shutil.copytree(debug_run / "vlm", tmp_path / "vlm", ignore=shutil.ignore_patterns("export"))
-    train_stage(recipe, "vlm", tmp_path, resume=False, progress=False)
-    assert logged_steps(tmp_path / "vlm")[-1] == list(range(steps))
+    before = (tmp_path / "vlm" / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ValueError, match="already has a run.*--resume.*--overwrite"):
+        train_leg(recipe, "vlm", tmp_path, progress=False)
+    assert (tmp_path / "vlm" / "checkpoints" / "last.ckpt").read_bytes() == before  # nothing lost
+    train_leg(recipe, "vlm", tmp_path, overwrite=True, progress=False)
+    assert logged_steps(tmp_path / "vlm") == [list(range(steps))]  # started over, old logs gone
+
+
+def test_cli_train_on_an_existing_run_exits_2_and_names_the_flags(debug_run, tmp_path, capsys):
+    from latentum.cli import main
+
+    shutil.copytree(debug_run / "vlm", tmp_path / "vlm", ignore=shutil.ignore_patterns("export"))
+    code = main(["train", "--config", str(DEBUG), "--leg", "vlm", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+KILLED_LEG = """
+import os, signal, sys
+from lightning.pytorch.callbacks import Callback
+from latentum.train.config import load_recipe
+from latentum.train.run import train_leg
+
+class Kill(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+recipe = load_recipe(sys.argv[1])
+train_leg(recipe, "mome", sys.argv[2], progress=False, callbacks=[Kill()])
+"""
+
+
+def test_kill_9_mid_leg_then_resume_is_bit_identical_to_an_uninterrupted_run(debug_run, tmp_path):
+    """kill -9 after step 5 (its last checkpoint: step 4), then --resume: the data stream and the RNG pick up
+    where they were, so every weight equals the uninterrupted run's, bit for bit."""
+    import yaml
+
+    from latentum.checkpoint import load_model_folder
+    from latentum.train.run import train_leg
+
+    data = yaml.safe_load(DEBUG.read_text())
+    data["stages"] = {"mome": {**data["stages"]["mome"], "steps": 7, "checkpoint_every": 2,
+                               "init_from": str(debug_run / "mbaq" / "export")}}
+    (tmp_path / "mome.yaml").write_text(yaml.safe_dump(data, sort_keys=False))  # the task order is the mixture's
+    recipe = load_recipe(str(tmp_path / "mome.yaml"))
+    train_leg(recipe, "mome", tmp_path / "whole", progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_LEG.format(kill_at=5), str(tmp_path / "mome.yaml"),
+                           str(tmp_path / "killed")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert global_step(tmp_path / "killed" / "mome") == 4 and not (tmp_path / "killed" / "mome" / "export").exists()
+    train_leg(recipe, "mome", tmp_path / "killed", resume=True, progress=False)
+    whole = load_model_folder(tmp_path / "whole" / "mome" / "export")[0].state_dict()
+    resumed = load_model_folder(tmp_path / "killed" / "mome" / "export")[0].state_dict()
+    assert whole.keys() == resumed.keys()
+    differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
+    assert differ == []
 
 
 # --- (c) DDP --------------------------------------------------------------------------------------------
@@ -127,7 +185,7 @@ def test_ddp_two_processes_keep_identical_weights(debug_run, tmp_path):
     assert len(digests[0]) == 64 and digests[0] == digests[1]
     # Rank 1 trained on its own data stream, so the averaged result differs from a single process's.
     assert digests[0] != (debug_run / "vlm" / "digest_rank0.txt").read_text().strip()
-    assert global_step(tmp_path / "vlm") == load_recipe(str(DEBUG)).stages["vlm"].steps
+    assert global_step(tmp_path / "vlm") == load_recipe(str(DEBUG)).leg("vlm").config.steps
 
 
 # --- (d) stage 2 freezing -------------------------------------------------------------------------------
@@ -141,13 +199,13 @@ def _gen_side(model) -> set[str]:
 def _mome_steps(run: Path, train_understanding: bool, steps: int = 3):
     """Build stage 2 from the debug run's mbaq export and take a few optimiser steps on one packed batch."""
     from latentum.data.tokenizer import TextTokenizer
-    from latentum.data.worlds import make_sample
     from latentum.train.data import PackCollate
-    from latentum.train.run import build_model
+    from latentum.train.stages import build_model
     from latentum.train.systems import MoMESystem
+    from latentum.worlds.registry import make_sample
 
     recipe = load_recipe(str(DEBUG))
-    cfg = dataclasses.replace(recipe.stages["mome"], train_understanding=train_understanding, code_noise=0.0,
+    cfg = dataclasses.replace(recipe.leg("mome").config, train_understanding=train_understanding, code_noise=0.0,
                               cfg_dropout=0.0)
     torch.manual_seed(0)
     model = build_model(recipe, run, "mome")
@@ -194,12 +252,12 @@ def test_stage2_with_understanding_changes_the_und_branch(debug_run):
     assert any(not torch.equal(before[k], after[k]) for k in names)
 
 
-@pytest.mark.parametrize("stage", ["mome", "decoder"])
-def test_a_stage_without_its_predecessor_says_what_to_train(stage, tmp_path):
-    from latentum.train.run import train_stage
+@pytest.mark.parametrize("stage, before", [("mome", "mbaq"), ("decoder", "mome")])
+def test_a_stage_without_its_predecessor_says_what_to_train(stage, before, tmp_path):
+    from latentum.train.run import train_leg
 
-    with pytest.raises(FileNotFoundError, match="mbaq"):
-        train_stage(load_recipe(str(DEBUG)), stage, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=f"{before}/export.*holds no exported model"):
+        train_leg(load_recipe(str(DEBUG)), stage, tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("init_generation", [True, False])
@@ -207,10 +265,10 @@ def test_init_generation_false_continues_a_trained_stage2(debug_run, init_genera
     """A stage 2 that starts from a stage-2 export (``init_from``) keeps its trained generation branch and
     projector with ``init_generation: false``; the default starts them over as copies of the und side."""
     from latentum.api import LatentUM
-    from latentum.train.run import build_model
+    from latentum.train.stages import build_model
 
     recipe = load_recipe(str(DEBUG))
-    recipe.stages["mome"] = dataclasses.replace(recipe.stages["mome"], init_from=str(debug_run / "model"),
+    recipe.leg("mome").config = dataclasses.replace(recipe.leg("mome").config, init_from=str(debug_run / "model"),
                                                 init_generation=init_generation)
     trained = LatentUM.from_pretrained(debug_run / "model").model.state_dict()
     model = build_model(recipe, debug_run, "mome")
@@ -221,7 +279,7 @@ def test_init_generation_false_continues_a_trained_stage2(debug_run, init_genera
 
 
 def test_a_recipe_switches_coordinate_grounding_on_for_the_model_it_continues(debug_run):
-    from latentum.train.run import build_model
+    from latentum.train.stages import build_model
 
     recipe = load_recipe(str(DEBUG))
     assert not build_model(recipe, debug_run, "mome").cfg.ground_coordinates  # as the export was saved
@@ -233,10 +291,10 @@ def test_init_projector_resets_only_the_projector_of_a_continued_stage2(debug_ru
     """``init_projector: true`` with ``init_generation: false``: the projector starts again as MBAQ's
     up-projection (a retrained quantizer), the generation branch stays as trained."""
     from latentum.api import LatentUM
-    from latentum.train.run import build_model
+    from latentum.train.stages import build_model
 
     recipe = load_recipe(str(DEBUG))
-    recipe.stages["mome"] = dataclasses.replace(recipe.stages["mome"], init_from=str(debug_run / "model"),
+    recipe.leg("mome").config = dataclasses.replace(recipe.leg("mome").config, init_from=str(debug_run / "model"),
                                                 init_generation=False, init_projector=True)
     trained = LatentUM.from_pretrained(debug_run / "model").model.state_dict()
     model = build_model(recipe, debug_run, "mome")
@@ -248,12 +306,12 @@ def test_init_projector_resets_only_the_projector_of_a_continued_stage2(debug_ru
 
 
 def test_fresh_quantizer_starts_stage1_over_on_a_trained_model(debug_run):
-    from latentum.train.run import build_model
+    from latentum.train.stages import build_model
 
     recipe = load_recipe(str(DEBUG))
-    recipe.stages["mbaq"] = dataclasses.replace(recipe.stages["mbaq"], init_from=str(debug_run / "model"))
+    recipe.leg("mbaq").config = dataclasses.replace(recipe.leg("mbaq").config, init_from=str(debug_run / "model"))
     kept = build_model(recipe, debug_run, "mbaq")
-    recipe.stages["mbaq"] = dataclasses.replace(recipe.stages["mbaq"], fresh_quantizer=True)
+    recipe.leg("mbaq").config = dataclasses.replace(recipe.leg("mbaq").config, fresh_quantizer=True)
     torch.manual_seed(0)
     fresh = build_model(recipe, debug_run, "mbaq")
     codebook = "quantizer.vq._codebook.embed"
@@ -264,10 +322,10 @@ def test_fresh_quantizer_starts_stage1_over_on_a_trained_model(debug_run):
 
 
 def test_fresh_quantizer_takes_the_recipe_config_and_keeps_the_code_shapes(debug_run):
-    from latentum.train.run import build_model
+    from latentum.train.stages import build_model
 
     recipe = load_recipe(str(DEBUG))
-    recipe.stages["mbaq"] = dataclasses.replace(recipe.stages["mbaq"], init_from=str(debug_run / "model"),
+    recipe.leg("mbaq").config = dataclasses.replace(recipe.leg("mbaq").config, init_from=str(debug_run / "model"),
                                                 fresh_quantizer=True)
     recipe.model.quantizer = dataclasses.replace(recipe.model.quantizer, norm_latents=True)
     model = build_model(recipe, debug_run, "mbaq")
@@ -283,13 +341,13 @@ def test_stage1_trains_a_loaded_quantizer_in_train_mode(debug_run):
     """A stage loads its model in eval mode (``from_pretrained``); the trained part must train in train mode,
     or the quantizer never revives a dead code nor counts usage, and the frozen parts stay in eval mode."""
     from latentum.data.tokenizer import TextTokenizer
-    from latentum.data.worlds import make_sample
     from latentum.train.data import PackCollate
-    from latentum.train.run import build_model
+    from latentum.train.stages import build_model
     from latentum.train.systems import MBAQSystem
+    from latentum.worlds.registry import make_sample
 
     recipe = load_recipe(str(DEBUG))
-    cfg = recipe.stages["mbaq"]
+    cfg = recipe.leg("mbaq").config
     model = build_model(recipe, debug_run, "mbaq")
     assert not model.training  # as loaded
     system = MBAQSystem(model, cfg)

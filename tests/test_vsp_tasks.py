@@ -9,9 +9,9 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from latentum.data import frozenlake as fl
-from latentum.data import vsp
 from latentum.data.sample import Attempt, Sample
+from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds.frozenlake import tasks as vsp
 
 STYLES = fl.STYLES
 
@@ -300,7 +300,7 @@ def test_plan_sample_is_fast(style):
 
 
 def test_a_true_transcript_answers_every_hole_and_grid_question_and_a_wrong_one_does_not():
-    from latentum.eval.vsp import read_answer
+    from latentum.apps.vsp.evaluate import read_answer
 
     rng = np.random.default_rng(11)
     for size in (3, 5, 8):

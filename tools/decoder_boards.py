@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from latentum.api import LatentUM
-from latentum.data import frozenlake as fl
-from latentum.eval.vsp import drawn_right, eval_maps, true_board_ids
+from latentum.apps.vsp.evaluate import drawn_right, eval_maps, true_board_ids
+from latentum.worlds.frozenlake import lake as fl
 
 
 def boards_right(api: LatentUM, style: str, level: int, maps: int) -> dict[bool, list[bool]]:

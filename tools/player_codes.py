@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from latentum.api import LatentUM
-from latentum.data import frozenlake as fl
-from latentum.data import vsp
 from latentum.generation.interleaved import answer_latents
+from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds.frozenlake import tasks as vsp
 
 
 def walk_boards(rng: np.random.Generator, size: int, n: int) -> list[tuple[fl.LakeMap, fl.Pos, str]]:
@@ -65,7 +65,7 @@ def main() -> None:
                 aliased.append(bool(torch.equal(here, there)))
                 codes.append(here)
                 gold.append(api.tokenizer.normalize(vsp.PLAYER_A.format(row=pos[0] + 1, col=pos[1] + 1)))
-            said = answer_latents(api, torch.stack(codes), [vsp.PLAYER_Q] * len(codes))
+            said = answer_latents(api.model, api.tokenizer, torch.stack(codes), [vsp.PLAYER_Q] * len(codes))
             read[size] = float(np.mean([s == g for s, g in zip(said, gold)]))
         per_size = " ".join(f"{s}x{s} {v:.2f}" for s, v in read.items())
         print(f"{style:9s} aliased {np.mean(aliased):.3f} | read the player off the codes: {per_size}")

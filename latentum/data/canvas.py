@@ -1,8 +1,8 @@
 """Image layout on the model's square canvas: content sits top-left, the rest is pure black.
 
-FrozenLake maps of N x N cells fill only the top-left N x N patches of the 8 x 8 patch canvas, so the backbone
+An image of N x N cells may fill only the top-left N x N patches of the 8 x 8 patch canvas, so the backbone
 reads and generates just those N * N "active" tokens (like variable-resolution models, a small image costs
-few tokens). Full-bleed images (Shapes) use every patch. The active grid is read from the pixels.
+few tokens). Full-bleed images use every patch. The active grid is read from the pixels.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def rope_offsets(g: int) -> tuple[tuple[int, int], ...]:
 
 def named_cells(ids: list[int], tok, grid: int = 8) -> list[int]:
     """Per token of ``ids``: the canvas cell (r * grid + c, 0-indexed) that a written "row R column C"
-    (1-indexed, as VSP writes them) names, from the token of C to the end of the text (a later "row R column C"
-    takes over); -1 before. The token after C ("?" in the hole question) predicts the answer, so it holds the
+    (1-indexed) names, from the token of C to the end of the text (a later "row R column C" takes over); -1
+    before. The token after C (e.g. "?" in "What is at row 2 column 3 ?") predicts the answer, so it holds the
     cell itself and finds it in the image in one attention step. Coordinates outside the canvas name nothing."""
     words = [tok.id_to_token(i) for i in ids]
     cells, cell = [], -1

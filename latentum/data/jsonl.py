@@ -3,7 +3,7 @@
 
 One JSON object per line::
 
-    {"id": "frozenlake-level6-021",
+    {"id": "level6-021",
      "messages": [{"role": "user", "content": [{"type": "image", "image": "images/0.png"},
                                                 {"type": "text", "text": "Plan a path."}]},
                   {"role": "assistant", "content": [{"type": "text", "text": "R"}, ...]}]}

@@ -18,14 +18,15 @@ Item = str | np.ndarray
 
 
 class Attempt(str):
-    """Assistant text the model reads but is not trained to say: a move it tries and takes back (see
-    ``vsp.retry_plan_sample``). Everything after it (the imagined board, the verdict) is supervised as usual."""
+    """Assistant text the model reads but is not trained to say: an action it tries and takes back (a world's
+    retry samples). Everything after it (the imagined image, the verdict) is supervised as usual."""
 
 
 class LatentView(np.ndarray):
     """A user image the model reads as its latent codes (the way it reads a visual thought back) instead of as
     continuous encoder features; never generated. ``image.view(LatentView)``. Training questions about such
-    images teaches the model to answer about its own thoughts (``answer_latents``; ``TrainConfig.latent_inputs``)."""
+    images teaches the model to answer about its own thoughts (``answer_latents``;
+    ``PackedStageConfig.latent_inputs``)."""
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Sample:
     user: list[Item]
     assistant: list[Item]
     task: str
-    """Task name, e.g. "vsp_plan", "vsp_hole", "shapes_t2i"; selects the AIA task and metrics."""
+    """Task name, e.g. a world's "..._plan" or "..._t2i"; selects the AIA task and metrics."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Ground truth for evaluation (map, answer, prompt spec...); never fed to the model."""
 
@@ -46,6 +47,12 @@ class Sample:
                         and item.shape[2] == 3):
                     raise TypeError(f"Sample.{turn}[{i}] must be str or a uint8 (H, W, 3) array, got "
                                     f"{type(item).__name__} {getattr(item, 'shape', '')}")
+
+    @property
+    def is_text_to_image(self) -> bool:
+        """Text in, only images out: the rows classifier-free guidance drops the prompt of."""
+        return (bool(self.assistant) and all(isinstance(x, str) for x in self.user)
+                and all(isinstance(x, np.ndarray) for x in self.assistant))
 
     @property
     def images(self) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """Word-level text tokenizer on the ``tokenizers`` library.
 
-The built-in worlds speak a small closed language (FrozenLake plans, shape prompts, QA), so one id per word is
+The built-in worlds speak a small closed language (plans, prompts, questions), so one id per word is
 enough and makes every answer exactly comparable. Special tokens come first with fixed ids, so model code can
 rely on them without looking anything up, and the vocabulary is sorted, so the same words always give the same
 ids (a checkpoint's tokenizer can be rebuilt bit for bit).
@@ -20,7 +20,7 @@ FILENAME = "tokenizer.json"
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # Whitespace split, then every punctuation character becomes its own word ("hole?" -> "hole", "?").
+    # Whitespace split, then every punctuation character becomes its own word ("why?" -> "why", "?").
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
 
 
@@ -82,6 +82,11 @@ class TextTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be str, got {type(text).__name__}")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` outside the vocabulary (each once, in order of appearance)."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        return list(dict.fromkeys(text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == self.unk_id))
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Words joined by single spaces. ``skip_special`` drops every special except <unk>, which stays

@@ -23,8 +23,15 @@ import torch
 
 from latentum.data.canvas import active_grid, active_index, named_cells, rope_offsets
 from latentum.data.sample import Item
-from latentum.generation.sampling import GREEDY, SamplingParams, sample_logits
+from latentum.generation.sampling import sample_codes, sample_logits
 from latentum.model.cache import KVCache
+from latentum.types import GREEDY, SamplingParams
+
+
+def new_decoder(model, tok, batch: int, max_len: int | None = None) -> Decoder:
+    """A ``Decoder`` of ``batch`` empty rows over ``model`` (a ``LatentUMModel``) and its tokenizer, with room for
+    ``max_len`` tokens (default: the backbone's ``max_seq_len``)."""
+    return Decoder(model, tok, batch, max_len or model.cfg.backbone.max_seq_len)
 
 
 class Decoder:
@@ -178,7 +185,7 @@ class Decoder:
             return self._drafted(h, draft.to(h.device), cells, offsets, window or N)
         hu = uncond.feed(start, gen=True)[:, -1] if uncond is not None else None
         for i in range(N):
-            ids = self.model.head.sample(h, params, generator, h_uncond=hu, cfg_scale=cfg_scale)  # (B, G)
+            ids = sample_codes(self.model.head, h, params, generator, h_uncond=hu, cfg_scale=cfg_scale)  # (B, G)
             out.append(ids)
             if i == N - 1:
                 break
@@ -207,7 +214,7 @@ class Decoder:
             hid = (self.feed(self.model.latent_embeddings(fed, cells[first + 1:first + 1 + T]), gen=True,
                              offsets=offsets[first:first + T]) if T else h[:, None, :0].expand(-1, 0, h.size(-1)))
             states = hid if pend is not None else torch.cat([h[:, None], hid], dim=1)  # (B, W + 1, D): i..i+W
-            pred = self.model.head.sample(states.flatten(0, 1), GREEDY).view(B, -1, G)  # (B, W + 1, G)
+            pred = sample_codes(self.model.head, states.flatten(0, 1), GREEDY).view(B, -1, G)  # (B, W + 1, G)
             held = (pred[:, :-1] == guess).all(-1).all(0)  # (W,): drafted token i + k is the greedy one
             a = int(held.long().cumprod(0).sum())  # leading drafts that held
             out[:, i:i + a + 1] = pred[:, :a + 1]

@@ -6,35 +6,34 @@ import numpy as np
 import torch
 
 from latentum.data.canvas import active_grid
-from latentum.generation.engine import Decoder
-from latentum.generation.sampling import SamplingParams
+from latentum.generation.engine import Decoder, new_decoder
+from latentum.types import GREEDY, LatentImage, SamplingParams
 
 
-def _prefill(api, prompts: list[list]) -> Decoder:
+def _prefill(model, tok, prompts: list[list]) -> Decoder:
     """Batch prefill; rows holding a LatentImage are fed item by item (latents go through the und branch)."""
-    from latentum.api import LatentImage
 
-    dec = api.new_decoder(len(prompts))
+    dec = new_decoder(model, tok, len(prompts))
     if not any(isinstance(x, LatentImage) for p in prompts for x in p):
         dec.prefill(prompts)
         return dec
     if len(prompts) != 1:
         raise ValueError("prompts with LatentImage items are decoded one at a time; pass a single prompt")
-    dec.feed_ids(torch.tensor([[api.tokenizer.bos_id]]))
+    dec.feed_ids(torch.tensor([[tok.bos_id]]))
     for item in prompts[0]:
         if isinstance(item, LatentImage):
-            dec.feed_latents(item.ids[None].to(api.model.device))
+            dec.feed_latents(item.ids[None].to(model.device))
         elif isinstance(item, str):
-            dec.feed_prompt_ids(torch.tensor([api.tokenizer.encode(item)]))
+            dec.feed_prompt_ids(torch.tensor([tok.encode(item)]))
         else:
             dec.feed_input_images(np.asarray(item)[None])
     return dec
 
 
-def sample_text_until_eos(api, dec: Decoder, max_new_tokens: int, params: SamplingParams, generator,
+def sample_text_until_eos(tok, dec: Decoder, max_new_tokens: int, params: SamplingParams, generator,
                           stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
     """Sample up to ``max_new_tokens`` per row; a row stops at <eos> or any of ``stop_ids``."""
-    eos = api.tokenizer.eos_id
+    eos = tok.eos_id
     out = [[] for _ in range(dec.batch)]
     live = torch.ones(dec.batch, dtype=torch.bool)
     for _ in range(max_new_tokens):
@@ -48,37 +47,35 @@ def sample_text_until_eos(api, dec: Decoder, max_new_tokens: int, params: Sampli
     return out
 
 
-def answer_rows(api, prompts: list[list], max_new_tokens: int, params: SamplingParams, generator) -> list[str]:
+def answer_rows(model, tok, prompts: list[list], max_new_tokens: int, params: SamplingParams, generator) -> list[str]:
     rows = []
     for chunk in _chunks(prompts, 64):
-        dec = _prefill(api, chunk)
-        ids = sample_text_until_eos(api, dec, max_new_tokens, params, generator)
-        rows += [api.tokenizer.decode(r) for r in ids]
+        dec = _prefill(model, tok, chunk)
+        ids = sample_text_until_eos(tok, dec, max_new_tokens, params, generator)
+        rows += [tok.decode(r) for r in ids]
     return rows
 
 
-def option_logprobs(api, prompts: list[list], options: list[list[str]]) -> list[list[float]]:
+def option_logprobs(model, tok, prompts: list[list], options: list[list[str]]) -> list[list[float]]:
     """Log-probability of each option as the whole answer to its prompt: its words, then <eos> (the cloze
     form of a multiple-choice question). Each prompt is prefilled once, in chunks, and its cache repeated
     once per option (``Decoder.keep_rows``); options are right-padded and scored by teacher forcing, with no
     sampling. Prompts holding a LatentImage are prefilled one at a time (``_prefill``)."""
-    from latentum.api import LatentImage
 
-    tok = api.tokenizer
     out: list[list[float]] = []
     latent = any(isinstance(x, LatentImage) for p in prompts for x in p)
     for chunk in _chunks(list(range(len(prompts))), 1 if latent else 16):
-        dec = _prefill(api, [prompts[i] for i in chunk])
+        dec = _prefill(model, tok, [prompts[i] for i in chunk])
         rows = [(k, j) for k, i in enumerate(chunk) for j in range(len(options[i]))]  # (prompt in chunk, option)
-        dec.keep_rows(torch.tensor([k for k, _ in rows], device=api.model.device))  # a prompt's rows share its cache
+        dec.keep_rows(torch.tensor([k for k, _ in rows], device=model.device))  # a prompt's rows share its cache
         conts = [tok.encode(options[chunk[k]][j]) + [tok.eos_id] for k, j in rows]
         L = max(len(c) for c in conts)
         ids = torch.tensor([c + [tok.pad_id] * (L - len(c)) for c in conts])  # (B, L)
         valid = torch.tensor([[k < len(c) for k in range(L)] for c in conts])  # (B, L)
         logits = dec.text_logits()[:, None]  # (B, 1, V): predicts token 0
         if L > 1:
-            hidden = dec.feed_ids(ids[:, :-1], valid=valid[:, :-1].to(api.model.device))  # (B, L - 1, D)
-            logits = torch.cat([logits, api.model.backbone.logits(hidden).float()], dim=1)  # (B, L, V)
+            hidden = dec.feed_ids(ids[:, :-1], valid=valid[:, :-1].to(model.device))  # (B, L - 1, D)
+            logits = torch.cat([logits, model.backbone.logits(hidden).float()], dim=1)  # (B, L, V)
         logp = logits.log_softmax(-1).gather(-1, ids[..., None].to(logits.device))[..., 0].cpu()  # (B, L)
         scores = [float(lp[v].sum()) for lp, v in zip(logp, valid)]
         for i in chunk:
@@ -88,13 +85,10 @@ def option_logprobs(api, prompts: list[list], options: list[list[str]]) -> list[
     return out
 
 
-def answer_latents(api, ids: torch.Tensor, questions: list[str], max_new_tokens: int = 8,
+def answer_latents(model, tok, ids: torch.Tensor, questions: list[str], max_new_tokens: int = 8,
                    params: SamplingParams | None = None, generator=None) -> list[str]:
     """Answer questions about latent images (I, N, G), read through the und branch: <bos> <img> latents
     </img> question. Rows are batched by question length (no padding inside the sequence)."""
-    from latentum.generation.sampling import GREEDY
-
-    tok = api.tokenizer
     encoded = [tok.encode(q) for q in questions]
     out = [""] * len(questions)
     by_len: dict[int, list[int]] = {}
@@ -102,38 +96,36 @@ def answer_latents(api, ids: torch.Tensor, questions: list[str], max_new_tokens:
         by_len.setdefault(len(e), []).append(i)
     for idx in by_len.values():
         for chunk in _chunks(idx, 64):
-            dec = api.new_decoder(len(chunk))
+            dec = new_decoder(model, tok, len(chunk))
             dec.feed_ids(torch.full((len(chunk), 1), tok.bos_id))
-            dec.feed_latents(ids[chunk].to(api.model.device))
+            dec.feed_latents(ids[chunk].to(model.device))
             dec.feed_prompt_ids(torch.tensor([encoded[i] for i in chunk]))
-            rows = sample_text_until_eos(api, dec, max_new_tokens, params or GREEDY, generator)
+            rows = sample_text_until_eos(tok, dec, max_new_tokens, params or GREEDY, generator)
             for i, r in zip(chunk, rows):
                 out[i] = tok.decode(r)
     return out
 
 
-def text_to_latents(api, prompts: list[str], params: SamplingParams, cfg_scale: float, generator):
+def text_to_latents(model, tok, prompts: list[str], params: SamplingParams, cfg_scale: float, generator):
     """Prompt + ``<img>`` -> N gen-branch steps. The unconditional rows replace prompt words by <pad> and keep
     the attention mask, as the reference does (§4, CFG)."""
-    cond = api.new_decoder(len(prompts))
+    cond = new_decoder(model, tok, len(prompts))
     cond.prefill([[p] for p in prompts])
     uncond = None
     if cfg_scale != 1.0:
-        uncond = api.new_decoder(len(prompts))
+        uncond = new_decoder(model, tok, len(prompts))
         uncond.prefill([[p] for p in prompts], drop_text=True)
     return cond.generate_latent(params, generator, uncond=uncond, cfg_scale=cfg_scale)
 
 
-def interleaved(api, items: list, max_images: int, max_new_tokens: int, params: SamplingParams, generator):
+def interleaved(model, tok, items: list, max_images: int, max_new_tokens: int, params: SamplingParams, generator):
     """Free interleaved decoding (batch 1): text until ``<img>`` -> a latent thought (fork, generate, replay)
     -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` text tokens."""
-    from latentum.api import LatentImage
 
-    tok = api.tokenizer
-    dec = _prefill(api, [items])
-    # A thought keeps the layout of the last input image (a 4x4 map imagines 4x4 boards); else full canvas.
+    dec = _prefill(model, tok, [items])
+    # A thought keeps the layout of the last input image (a 4x4 input imagines 4x4 images); else full canvas.
     images = [x for x in items if isinstance(x, np.ndarray)]
-    grid = active_grid(images[-1], api.config.encoder.grid) if images else None
+    grid = active_grid(images[-1], model.cfg.encoder.grid) if images else None
     out, text, n_text = [], [], 0
     while n_text < max_new_tokens:
         nxt = dec.sample_text(params, generator)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentum.losses.breakdown import LossBreakdown
+from latentum.types import LossBreakdown
 
 
 def _check_inputs(teacher_logits: Tensor, student_logits: Tensor, answer_mask: Tensor) -> None:

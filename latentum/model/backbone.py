@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentum.config import BackboneConfig
-from latentum.losses.aia import span_attention_mass
+from latentum.model.attention import span_attention_mass
 from latentum.model.cache import KVCache
 
 BRANCHES = ("und", "gen")  # index 0 = understanding, 1 = generation

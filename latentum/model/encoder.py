@@ -53,7 +53,7 @@ class VisionEncoder(nn.Module):
         """uint8 images (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] on the encoder's device.
 
         Images must already be at the canvas size: the data worlds render onto it, and silently resizing
-        would blur the one-patch-per-cell layout of FrozenLake maps.
+        would blur a one-patch-per-cell layout (``data.canvas``).
         """
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))

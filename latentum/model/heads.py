@@ -18,8 +18,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from latentum.config import HeadConfig
-from latentum.generation.sampling import SamplingParams, sample_logits
-from latentum.losses.breakdown import LossBreakdown
 
 
 class VisualProjector(nn.Module):
@@ -120,7 +118,7 @@ class DepthHead(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.pos, std=0.02)
 
-    def _logits(self, h: Tensor, prefix: Tensor) -> Tensor:
+    def logits(self, h: Tensor, prefix: Tensor) -> Tensor:
         """h (M, D), prefix ids (M, L-1) of the first depths -> logits (M, L, K) for depths 0..L-1."""
         embs = [self.embeds[g](prefix[:, g]) for g in range(prefix.size(1))]  # each (M, D)
         x = torch.stack([h, *embs], dim=1)  # (M, L, D)
@@ -131,49 +129,11 @@ class DepthHead(nn.Module):
 
     def forward(self, h: Tensor, ids: Tensor) -> Tensor:
         """Teacher forcing: h (M, D), ids (M, G) -> logits (M, G, K); logits[:, g] sees only ids[:, :g]."""
-        self._check_h(h)
+        self.check_states(h)
         self._check_ids(ids, h.size(0))
-        return self._logits(h, ids[:, :-1])
+        return self.logits(h, ids[:, :-1])
 
-    def loss(self, h: Tensor, ids: Tensor, weight: Tensor | None = None) -> LossBreakdown:
-        """Cross-entropy over M * G ids, averaged with per-token ``weight`` (M,) (default uniform);
-        per-depth accuracy in parts (``acc/d{g}``)."""
-        logits = self(h, ids)  # (M, G, K)
-        ce = F.cross_entropy(rearrange(logits.float(), "m g k -> m k g"), ids, reduction="none")  # (M, G)
-        w = torch.ones_like(ce[:, 0]) if weight is None else weight.to(ce)
-        loss = (ce * w[:, None]).sum() / (w.sum() * ce.size(1)).clamp_min(1e-8)
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == ids).float().mean(0)  # (G,)
-        parts = {"ce": ce.detach().mean(), **{f"acc/d{g}": acc[g] for g in range(self.codebooks)}}
-        return LossBreakdown(loss, parts)
-
-    @torch.no_grad()
-    def sample(self, h: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-               h_uncond: Tensor | None = None, cfg_scale: float = 1.0) -> Tensor:
-        """h (M, D) -> ids (M, G), one sub-step per depth (no cache: L <= G is tiny, as the reference).
-
-        With ``h_uncond`` and cfg_scale != 1, classifier-free guidance is applied to the logits at every
-        depth, l = l_u + s * (l_c - l_u), and the sampled id is fed to both streams (LatentUM §4).
-        """
-        self._check_h(h)
-        guided = h_uncond is not None and cfg_scale != 1.0
-        if guided:
-            if h_uncond.shape != h.shape:
-                raise ValueError(f"h_uncond must match h {tuple(h.shape)}, got {tuple(h_uncond.shape)}")
-            h = torch.cat([h, h_uncond])  # (2M, D): conditional rows first
-        M = h.size(0) // 2 if guided else h.size(0)
-        ids = torch.zeros(M, 0, dtype=torch.long, device=h.device)
-        for _ in range(self.codebooks):
-            prefix = torch.cat([ids, ids]) if guided else ids
-            logits = self._logits(h, prefix)[:, -1].float()  # (M or 2M, K)
-            if guided:
-                l_c, l_u = logits.chunk(2)
-                logits = l_u + cfg_scale * (l_c - l_u)
-            nxt = sample_logits(logits, params, generator)  # (M,)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-        return ids
-
-    def _check_h(self, h: Tensor) -> None:
+    def check_states(self, h: Tensor) -> None:
         if h.dim() != 2 or h.size(1) != self.dim:
             raise ValueError(f"h must be (M, {self.dim}), got {tuple(h.shape)}")
 

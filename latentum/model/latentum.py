@@ -102,17 +102,21 @@ class LatentUMModel(nn.Module):
         return causal | same_image(span, key_span)
 
     # --- packed training forward ----------------------------------------------------------------------
-    def embed_packed(self, p: Packed, latent_ids: torch.Tensor, read_ids: torch.Tensor | None = None):
+    def embed_packed(self, p: Packed, latent_ids: torch.Tensor, read_ids: torch.Tensor | None = None,
+                     input_embeddings: torch.Tensor | None = None):
         """Token embeddings with the image rows filled in. ``latent_ids`` (I, C, G) are the latents' canvas
         codes; ``read_ids`` (default ``latent_ids``) are what the und branch reads back (noised in training,
-        LatentUM §8) while G blocks always get the clean codes."""
+        LatentUM §8) while G blocks always get the clean codes. ``input_embeddings`` (I, C, D) replaces the
+        input images' continuous embeddings (default ``input_embeddings(pixels)``), e.g. by their quantized
+        features in stage 1."""
         x = self.backbone.embed(p.ids)
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         read_ids = latent_ids if read_ids is None else read_ids
         fills = []
         if len(p.inputs.rows):
-            fills.append((p.inputs, self.input_embeddings(p.inputs.pixels)))
+            fills.append((p.inputs, self.input_embeddings(p.inputs.pixels) if input_embeddings is None
+                          else input_embeddings))
         if len(p.latents.rows):
             fills.append((p.latents, self.latent_embeddings(read_ids)))
         if len(p.gen_blocks.rows):  # no own position: p.gen_cells adds the cell each G token predicts
@@ -131,10 +135,12 @@ class LatentUMModel(nn.Module):
         return x + self.cell_pos(cells.to(x.device)).to(x.dtype)
 
     def forward_packed(self, p: Packed, *, code_noise: float = 0.0, with_aia: bool = False,
-                       generator: torch.Generator | None = None) -> PackedForward:
+                       generator: torch.Generator | None = None,
+                       input_embeddings: torch.Tensor | None = None) -> PackedForward:
+        """The one packed forward every stage trains through (``embed_packed``, then the backbone)."""
         latent_ids = self.image_ids(p.latents.pixels)
         read_ids = corrupt_codes(latent_ids, code_noise, self.cfg.quantizer.codebook_size, generator)
-        x = self.embed_packed(p, latent_ids, read_ids)
+        x = self.embed_packed(p, latent_ids, read_ids, input_embeddings)
         spans = AttentionSpans(query=p.aia_query, key=p.aia_key) if with_aia else None
         positions = self.rope_positions(p.positions, p.rope_offsets)
         out = self.backbone(x, p.gen_mask, positions, attn_mask=self.attention_mask(p.attn_mask, p.image_span),

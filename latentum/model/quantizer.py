@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
 
 from latentum.config import QuantizerConfig
-from latentum.losses.breakdown import LossBreakdown
+from latentum.types import LossBreakdown
 
 USAGE_DECAY = 0.99
 """EMA decay of code usage (LatentUM keeps usage statistics with decay 0.99)."""

@@ -1,15 +1,16 @@
-"""Run a recipe's stages with Lightning: build the stage system, fit (resuming if asked), export weights.
+"""Run a recipe's legs in order with Lightning: build the leg's model, system and data (``train.stages``), fit
+(resuming if asked), export. The runner knows no stage by name.
 
-Folder layout under ``out``:  ``<stage>/checkpoints/last.ckpt`` (resume), ``<stage>/logs`` (CSV + TensorBoard)
-and ``<stage>/export`` (the self-describing model folder the next stage starts from). ``out/model`` is the
-final exported model with its ``decoder/``.
+Folders under ``out``: ``<leg>/checkpoints/last.ckpt`` (resume), ``<leg>/logs`` (CSV), ``<leg>/tb``
+(TensorBoard), ``<leg>/export`` (the model or decoder folder later legs start from) and ``model/``: the last
+model leg's export with the last decoder leg's export as ``decoder/``.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,16 +19,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from latentum.api import LatentUM, save_model_folder
-from latentum.config import STAGES, QuantizerConfig, RecipeConfig
+from latentum.checkpoint import write_folder_atomically
 from latentum.data.tokenizer import TextTokenizer
-from latentum.data.worlds import default_tokenizer
-from latentum.model.latentum import LatentUMModel
-from latentum.model.quantizer import MBAQ
-from latentum.train.data import ImageStream, packed_loader
-from latentum.train.systems import DecoderSystem, MBAQSystem, MoMESystem, VLMSystem
+from latentum.train.config import Leg, RecipeConfig
+from latentum.train.stages import STAGES, build_model, start_folder
+from latentum.worlds.registry import default_tokenizer
 
-PREVIOUS = {"vlm": None, "mbaq": "vlm", "mome": "mbaq", "decoder": "mbaq"}
+LAST = "last.ckpt"
 
 
 class WeightDigest(Callback):
@@ -62,68 +60,26 @@ class StepPrinter(Callback):
                   f"{rate:.2f} s/step", flush=True)
 
 
-def init_folder(recipe: RecipeConfig, out: Path, stage: str) -> Path | None:
-    """The exported model a stage starts from: ``init_from`` if set, else the previous stage's export."""
-    cfg = recipe.stages[stage]
-    if cfg.init_from:
-        return Path(cfg.init_from)
-    prev = PREVIOUS[stage]
-    return out / prev / "export" if prev else None
-
-
-def build_model(recipe: RecipeConfig, out: Path, stage: str) -> LatentUMModel:
-    """Stage 0 starts fresh; later stages load the previous stage's export (weights, not optimiser state)."""
-    folder = init_folder(recipe, out, stage)
-    if folder is None:
-        cfg = copy.deepcopy(recipe.model)
-        cfg.backbone.vocab_size = default_tokenizer().vocab_size
-        return LatentUMModel(cfg)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"stage {stage!r} starts from {folder}, which holds no exported model; "
-                                f"train stage {PREVIOUS[stage]!r} first (latentum train --stage {PREVIOUS[stage]})")
-    model = LatentUM.from_pretrained(folder).model
-    if recipe.model.ground_coordinates:  # a recipe can switch it on for the model it continues
-        model.cfg.ground_coordinates = True
-    cfg = recipe.stages[stage]
-    if stage == "mbaq" and cfg.fresh_quantizer:
-        model.quantizer = fresh_quantizer(model, recipe.model.quantizer)
-    if stage == "mome" and cfg.init_generation:
-        model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
-    if stage == "mome" and (cfg.init_generation if cfg.init_projector is None else cfg.init_projector):
-        model.init_visual_projector()  # latents start out read like MBAQ's quantized features
-    return model
-
-
-def fresh_quantizer(model: LatentUMModel, qcfg: QuantizerConfig) -> MBAQ:
-    """A new MBAQ from the recipe's quantizer config for a trained model. Its code shapes must be the model's,
-    since a stage 2 that continues the model predicts and reads codes of that shape."""
-    old = model.cfg.quantizer
-    fields = ("codebooks", "codebook_size", "code_dim", "hidden_dim")
-    shape, want = tuple(getattr(old, k) for k in fields), tuple(getattr(qcfg, k) for k in fields)
-    if shape != want:
-        raise ValueError(f"fresh_quantizer: the recipe's quantizer {fields} = {want} "
-                         f"must match the loaded model's {shape}")
-    model.cfg.quantizer = copy.deepcopy(qcfg)
-    return MBAQ(model.cfg.quantizer, model.quantizer.feature_dim, model.quantizer.out_dim)
-
-
-def train_stage(recipe: RecipeConfig, stage: str, out: str | Path, *, resume: bool = False,
-                num_workers: int = 0, progress: bool = True) -> Path:
-    if stage not in recipe.stages:
-        raise ValueError(f"recipe {recipe.name!r} has no stage {stage!r}; it has {sorted(recipe.stages)}")
-    cfg = recipe.stages[stage]
+def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: bool = False,
+              overwrite: bool = False, num_workers: int = 0, progress: bool = True,
+              callbacks: list[Callback] | None = None) -> Path:
+    """Train one leg and export it; returns its export folder. A leg that already has a run is continued with
+    ``resume`` (from ``checkpoints/last.ckpt``, bit-identical to an uninterrupted run: the data stream and the
+    RNG restart where they were) or started over with ``overwrite``; with neither it is refused."""
+    leg = recipe.leg(leg_name)
+    cfg, stage = leg.config, STAGES[leg.stage]
     out = Path(out)
-    folder = out / stage
+    folder = out / leg.name
+    ckpt = folder / "checkpoints" / LAST
+    _check_run_folder(folder, leg, resume, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(recipe, out, stage)
-    start = init_folder(recipe, out, stage)
+    model = build_model(recipe, out, leg.name)
+    start = start_folder(recipe, leg, out)
     tok = TextTokenizer.load(start) if start else default_tokenizer()
-    system = (DecoderSystem(model, recipe.decoder, cfg) if stage == "decoder" else
-              {"vlm": VLMSystem, "mbaq": MBAQSystem, "mome": MoMESystem}[stage](model, cfg))
-    ckpt = folder / "checkpoints" / "last.ckpt"
+    system = stage.system(model, recipe, cfg, {x.name: out / x.name / "export" for x in recipe.legs})
     ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
-    restart = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] if ckpt_path else 0
+    start_step = _checkpoint_step(ckpt) if ckpt_path else 0
     trainer = L.Trainer(
         accelerator="auto", devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
         max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, log_every_n_steps=cfg.log_every,
@@ -131,41 +87,72 @@ def train_stage(recipe: RecipeConfig, stage: str, out: str | Path, *, resume: bo
                 TensorBoardLogger(folder, name="tb")],
         callbacks=[ModelCheckpoint(folder / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
                                    enable_version_counter=False),
-                   WeightDigest(folder), StepPrinter(cfg.log_every)],
+                   WeightDigest(folder), StepPrinter(cfg.log_every), *(callbacks or [])],
         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
         limit_val_batches=0, num_sanity_val_steps=0)
-    canvas = recipe.model.encoder.image_size
-    rank = trainer.global_rank
-    loader = (torch.utils.data.DataLoader(ImageStream(cfg, canvas, rank, restart), batch_size=None,
-                                          num_workers=num_workers)
-              if stage == "decoder" else
-              packed_loader(cfg, tok, recipe.model.encoder.grid, canvas, rank, restart, num_workers))
+    loader = stage.loader(recipe, cfg, tok, trainer.global_rank, start_step, num_workers)
     t0 = time.time()
-    trainer.fit(system, train_dataloaders=loader, ckpt_path=ckpt_path)
+    trainer.fit(system, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
     if trainer.global_rank == 0:
-        export = folder / "export"
-        if stage == "decoder":
-            system.decoder.save_pretrained(export)
-        else:
-            save_model_folder(model, tok, export)
+        stage.export(system, tok, folder / "export", origin(recipe, leg))
         (folder / "time.txt").write_text(f"{time.time() - t0:.1f}\n")
+    if trainer.world_size > 1:
+        trainer.strategy.barrier("export")  # every rank waits until the export the next leg starts from exists
     return folder / "export"
 
 
-def assemble(out: str | Path, model_stage: str = "mome") -> Path:
-    """Copy the final backbone export and the decoder export into ``out/model`` (one loadable folder)."""
+def _check_run_folder(folder: Path, leg: Leg, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ValueError("pass either --resume or --overwrite, not both")
+    started = (folder / "checkpoints" / LAST).is_file() or (folder / "export").exists()
+    if not started:
+        return
+    if overwrite:
+        shutil.rmtree(folder)
+    elif not resume:
+        raise ValueError(f"leg {leg.name!r} already has a run in {str(folder)!r}; pass --resume to continue it "
+                         f"or --overwrite to start it over")
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    """The global step a checkpoint was saved at (loaded without unpickling code: ``weights_only``)."""
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{str(ckpt)!r} is not a readable training checkpoint ({e}); pass --overwrite to start "
+                         f"the leg over") from None
+
+
+def origin(recipe: RecipeConfig, leg: Leg) -> dict:
+    """Where an export came from: the recipe, the leg and the git commit of the code that trained it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"recipe": recipe.name, "leg": leg.name, "stage": leg.stage, "git_commit": commit}
+
+
+def assemble(recipe: RecipeConfig, out: str | Path) -> Path:
+    """``out/model``: the last model leg's export with the last decoder leg's export as ``decoder/``."""
     out = Path(out)
-    final = out / "model"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(out / model_stage / "export", final)
-    if (out / "decoder" / "export").is_dir():
-        shutil.copytree(out / "decoder" / "export", final / "decoder")
-    return final
+    model_legs = [x for x in recipe.legs if STAGES[x.stage].exports_model]
+    decoder_legs = [x for x in recipe.legs if not STAGES[x.stage].exports_model]
+    if not model_legs:
+        raise ValueError(f"recipe {recipe.name!r} has no leg that exports a model")
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(out / model_legs[-1].name / "export", tmp, dirs_exist_ok=True)
+        if decoder_legs and (out / decoder_legs[-1].name / "export").is_dir():
+            shutil.copytree(out / decoder_legs[-1].name / "export", tmp / "decoder")
+
+    return write_folder_atomically(out / "model", write)
 
 
-def train_all(recipe: RecipeConfig, out: str | Path, *, resume: bool = False, num_workers: int = 0,
-              stages: list[str] | None = None, progress: bool = True) -> Path:
-    for stage in stages or [s for s in STAGES if s in recipe.stages]:
-        train_stage(recipe, stage, out, resume=resume, num_workers=num_workers, progress=progress)
-    return assemble(out, "mome" if "mome" in recipe.stages else "mbaq")
+def train_recipe(recipe: RecipeConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 num_workers: int = 0, legs: list[str] | None = None, progress: bool = True) -> Path:
+    """Train ``legs`` (default: all, in order), then assemble ``out/model``."""
+    for name in legs or [x.name for x in recipe.legs]:
+        train_leg(recipe, name, out, resume=resume, overwrite=overwrite, num_workers=num_workers,
+                  progress=progress)
+    return assemble(recipe, out)

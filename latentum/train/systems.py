@@ -11,19 +11,23 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from latentum.config import DecoderConfig, TrainConfig
+from latentum.checkpoint import load_decoder_folder
+from latentum.config import DecoderConfig
 from latentum.data.packing import IGNORE, Packed
 from latentum.losses.aia import aia_loss
 from latentum.losses.behaviour import mbaq_loss
-from latentum.losses.breakdown import LossBreakdown
-from latentum.model.decoder import PixelDecoder
+from latentum.losses.pixels import diffusion_loss
+from latentum.losses.tokens import code_loss
+from latentum.losses.tokens import text_loss as token_text_loss
+from latentum.model.decoder import PixelDecoder, train_scheduler
 from latentum.model.latentum import LatentUMModel
+from latentum.train.config import DecoderStageConfig, MBAQConfig, MoMEConfig, StageConfig, VLMConfig
+from latentum.types import LossBreakdown
 
 
 def set_trainable(model: torch.nn.Module, trainable: list[torch.nn.Module | torch.nn.Parameter]) -> None:
@@ -36,9 +40,23 @@ def set_trainable(model: torch.nn.Module, trainable: list[torch.nn.Module | torc
 class StageSystem(L.LightningModule):
     """Shared optimiser, schedule and logging; subclasses define ``losses(batch) -> LossBreakdown``."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: StageConfig):
         super().__init__()
         self.cfg = cfg
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The global RNG (code noise, style dropout, diffusion noise, dead-code revival) resumes where it was, so
+        # a killed leg resumed from its checkpoint ends bit-identical to an uninterrupted one.
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_train_epoch_start(self):
         # Trained parts in train mode, frozen parts in eval mode: a loaded model (``from_pretrained``) comes in
@@ -74,18 +92,16 @@ class StageSystem(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def text_loss(model: LatentUMModel, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE over supervised text positions; also returns token accuracy."""
+def text_loss(model: LatentUMModel, hidden: torch.Tensor, targets: torch.Tensor) -> LossBreakdown:
+    """``losses.tokens.text_loss`` on the supervised text positions of a packed batch."""
     sel = targets != IGNORE
-    logits = model.backbone.logits(hidden[sel]).float()
-    tgt = targets[sel]
-    return F.cross_entropy(logits, tgt), (logits.argmax(-1) == tgt).float().mean()
+    return token_text_loss(model.backbone.logits(hidden[sel]), targets[sel])
 
 
 class VLMSystem(StageSystem):
     """Stage 0: the base VLM learns understanding QA with continuous image features."""
 
-    def __init__(self, model: LatentUMModel, cfg: TrainConfig):
+    def __init__(self, model: LatentUMModel, cfg: VLMConfig):
         super().__init__(cfg)
         self.model = model
         bb = model.backbone
@@ -94,14 +110,13 @@ class VLMSystem(StageSystem):
 
     def losses(self, p: Packed) -> LossBreakdown:
         fwd = self.model.forward_packed(p)
-        ce, acc = text_loss(self.model, fwd.hidden, p.text_targets)
-        return LossBreakdown(ce, {"text_ce": ce, "text_acc": acc})
+        return text_loss(self.model, fwd.hidden, p.text_targets)
 
 
 class MBAQSystem(StageSystem):
     """Stage 1: the quantizer learns to make the frozen VLM behave the same on quantized features."""
 
-    def __init__(self, model: LatentUMModel, cfg: TrainConfig):
+    def __init__(self, model: LatentUMModel, cfg: MBAQConfig):
         super().__init__(cfg)
         self.model = model
         set_trainable(model, [model.quantizer])
@@ -111,30 +126,20 @@ class MBAQSystem(StageSystem):
         feats = m.image_features(p.inputs.pixels).detach()
         pos = m.canvas_positions().detach()  # (C, D), added to both views as input_embeddings does
         with torch.no_grad():
-            teacher = m.backbone.logits(self._hidden(p, m.feature_projector(feats) + pos))
+            teacher = m.backbone.logits(m.forward_packed(p, input_embeddings=m.feature_projector(feats) + pos).hidden)
         q = m.quantizer.encode(feats)
-        student = m.backbone.logits(self._hidden(p, m.quantizer.project(q.codes) + pos))
+        student = m.backbone.logits(m.forward_packed(p, input_embeddings=m.quantizer.project(q.codes) + pos).hidden)
         out = mbaq_loss(teacher, student, p.text_targets != IGNORE, q.loss)
         usage = m.quantizer.usage()
         extra = {f"usage/{k}": torch.as_tensor(v, dtype=torch.float32).mean() for k, v in usage.items()}
         return LossBreakdown(out.total, {**out.parts, **extra})
-
-    def _hidden(self, p: Packed, image_emb: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x = m.ground(m.backbone.embed(p.ids), p.text_cells)
-        B, T, D = x.shape
-        emb = image_emb.reshape(-1, D)[p.inputs.src].to(x.dtype)
-        x = x.reshape(B * T, D).index_copy(0, p.inputs.rows, emb).view(B, T, D)
-        positions = m.rope_positions(p.positions, p.rope_offsets)
-        return m.backbone(x, p.gen_mask, positions, attn_mask=m.attention_mask(p.attn_mask, p.image_span),
-                           key_valid=p.valid).hidden
 
 
 class MoMESystem(StageSystem):
     """Stage 2: the generation branch, AR head and visual projector learn to generate latent images (and,
     optionally, the und branch learns the interleaved tasks); AIA regularises the shared attention."""
 
-    def __init__(self, model: LatentUMModel, cfg: TrainConfig):
+    def __init__(self, model: LatentUMModel, cfg: MoMEConfig):
         super().__init__(cfg)
         self.model = model
         bb = model.backbone
@@ -152,18 +157,17 @@ class MoMESystem(StageSystem):
             h = fwd.hidden.reshape(-1, fwd.hidden.size(-1))[p.code_query]
             ids = fwd.latent_ids.reshape(-1, fwd.latent_ids.size(-1))[p.code_src]
             weight = 1.0 + (cfg.changed_weight - 1.0) * p.code_changed.float()
-            code = m.head.loss(h, ids, weight)
+            logits = m.head(h, ids)  # (M, G, K), teacher-forced
+            code = code_loss(logits, ids, weight)
             total = total + code.total
             parts.update({"code_ce": code.total, **{f"code/{k}": v for k, v in code.parts.items()}})
-            logging = self.global_step % cfg.log_every == 0
-            if logging and (~p.code_changed).any() and p.code_changed.any():
-                with torch.no_grad():  # teacher-forced exactness of the tokens a move changes
-                    hit = (m.head(h, ids).argmax(-1) == ids).all(-1)
+            if (~p.code_changed).any() and p.code_changed.any():  # exactness of the tokens a change made
+                hit = (logits.detach().argmax(-1) == ids).all(-1)
                 parts["code/acc_changed"] = hit[p.code_changed].float().mean()
         if cfg.train_understanding and (p.text_targets != IGNORE).any():
-            ce, acc = text_loss(m, fwd.hidden, p.text_targets)
-            total = total + ce
-            parts.update(text_ce=ce, text_acc=acc)
+            text = text_loss(m, fwd.hidden, p.text_targets)
+            total = total + text.total
+            parts.update(text.parts)
         if with_aia:
             aia = aia_loss(fwd.attn_mass, p.task, p.aia_valid, cfg.aia)
             total = total + aia.total
@@ -185,79 +189,51 @@ class DecoderSystem(StageSystem):
     """Stage 3: the pixel decoder learns codes -> pixels; it never sees the backbone.
 
     A batch is ``(pixels, styles, references)`` (``ImageStream``): uint8 canvases (B, H, W, 3), each image's
-    render style (``Sample.meta["style"]``; None for Shapes images, the decoder's "none") and the uint8 canvas it
-    started from (B, H, W, 3), encoded like the images (a ``reference`` decoder is conditioned on its codes). Older
-    forms still train: ``(pixels, styles)`` makes every image its own reference, and a bare pixel tensor also
-    trains the unknown style only; each warns once when the decoder would need what is missing."""
+    render style (``Sample.meta["style"]``; None: unknown) and the uint8 canvas it started from (B, H, W, 3),
+    encoded like the images."""
 
-    def __init__(self, model: LatentUMModel, decoder_cfg: DecoderConfig, cfg: TrainConfig):
+    def __init__(self, model: LatentUMModel, decoder_cfg: DecoderConfig, cfg: DecoderStageConfig,
+                 init_decoder: str | None = None):
         super().__init__(cfg)
         self.model = model
         q = model.cfg.quantizer
         grid = model.cfg.encoder.grid
-        self.decoder = (_trained_decoder(cfg.init_decoder, decoder_cfg, q.dim, grid) if cfg.init_decoder else
+        init = init_decoder or cfg.init_decoder  # the runner resolves a leg's name to its decoder folder
+        self.decoder = (_trained_decoder(init, decoder_cfg, q.dim, grid) if init else
                         PixelDecoder(decoder_cfg, code_dim=q.dim, grid=grid))
+        self.noise_scheduler = train_scheduler(decoder_cfg)
         set_trainable(model, [])
-        self._warned_styles = False
-        self._warned_references = False
 
     def losses(self, batch) -> LossBreakdown:
-        pixels, styles, references = self._unpack(batch)
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 3):
+            raise ValueError("a decoder batch must be (pixels, styles, references) (train.data.ImageStream)")
+        pixels, styles, references = batch
+        if references.shape != pixels.shape:
+            raise ValueError(f"batch references must be canvases like the pixels {tuple(pixels.shape)}, "
+                             f"got {tuple(references.shape)}")
         R = self.decoder.cfg.resolution
         codes, ref_codes = self._codes(pixels, references)
         x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
         if x.size(-1) != R:
             x = F.interpolate(x, size=(R, R), mode="area")
         weight = None
-        if self.cfg.changed_weight != 1 and references is not None:
+        if self.cfg.changed_weight != 1:
             changed = changed_cells(pixels, references, self.decoder.grid, R)  # (B, 1, R, R)
             weight = (1 + (self.cfg.changed_weight - 1) * changed).to(self.device)
-        return self.decoder.loss(x.to(self.device), codes, self._style_labels(styles, x.size(0)), ref_codes,
-                                 weight=weight)
-
-    @staticmethod
-    def _unpack(batch) -> tuple[torch.Tensor, list | None, torch.Tensor | None]:
-        """A batch in any form this system takes -> (pixels, styles or None, references or None)."""
-        if not isinstance(batch, (tuple, list)):
-            return batch, None, None
-        if len(batch) not in (2, 3):
-            raise ValueError(f"a decoder batch must be pixels, (pixels, styles) or (pixels, styles, references), "
-                             f"got a {type(batch).__name__} of {len(batch)}")
-        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+        return diffusion_loss(self.decoder, self.noise_scheduler, x.to(self.device), codes,
+                              self._style_labels(styles, x.size(0)), ref_codes, weight=weight)
 
     @torch.no_grad()
-    def _codes(self, pixels: torch.Tensor, references: torch.Tensor | None):
-        """Frozen encoder + MBAQ: codes (B, N, Dc) of the images and of their references (None when the decoder
-        takes none, or the batch carries none: each image is then its own reference)."""
+    def _codes(self, pixels: torch.Tensor, references: torch.Tensor):
+        """Frozen encoder + MBAQ: codes (B, N, Dc) of the images and of their references."""
         m = self.model
-        if not self.decoder.cfg.reference:
-            return m.quantizer.codes_from_ids(m.image_ids(pixels)).float(), None
-        if references is None:
-            if not self._warned_references:
-                from lightning.pytorch.utilities import rank_zero_warn
-
-                self._warned_references = True
-                rank_zero_warn("decoder batches carry no references: every image is its own; the image stream "
-                               "should yield (pixels, styles, references)")
-            return m.quantizer.codes_from_ids(m.image_ids(pixels)).float(), None
-        if references.shape != pixels.shape:
-            raise ValueError(f"batch references must be canvases like the pixels {tuple(pixels.shape)}, "
-                             f"got {tuple(references.shape)}")
         both = m.quantizer.codes_from_ids(m.image_ids(torch.cat([pixels, references]))).float()  # (2B, N, Dc)
         return both.chunk(2)
 
-    def _style_labels(self, styles: list[str | None] | None, batch: int) -> torch.Tensor | None:
+    def _style_labels(self, styles: list[str | None], batch: int) -> torch.Tensor:
         """Per-image style names -> labels (B,), each replaced by 0 ("none") with probability
-        ``decoder.style_dropout`` so the unknown style keeps rendering boards; None for an unconditioned decoder."""
-        if styles is None and self.decoder.conditioned and not self._warned_styles:
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            self._warned_styles = True
-            rank_zero_warn("decoder batches carry no styles: training the unknown style only; the image stream "
-                           "should yield (pixels, styles)")
+        ``decoder.style_dropout`` so the unknown style keeps rendering."""
         labels = self.decoder.style_labels(styles, batch, argument="batch styles")
-        if labels is None:
-            return None
         drop = torch.rand(batch) < self.decoder.cfg.style_dropout  # torch's RNG, seeded by Lightning
         return labels.masked_fill(drop, 0).to(self.device)
 
@@ -271,11 +247,8 @@ def changed_cells(pixels: torch.Tensor, references: torch.Tensor, grid: int, res
 
 
 def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) -> PixelDecoder:
-    """``TrainConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's; one saved
-    without the recipe's ``summary`` grows it (``PixelDecoder.with_summary``)."""
-    trained = PixelDecoder.from_pretrained(folder)
-    if cfg.summary and trained.cfg == replace(cfg, summary=0):  # saved without the recipe's summary
-        trained = trained.with_summary(cfg.summary)
+    """``DecoderStageConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's."""
+    trained = load_decoder_folder(folder)
     if (trained.cfg, trained.code_dim, trained.grid) != (cfg, code_dim, grid):
         raise ValueError(f"init_decoder {folder!r}: its config {trained.cfg} (code_dim {trained.code_dim}, grid "
                          f"{trained.grid}) differs from the recipe's decoder {cfg} (code_dim {code_dim}, grid {grid})")

@@ -7,7 +7,7 @@ chance (a 3x3 board has few configurations); the report counts how many evaluati
 Metrics per style and level:
 - success under the **gym** rule (VSP's scorer) and the **strict** rule (ThinkMorph's);
 - perception QA (hole / relation / text grid) and action-sequence safety accuracy, safety both answered directly
-  and with visual thoughts (``vsp_safety_imagined``: ``LatentUM.imagine`` follows the moves); also ``vsp_describe``, the
+  and with visual thoughts (``vsp_safety_imagined``: ``planner.imagine`` follows the moves); also ``vsp_describe``, the
   share of maps the model transcribes exactly as a text grid, and ``vsp_neighbours`` (what is next to the
   player), when the model's vocabulary has its words (both reported, not part of ``perception``); and, as a
   diagnostic, the hole and grid questions answered from the model's own transcription of the map
@@ -21,7 +21,7 @@ Metrics per style and level:
   the thoughts' errors from the choice of moves;
 - seconds per plan: the median over batch-1 plans of a subset, i.e. latency, not throughput.
 
-``heed_looks`` (default, as in ``LatentUM.plan``) holds every planner to its own looks (``generation.planner``):
+``heed_looks`` (default, as in ``planner.plan``) holds every planner to its own looks (``apps.vsp.planner``):
 the same rule for the latent, text-only and pixel-mediated planners; off, they are scored on free choices.
 """
 
@@ -34,10 +34,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from latentum.data import frozenlake as fl
-from latentum.data import vsp
+from latentum.api import LatentUM
+from latentum.apps.vsp import planner
 from latentum.data.canvas import active_index
-from latentum.data.worlds import make_sample
+from latentum.generation.interleaved import answer_latents
+from latentum.types import GREEDY
+from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds.frozenlake import tasks as vsp
+from latentum.worlds.registry import make_sample
 
 EVAL_NAMESPACE = 90_210_777
 QA_TASKS = ("vsp_hole", "vsp_relation", "vsp_grid")
@@ -90,8 +94,7 @@ def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[s
     """Compare each thought with the simulated board after that move (pixel oracle and model reading); the
     pixel oracle judges thoughts rendered in the eval's ``style``, each given its plan's input map (encoded as
     the planner saw it) as the reference: MBAQ codes alias the player and the start stool, the map tells them
-    apart (``DecoderConfig.reference``; a decoder without it ignores the map)."""
-    from latentum.generation.interleaved import answer_latents
+    apart (``PixelDecoder.cond_map``)."""
 
     ids, truth, questions, answers = [], [], [], []
     for m, p in zip(maps, plans):
@@ -107,7 +110,7 @@ def thought_fidelity(api, maps, plans, style: str, pixel_oracle: bool) -> dict[s
     if not ids:
         return {"fidelity_read": float("nan"), "fidelity_latent": float("nan"), "fidelity_pixel": float("nan"),
                 "thoughts": 0}
-    read = answer_latents(api, torch.stack(ids), questions)
+    read = answer_latents(api.model, api.tokenizer, torch.stack(ids), questions)
     out = {"fidelity_read": float(np.mean([r == a for r, a in zip(read, answers)])),
            "fidelity_latent": latent_match(api, ids, truth, style), "thoughts": len(ids)}
     if pixel_oracle and api.decoder_path is not None:
@@ -149,8 +152,6 @@ def latent_match(api, ids: list[torch.Tensor], truth: list, style: str) -> float
 def oracle_plans(api, maps, style: str, heed_looks: bool = True, avoid_revisits: bool = False) -> list:
     """Plans whose thoughts are the true next boards (rendered, encoded) instead of generated ones: the
     success the planner's move choice reaches when every visual thought is right (a diagnostic, not a planner)."""
-    from latentum.generation.planner import plan_rows
-    from latentum.generation.sampling import GREEDY
 
     def oracle(rows: list[int], actions: list[list[str]]) -> torch.Tensor:
         truth = []
@@ -162,7 +163,7 @@ def oracle_plans(api, maps, style: str, heed_looks: bool = True, avoid_revisits:
         return true_board_ids(api, truth, style)
 
     canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
-    return plan_rows(api, canvases, None, GREEDY, None, thoughts="latent", oracle=oracle, heed_looks=heed_looks,
+    return planner.plan_rows(api, canvases, None, GREEDY, None, thoughts="latent", oracle=oracle, heed_looks=heed_looks,
                      avoid_revisits=avoid_revisits)
 
 
@@ -233,12 +234,11 @@ def read_answer(sample, grid: str) -> str:
 
 
 def imagined_safety(api, samples) -> float:
-    """Safety (T4) answered with visual thoughts: the model follows the sequence (``LatentUM.imagine``), looking
+    """Safety (T4) answered with visual thoughts: the model follows the sequence (``planner.imagine``), looking
     before each move and imagining the board after it; "No" iff a move enters a cell its own look named a hole."""
-    from latentum.generation.planner import falls_at
 
-    plans = api.imagine_batch([s.user[0] for s in samples], [s.meta["actions"] for s in samples])
-    said = [vsp.YES if falls_at(p) is None else vsp.NO for p in plans]
+    plans = planner.imagine_batch(api, [s.user[0] for s in samples], [s.meta["actions"] for s in samples])
+    said = [vsp.YES if planner.falls_at(p) is None else vsp.NO for p in plans]
     return float(np.mean([a == s.meta["answer"] for a, s in zip(said, samples)]))
 
 
@@ -247,7 +247,7 @@ def latency(api, canvases, thoughts: str, n: int, **rules) -> dict[str, float]:
     per_plan, per_step = [], []
     for c in canvases[:n]:
         t0 = time.perf_counter()
-        plan = api.plan_batch([c], thoughts=thoughts, **rules)[0]
+        plan = planner.plan_batch(api, [c], thoughts=thoughts, **rules)[0]
         dt = time.perf_counter() - t0
         per_plan.append(dt)
         per_step.append(dt / max(1, len(plan.actions)))
@@ -260,7 +260,6 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
                  seed: int = 0, text_model: str | None = None, pixel: bool = False,
                  latency_maps: int = 5, oracle: bool = False, heed_looks: bool = True,
                  avoid_revisits: bool = False) -> dict:
-    from latentum.api import LatentUM
 
     text_api = LatentUM.from_pretrained(text_model) if text_model else None
     rules = {"heed_looks": heed_looks, "avoid_revisits": avoid_revisits}  # every planner plays by the same rules
@@ -271,19 +270,19 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
             canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
             row = {"style": style, "level": level, "maps": len(maps),
                    "distinct_maps": len({(m.holes, m.player, m.goal) for m in maps})}
-            plans = api.plan_batch(canvases, thoughts="latent", **rules)
+            plans = planner.plan_batch(api, canvases, thoughts="latent", **rules)
             row["latent"] = {**plan_metrics(maps, plans), **takeback_metrics(maps, plans), **look_metrics(maps, plans),
                              **thought_fidelity(api, maps, plans, style, True),
                              **latency(api, canvases, "latent", latency_maps, **rules),
                              "steps": float(np.mean([len(p.actions) for p in plans]))}
             row["qa"] = qa_metrics(api, level, style, per_level, seed)
             if text_api is not None:
-                tplans = text_api.plan_batch(canvases, thoughts="none", **rules)
+                tplans = planner.plan_batch(text_api, canvases, thoughts="none", **rules)
                 row["text"] = {**plan_metrics(maps, tplans), **look_metrics(maps, tplans),
                                **latency(text_api, canvases, "none", latency_maps, **rules),
                                "steps": float(np.mean([len(p.actions) for p in tplans]))}
             if pixel:
-                pplans = api.plan_batch(canvases, thoughts="pixel", **rules)
+                pplans = planner.plan_batch(api, canvases, thoughts="pixel", **rules)
                 row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans),
                                 **look_metrics(maps, pplans),
                                 **latency(api, canvases, "pixel", latency_maps, **rules),
@@ -302,16 +301,16 @@ def summarize(rows: list[dict]) -> dict:
     for style in sorted({r["style"] for r in rows}):
         sub = [r for r in rows if r["style"] == style]
         s = {}
-        for planner in PLANNERS:
-            if planner in sub[0]:
-                s[planner] = {k: float(np.mean([r[planner][k] for r in sub]))
+        for kind in PLANNERS:
+            if kind in sub[0]:
+                s[kind] = {k: float(np.mean([r[kind][k] for r in sub]))
                               for k in ("gym", "strict", "sec_per_plan", "sec_per_step", "steps")}
-                s[planner]["min_strict"] = float(min(r[planner]["strict"] for r in sub))
-        for planner in ("latent", "pixel", "text"):
+                s[kind]["min_strict"] = float(min(r[kind]["strict"] for r in sub))
+        for kind in ("latent", "pixel", "text"):
             for k in ("fidelity_read", "fidelity_latent", "fidelity_pixel", "takebacks", "takeback_hole",
                       "look_exact"):
-                if planner in sub[0] and any(k in r[planner] for r in sub):
-                    s[planner][k] = float(np.nanmean([r[planner].get(k, np.nan) for r in sub]))
+                if kind in sub[0] and any(k in r[kind] for r in sub):
+                    s[kind][k] = float(np.nanmean([r[kind].get(k, np.nan) for r in sub]))
         s["qa"] = {k: float(np.mean([r["qa"][k] for r in sub])) for k in sub[0]["qa"]}
         out[style] = s
     return out
@@ -326,13 +325,13 @@ def print_report(report: dict) -> None:
               f"{'yes' if report['avoid_revisits'] else 'no'}")
     for style, s in report["summary"].items():
         print(f"\n[{style}] overall")
-        for planner in PLANNERS:
-            if planner in s:
-                v = s[planner]
+        for kind in PLANNERS:
+            if kind in s:
+                v = s[kind]
                 extra = "".join(f" {k}={v[k]:.3f}" for k in ("takebacks", "takeback_hole", "look_exact",
                                                                "fidelity_pixel", "fidelity_read", "fidelity_latent")
                                 if k in v)
-                print(f"  {planner:6s} gym={v['gym']:.3f} strict={v['strict']:.3f} min_strict={v['min_strict']:.3f}"
+                print(f"  {kind:6s} gym={v['gym']:.3f} strict={v['strict']:.3f} min_strict={v['min_strict']:.3f}"
                       f" s/plan={v['sec_per_plan']:.3f} s/step={v['sec_per_step']:.3f} steps={v['steps']:.2f}{extra}")
         if "pixel" in s:
             ratio = s["pixel"]["sec_per_step"] / s["latent"]["sec_per_step"]
@@ -347,8 +346,8 @@ def format_table(rows: list[dict]) -> str:
             "| s/plan latent | s/plan text | s/plan pixel |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        def g(planner, key, r=r):
-            return f"{r[planner][key]:.3f}" if planner in r and key in r[planner] else "-"
+        def g(kind, key, r=r):
+            return f"{r[kind][key]:.3f}" if kind in r and key in r[kind] else "-"
         lines.append(f"| {r['style']} | {r['level']} | {g('latent', 'gym')} | {g('latent', 'strict')} | "
                      f"{g('text', 'gym')} | {g('text', 'strict')} | {g('pixel', 'gym')} | {g('pixel', 'strict')} | "
                      f"{g('latent', 'fidelity_pixel')} | {g('latent', 'fidelity_read')} | "

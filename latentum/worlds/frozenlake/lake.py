@@ -12,7 +12,7 @@ it last moved, and, for gymnasium's decorative ice cracks, the cell's position).
 that, so the same tiles also serve as templates for the pixel oracle ``read_canvas``.
 
 Legend: N map side in cells, P pixels per cell, K atlas tiles.
-Positions are (row, col), 0-indexed; text shown to the model is 1-indexed (see ``latentum.data.vsp``).
+Positions are (row, col), 0-indexed; text shown to the model is 1-indexed (see ``latentum.worlds.frozenlake.tasks``).
 """
 
 from __future__ import annotations

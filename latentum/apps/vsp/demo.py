@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from latentum.data import frozenlake as fl
-from latentum.eval.vsp import look_checks
+from latentum.api import read_image
+from latentum.apps.vsp import planner
+from latentum.apps.vsp.evaluate import look_checks
+from latentum.worlds.frozenlake import lake as fl
 
 DEMO_NAMESPACE = 31_337
 PANEL = 192
@@ -53,7 +55,7 @@ def write_gif(path: str | Path, m: fl.LakeMap, style: str, actions: list[str], t
 def _rendered_thoughts(api, plan, style: str | None, canvas: np.ndarray) -> list[np.ndarray]:
     """The plan's thoughts rendered in ``style`` (the map's look; None = unknown) given its input map ``canvas``
     (the model-resolution image it planned from) as the reference: MBAQ codes alias the player and the start
-    stool, the map tells them apart (``DecoderConfig.reference``); empty without a decoder."""
+    stool, the map tells them apart (``PixelDecoder.cond_map``); empty without a decoder."""
     if not plan.thoughts or api.decoder_path is None:
         return []
     import torch
@@ -76,7 +78,7 @@ def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: 
                 m = fl.generate_map(size, rng)
                 canvas = fl.render_canvas(m, m.player, style, canvas=api.canvas)
                 t0 = time.perf_counter()
-                plan = api.plan(canvas, seed=seed)
+                plan = planner.plan(api, canvas, seed=seed)
                 sec = time.perf_counter() - t0
                 gym = fl.simulate(m, plan.actions, "gym").success
                 strict = fl.simulate(m, plan.actions, "strict").success
@@ -104,17 +106,15 @@ def _fraction(right: int, total: int) -> str:
 
 def plan_image(api, image_path: str, *, max_steps: int | None = None, seed: int = 0, gif: str | None = None) -> str:
     """Plan a user's map image; the map read from the pixels (oracle) is used to check and animate the plan."""
-    from latentum.api import load_image
-
-    canvas = load_image(image_path, api.canvas, "image")
-    full = np.asarray(Image.open(image_path).convert("RGB"))
+    canvas = planner.board_canvas(api, image_path, "image")
+    full = read_image(image_path, "image")
     state = fl.read_map(full)
     if state.player is None or state.goal is None:
         raise ValueError(f"image: {image_path!r} does not look like a FrozenLake map (found no single player "
                          f"and goal)")
     size = full.shape[0] // fl.ENV_CELL_PX
     m = fl.LakeMap(size, state.holes, state.player, state.goal)
-    plan = api.plan(canvas, max_steps=max_steps, seed=seed)
+    plan = planner.plan(api, canvas, max_steps=max_steps, seed=seed)
     gym, strict = fl.simulate(m, plan.actions, "gym"), fl.simulate(m, plan.actions, "strict")
     if gif:
         write_gif(gif, m, state.style, plan.actions,

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from latentum.data.frozenlake import (
+from latentum.data.sample import Attempt, Sample
+from latentum.worlds.frozenlake.lake import (
     ACTIONS,
     MAX_SIZE,
     MIN_SIZE,
@@ -30,7 +31,6 @@ from latentum.data.frozenlake import (
     render_canvas,
     shortest_plan,
 )
-from latentum.data.sample import Attempt, Sample
 
 PLAN_PROMPT = ("Plan a safe path for the player to the goal . "
                "Move L D R or U one cell at a time and imagine the board after each move .")

@@ -1,0 +1,156 @@
+"""The four stages. Each owns how its leg builds the model it trains, its Lightning system, its data and its
+export; the runner (``train.run``) only walks a recipe's legs and never names a stage.
+
+| stage   | starts from                           | trains (``train.systems``)       | exports             |
+|---------|---------------------------------------|----------------------------------|---------------------|
+| vlm     | a fresh model (or ``init_from``)      | encoder, und branch, shared      | a model folder      |
+| mbaq    | the previous model leg                | the quantizer                    | a model folder      |
+| mome    | the previous model leg                | gen branch, AR head, projector   | a model folder      |
+| decoder | the previous model leg (frozen)       | the pixel decoder                | a decoder folder    |
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from latentum.checkpoint import load_model_folder, save_decoder_folder, save_model_folder
+from latentum.config import QuantizerConfig
+from latentum.data.tokenizer import TextTokenizer
+from latentum.model.latentum import LatentUMModel
+from latentum.model.quantizer import MBAQ
+from latentum.train.config import DecoderStageConfig, Leg, RecipeConfig, StageConfig
+from latentum.train.data import ImageStream, packed_loader
+from latentum.train.systems import DecoderSystem, MBAQSystem, MoMESystem, VLMSystem
+from latentum.worlds.registry import default_tokenizer
+
+
+class Stage:
+    """A stage's recipe for one leg; subclasses override what differs."""
+
+    exports_model = True
+    """A model folder (False: a pixel decoder folder)."""
+    starts_fresh = False
+    """With no ``init_from`` and no earlier model leg, build a new model (only the first stage may)."""
+
+    def build(self, recipe: RecipeConfig, cfg: StageConfig, start: Path | None) -> LatentUMModel:
+        """The model this leg trains: the exported model at ``start`` (weights, not optimiser state), or a new
+        one. A recipe can switch coordinate grounding on for a model it continues."""
+        if start is None:
+            model_cfg = copy.deepcopy(recipe.model)
+            model_cfg.backbone.vocab_size = default_tokenizer().vocab_size
+            return LatentUMModel(model_cfg)
+        model = load_model_folder(start)[0]
+        if recipe.model.ground_coordinates:
+            model.cfg.ground_coordinates = True
+        if cfg.ground_coordinates is not None:
+            model.cfg.ground_coordinates = cfg.ground_coordinates
+        return model
+
+    def system(self, model: LatentUMModel, recipe: RecipeConfig, cfg: StageConfig,
+               folders: dict[str, Path]) -> L.LightningModule:
+        raise NotImplementedError
+
+    def loader(self, recipe: RecipeConfig, cfg: StageConfig, tok: TextTokenizer, rank: int, start_step: int,
+               num_workers: int) -> DataLoader:
+        enc = recipe.model.encoder
+        return packed_loader(cfg, tok, enc.grid, enc.image_size, rank, start_step, num_workers)
+
+    def export(self, system: L.LightningModule, tok: TextTokenizer, folder: Path, origin: dict) -> Path:
+        return save_model_folder(system.model, tok, folder, origin=origin)
+
+
+class VLMStage(Stage):
+    starts_fresh = True
+
+    def system(self, model, recipe, cfg, folders):
+        return VLMSystem(model, cfg)
+
+
+class MBAQStage(Stage):
+    def build(self, recipe, cfg, start):
+        model = super().build(recipe, cfg, start)
+        if cfg.fresh_quantizer:
+            model.quantizer = fresh_quantizer(model, cfg.quantizer or recipe.model.quantizer)
+        return model
+
+    def system(self, model, recipe, cfg, folders):
+        return MBAQSystem(model, cfg)
+
+
+class MoMEStage(Stage):
+    def build(self, recipe, cfg, start):
+        model = super().build(recipe, cfg, start)
+        if cfg.init_generation:
+            model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
+        if cfg.init_generation if cfg.init_projector is None else cfg.init_projector:
+            model.init_visual_projector()  # latents start out read like MBAQ's quantized features
+        return model
+
+    def system(self, model, recipe, cfg, folders):
+        return MoMESystem(model, cfg)
+
+
+class DecoderStage(Stage):
+    exports_model = False
+
+    def system(self, model, recipe, cfg: DecoderStageConfig, folders):
+        init = cfg.init_decoder
+        if init is not None and init in folders:  # a leg's name: that leg's decoder
+            init = str(folders[init])
+        return DecoderSystem(model, recipe.decoder, cfg, init_decoder=init)
+
+    def loader(self, recipe, cfg, tok, rank, start_step, num_workers):
+        stream = ImageStream(cfg, recipe.model.encoder.image_size, rank, start_step)
+        return DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator())
+
+    def export(self, system, tok, folder, origin):
+        return save_decoder_folder(system.decoder, folder)
+
+
+STAGES: dict[str, Stage] = {"vlm": VLMStage(), "mbaq": MBAQStage(), "mome": MoMEStage(), "decoder": DecoderStage()}
+
+
+def fresh_quantizer(model: LatentUMModel, qcfg: QuantizerConfig) -> MBAQ:
+    """A new MBAQ from the recipe's quantizer config for a trained model. Its code shapes must be the model's,
+    since a stage 2 that continues the model predicts and reads codes of that shape."""
+    old = model.cfg.quantizer
+    fields = ("codebooks", "codebook_size", "code_dim", "hidden_dim")
+    shape, want = tuple(getattr(old, k) for k in fields), tuple(getattr(qcfg, k) for k in fields)
+    if shape != want:
+        raise ValueError(f"fresh_quantizer: the recipe's quantizer {fields} = {want} "
+                         f"must match the loaded model's {shape}")
+    model.cfg.quantizer = copy.deepcopy(qcfg)
+    return MBAQ(model.cfg.quantizer, model.quantizer.feature_dim, model.quantizer.out_dim)
+
+
+def start_folder(recipe: RecipeConfig, leg: Leg, out: Path) -> Path | None:
+    """The exported model a leg starts from: ``init_from`` (a leg's name or a folder), else the export of the
+    nearest earlier leg that exports a model, else None (a new model; only a stage that starts fresh may)."""
+    names = [x.name for x in recipe.legs]
+    init = leg.config.init_from
+    if init is not None:
+        if init in names:
+            return out / init / "export"
+        return Path(init)
+    earlier = [x for x in recipe.legs[:names.index(leg.name)] if STAGES[x.stage].exports_model]
+    if earlier:
+        return out / earlier[-1].name / "export"
+    if STAGES[leg.stage].starts_fresh:
+        return None
+    raise ValueError(f"leg {leg.name!r} (stage {leg.stage!r}) has nothing to start from: give it init_from "
+                     f"(an exported model folder, or an earlier leg), or put a model leg before it")
+
+
+def build_model(recipe: RecipeConfig, out: str | Path, leg_name: str) -> LatentUMModel:
+    """The model that leg ``leg_name`` of ``recipe`` (run folder ``out``) starts training."""
+    leg = recipe.leg(leg_name)
+    start = start_folder(recipe, leg, Path(out))
+    if start is not None and not (start / "config.json").is_file():
+        raise ValueError(f"leg {leg.name!r} starts from {str(start)!r}, which holds no exported model; train the "
+                         f"leg that exports it first")
+    return STAGES[leg.stage].build(recipe, leg.config, start)
