@@ -147,7 +147,24 @@ class LatentUM:
         return interleaved.option_logprobs(self.model, self.tokenizer, prompts, [list(o) for o in options])
 
     def _image_item(self, image, argument: str):
-        return image if isinstance(image, LatentImage) else load_image(image, self.canvas, argument)
+        if isinstance(image, LatentImage):
+            self._check_latent(image, argument)
+            return image
+        return load_image(image, self.canvas, argument)
+
+    def _check_latent(self, latent: LatentImage, argument: str) -> None:
+        """A LatentImage of this model: long ids (g*g, G), g <= the canvas grid, each id inside its codebook."""
+        ids, q, grid = latent.ids, self.config.quantizer, self.config.encoder.grid
+        n = ids.size(0) if ids.dim() == 2 else -1
+        if ids.dim() != 2 or ids.size(1) != q.codebooks or not 1 <= n <= grid * grid or round(n**0.5) ** 2 != n:
+            raise ValueError(f"{argument}: a LatentImage of this model holds g*g tokens (g <= {grid}) of "
+                             f"{q.codebooks} codebooks, got {tuple(ids.shape)[0] if ids.dim() else 0} tokens of "
+                             f"{ids.size(1) if ids.dim() == 2 else '?'} codebooks")
+        if ids.dtype != torch.long:
+            raise ValueError(f"{argument}: LatentImage ids must be long, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= q.codebook_size):
+            raise ValueError(f"{argument}: LatentImage ids must be ids in [0, {q.codebook_size}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
 
     def _check_text(self, text, argument: str) -> None:
         """A non-empty string in words the tokenizer knows (an unknown word would be read as <unk>, and the
@@ -227,6 +244,10 @@ class LatentUM:
         latents = [latent] if single else list(latent)
         if not latents or not all(isinstance(x, LatentImage) for x in latents):
             raise TypeError("latent must be a LatentImage or a non-empty list of LatentImage")
+        for i, x in enumerate(latents):
+            self._check_latent(x, "latent" if single else f"latent[{i}]")
+        if len({tuple(x.ids.shape) for x in latents}) > 1:
+            raise ValueError("latent: every LatentImage rendered together must have the same grid")
         if isinstance(reference, (list, tuple)):
             bad = [i for i, r in enumerate(reference) if r is not None and not isinstance(r, LatentImage)]
             if bad:

@@ -71,7 +71,7 @@ def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> t
     if "model" not in meta:
         raise ValueError(f"{str(path / CONFIG_NAME)!r} is not a latentum config (no 'model' section)")
     try:
-        cfg = from_dict(ModelConfig, meta["model"])
+        cfg = from_dict(ModelConfig, meta["model"], "model")
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(path / CONFIG_NAME)!r}: {e}") from e
     try:

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Each leg exports weights the legs after it start from; the last model leg and the last "
                        "decoder leg are assembled into <out>/model. A run folder that exists is refused unless "
                        "--resume (continue from each leg's last checkpoint) or --overwrite (start over).")
-    p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/tiny.yaml")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/recipes/tiny.yaml")
     p.add_argument("--leg", "--stage", dest="leg", default="all",
                    help="one leg's name (in a recipe with stages:, the stage's name) or all (default: all)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")

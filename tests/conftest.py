@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG_RECIPE = ROOT / "configs" / "debug.yaml"
+DEBUG_RECIPE = ROOT / "configs" / "recipes" / "debug.yaml"
 
 
 def pytest_configure(config):
@@ -27,7 +27,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def debug_run(tmp_path_factory) -> Path:
-    """Run folder of ``configs/debug.yaml`` trained through all four stages; the final model is
+    """Run folder of ``configs/recipes/debug.yaml`` trained through all four stages; the final model is
     ``<run>/model`` (with ``decoder/``), each stage's files are under ``<run>/<stage>``."""
     from latentum.train.config import load_recipe
     from latentum.train.run import train_recipe

@@ -102,7 +102,7 @@ def test_plan_rejects_a_non_image_file(untrained_model, tmp_path, capsys, conten
     assert out == ""
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_train_parses_every_shipped_yaml_then_rejects_a_bad_stage(path, tmp_path, capsys):
     """The YAML goes through the real CLI (load_recipe and the overrides) before the stage is checked."""
     code, _, err = run(["train", "--config", path, "--stage", "bogus", "--out", tmp_path], capsys)
@@ -140,6 +140,6 @@ def test_generate_writes_one_png_per_prompt(debug_run, tmp_path, capsys):
     assert code == 0, err
     files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == ["00.png", "01.png"]
-    side = load_recipe(str(ROOT / "configs" / "debug.yaml")).decoder.resolution  # what debug_run trained
+    side = load_recipe(str(ROOT / "configs" / "recipes" / "debug.yaml")).decoder.resolution  # what debug_run trained
     assert all(Image.open(f).size == (side, side) for f in files)
     assert all(p in out for p in prompts)

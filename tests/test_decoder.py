@@ -453,7 +453,7 @@ SHIPPED = ROOT / "checkpoints" / "tiny" / "decoder"
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped decoder")
 def test_shipped_decoder_is_the_current_format_and_draws_in_a_style_given_a_reference():
-    """The shipped decoder (configs/tiny_decoder.yaml) is conditioned on both: MBAQ codes carry neither the look
+    """The shipped decoder (configs/recipes/tiny.yaml) is conditioned on both: MBAQ codes carry neither the look
     nor which "person" cell is the player."""
     saved = json.loads((SHIPPED / "config.json").read_text())["decoder"]
     assert {"gymnasium", "classic"} <= set(saved["styles"]) and "reference" not in saved
@@ -475,7 +475,7 @@ def _debug_model():
     from latentum.train.config import load_recipe
     from latentum.worlds.registry import default_tokenizer
 
-    recipe = load_recipe(str(ROOT / "configs" / "debug.yaml"))
+    recipe = load_recipe(str(ROOT / "configs" / "recipes" / "debug.yaml"))
     cfg = copy.deepcopy(recipe.model)
     cfg.backbone.vocab_size = default_tokenizer().vocab_size
     torch.manual_seed(0)

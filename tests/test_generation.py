@@ -28,7 +28,7 @@ def model(request):
     """Every invariant holds for both image RoPE layouts (BackboneConfig.image_rope) and with images read
     bidirectionally (BackboneConfig.image_attention)."""
     torch.manual_seed(0)
-    cfg = copy.deepcopy(load_recipe("configs/debug.yaml").model)
+    cfg = copy.deepcopy(load_recipe("configs/recipes/debug.yaml").model)
     cfg.backbone.vocab_size = TOK.vocab_size
     cfg.backbone.image_rope, cfg.backbone.image_attention = request.param
     m = LatentUMModel(cfg).eval()

@@ -19,7 +19,7 @@ import torch
 from latentum.train.config import STAGE_CONFIGS, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = ROOT / "configs" / "debug.yaml"
+DEBUG = ROOT / "configs" / "recipes" / "debug.yaml"
 
 
 def global_step(stage_folder: Path) -> int:

@@ -110,8 +110,10 @@ def plan_image(api, image_path: str, *, max_steps: int | None = None, seed: int 
     full = read_image(image_path, "image")
     state = fl.read_map(full)
     if state.player is None or state.goal is None:
-        raise ValueError(f"image: {image_path!r} does not look like a FrozenLake map (found no single player "
-                         f"and goal)")
+        n = full.shape[0] // fl.ENV_CELL_PX
+        raise ValueError(f"image: {str(image_path)!r} is not a FrozenLake map of 3..8 cells at 64 px per cell (read "
+                         f"as {n}x{n}, it shows no single player and goal; a 9x9 or larger map renders at 512 px "
+                         f"and is outside VSP's sizes)")
     size = full.shape[0] // fl.ENV_CELL_PX
     m = fl.LakeMap(size, state.holes, state.player, state.goal)
     plan = planner.plan(api, canvas, max_steps=max_steps, seed=seed)
