@@ -19,9 +19,9 @@ import time
 import torch
 
 from latentum.api import LatentUM
-from latentum.apps.vsp import planner
+from latentum.apps.vsp import entry
 from latentum.apps.vsp.evaluate import eval_maps
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 
 MODES = {"token-by-token": False, "drafted": True}
 
@@ -39,7 +39,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     api = LatentUM.from_pretrained(args.model)
     maps = eval_maps(args.level, args.maps)
-    planner.plan(api, fl.render_canvas(maps[0], maps[0].player, "gymnasium", canvas=api.canvas))  # warm-up
+    entry.plan(api, fl.render_canvas(maps[0], maps[0].player, "gymnasium", canvas=api.canvas))  # warm-up
     for style in args.styles:
         per_plan = {mode: [] for mode in MODES}
         per_move = {mode: [] for mode in MODES}
@@ -49,7 +49,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for mode, draft in MODES.items():
                     t0 = time.perf_counter()
-                    plans[mode] = planner.plan_batch(api, [canvas], draft_thoughts=draft)[0]
+                    plans[mode] = entry.plan_batch(api, [canvas], draft_thoughts=draft)[0]
                     best[mode] = min(best[mode], time.perf_counter() - t0)
             a, b = plans.values()
             same = a.actions == b.actions and all(x.ids.equal(y.ids) for x, y in zip(a.thoughts, b.thoughts))

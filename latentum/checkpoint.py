@@ -92,12 +92,15 @@ def decoder_folder(path: str | Path) -> Path | None:
     return folder if (folder / CONFIG_NAME).is_file() else None
 
 
-def save_decoder_folder(decoder: PixelDecoder, path: str | Path) -> Path:
-    """Write a pixel decoder folder atomically: config.json (DecoderConfig + code_dim + grid), model.safetensors."""
+def save_decoder_folder(decoder: PixelDecoder, path: str | Path, origin: dict | None = None) -> Path:
+    """Write a pixel decoder folder atomically: config.json (DecoderConfig + code_dim + grid, and ``origin``: the
+    recipe and commit it came from), model.safetensors."""
 
     def write(tmp: Path) -> None:
         meta = {"format_version": FORMAT_VERSION, "decoder": to_dict(decoder.cfg), "code_dim": decoder.code_dim,
                 "grid": decoder.grid}
+        if origin:
+            meta["origin"] = origin
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         save_model(decoder, str(tmp / WEIGHTS_NAME))
 

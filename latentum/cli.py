@@ -173,7 +173,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_answer(args) -> int:
-    from latentum.apps.vsp.planner import board_canvas
+    from latentum.apps.vsp.entry import board_canvas
 
     api = _load(args)
     image = board_canvas(api, args.image, "image") if args.board else args.image

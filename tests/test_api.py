@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from latentum import LatentImage, LatentUM
-from latentum.apps.vsp import planner
-from latentum.worlds.frozenlake import lake as fl
+from latentum.apps.vsp import entry
+from latentum.worlds import frozenlake as fl
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_generate_and_plan(api, lake):
     m, image = lake
     out = api.generate(["Plan a safe path for the player to the goal .", image], max_images=2, max_new_tokens=6)
     assert isinstance(out, list) and all(isinstance(x, (str, LatentImage)) for x in out)
-    plan = planner.plan(api, image, max_steps=4, seed=0)
+    plan = entry.plan(api, image, max_steps=4, seed=0)
     assert set(plan.actions) <= set("LDRU") and len(plan.actions) <= 4
     assert len(plan.thoughts) == len(plan.actions)
     assert all(t.ids.shape[0] == m.size**2 for t in plan.thoughts)
@@ -121,13 +121,13 @@ def test_bad_arguments_are_named(api, lake, tmp_path):
     with pytest.raises(ValueError, match="prompts"):
         api.generate_images([])
     with pytest.raises(TypeError, match="seed"):
-        planner.plan(api, image, seed="0")
+        entry.plan(api, image, seed="0")
     with pytest.raises(ValueError, match="max_steps"):
-        planner.plan(api, image, max_steps=0)
+        entry.plan(api, image, max_steps=0)
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     with pytest.raises(ValueError, match="cannot read"):
-        planner.plan(api, text)
+        entry.plan(api, text)
     with pytest.raises(ValueError, match="not a latentum model folder"):
         LatentUM.from_pretrained(tmp_path)
 
@@ -193,7 +193,7 @@ def test_an_image_latent_is_its_encoded_active_grid_and_renders_as_its_own_refer
     from latentum.data.canvas import active_index
 
     m, image = lake
-    latent = api.image_latent(planner.board_canvas(api, image))  # the board laid out cell by cell
+    latent = api.image_latent(entry.board_canvas(api, image))  # the board laid out cell by cell
     assert isinstance(latent, LatentImage) and latent.grid == m.size
     canvas = fl.render_canvas(m, canvas=api.canvas, style="classic")
     want = api.model.image_ids(canvas[None])[0, list(active_index(m.size, api.config.encoder.grid))].cpu()

@@ -20,7 +20,7 @@ from latentum import LatentImage, LatentUM
 from latentum.apps import vsp
 from latentum.checkpoint import load_model_folder, save_model_folder
 from latentum.cli import main
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "recipes" / "debug.yaml"

@@ -115,7 +115,7 @@ def test_train_rejects_a_missing_config(tmp_path, capsys):
 
 
 def _map_png(tmp_path: Path) -> Path:
-    from latentum.worlds.frozenlake import lake as fl
+    from latentum.worlds import frozenlake as fl
 
     m = fl.generate_map(3, np.random.default_rng(0))
     path = tmp_path / "map.png"

@@ -587,9 +587,9 @@ def test_decoder_system_starts_from_a_trained_decoder_of_the_recipes_config(tmp_
 
 def test_referenced_images_pair_each_plan_board_with_its_input_map():
     from latentum.train.data import ImageStream
-    from latentum.worlds.frozenlake import lake as fl
+    from latentum.worlds import frozenlake as fl
     from latentum.worlds.frozenlake.tasks import plan_sample
-    from latentum.worlds.shapes.scene import t2i_sample
+    from latentum.worlds.shapes import t2i_sample
 
     rng = np.random.default_rng(0)
     plan = plan_sample(rng, 4, "classic", canvas=64)
@@ -610,7 +610,7 @@ def test_image_stream_yields_aligned_pixels_styles_and_references(tasks):
     start, drawn in the same style); a Shapes image is its own reference."""
     from latentum.train.config import DecoderStageConfig as TrainConfig
     from latentum.train.data import ImageStream
-    from latentum.worlds.frozenlake import lake as fl
+    from latentum.worlds import frozenlake as fl
 
     size, side = 3, 64
     cfg = TrainConfig(batch_size=5, tasks=tasks, worlds={"frozenlake": {"map_sizes": [size]}})

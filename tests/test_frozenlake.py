@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from latentum.worlds.frozenlake import lake as fl
-from latentum.worlds.frozenlake.lake import ACTIONS, STYLES, LakeMap
+from latentum.worlds import frozenlake as fl
+from latentum.worlds.frozenlake import ACTIONS, STYLES, LakeMap
 
 LAST_ACTIONS = [None, *ACTIONS]
 
@@ -290,7 +290,7 @@ def test_kill_still_stops_a_process_that_rendered_a_classic_board():
     import sys
 
     code = ("import os, signal, time, numpy as np\n"
-            "from latentum.worlds.frozenlake import lake as fl\n"
+            "from latentum.worlds import frozenlake as fl\n"
             "m = fl.generate_map(3, np.random.default_rng(0))\n"
             "fl.render_canvas(m, m.player, 'classic')\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from latentum.api import LatentImage, LatentUM
-from latentum.apps.vsp import planner
+from latentum.apps.vsp import entry
 from latentum.data.canvas import active_grid, active_index, rope_offsets
 from latentum.data.packing import pack
 from latentum.data.sample import Sample
@@ -177,10 +177,10 @@ def test_sampling_is_seeded_and_filters():
 @torch.no_grad()
 def test_plan_and_generate_return_well_formed_results(model):
     api = LatentUM(model, TOK)
-    from latentum.worlds.frozenlake import lake as fl
+    from latentum.worlds import frozenlake as fl
 
     m = fl.generate_map(4, np.random.default_rng(0))
-    plan = planner.plan(api, fl.render(m, style="classic"), max_steps=3, sampling=SamplingParams(1.0), seed=0)
+    plan = entry.plan(api, fl.render(m, style="classic"), max_steps=3, sampling=SamplingParams(1.0), seed=0)
     assert len(plan.actions) <= 3 and set(plan.actions) <= set("LDRU")
     assert all(isinstance(t, LatentImage) and t.ids.shape == (16, 2) for t in plan.thoughts)
     out = api.generate(["Plan a safe path", fl.render(m)], max_images=1, max_new_tokens=4)

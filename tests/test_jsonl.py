@@ -7,7 +7,7 @@ from PIL import Image
 
 from latentum.data.jsonl import iter_jsonl, read_jsonl, validate_jsonl, write_jsonl
 from latentum.data.sample import Sample
-from latentum.worlds.shapes import scene as shapes
+from latentum.worlds import shapes
 
 
 def _img(seed: int, side: int = 16) -> np.ndarray:

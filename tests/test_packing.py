@@ -6,7 +6,7 @@ import torch
 from latentum.data.canvas import active_grid, active_index, rope_offsets
 from latentum.data.packing import GEN, IGNORE, UND, block_mask, pack, same_image, subsample_rows
 from latentum.data.sample import Sample
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 from latentum.worlds.frozenlake import tasks as vsp
 from latentum.worlds.registry import default_tokenizer
 
@@ -94,7 +94,7 @@ def test_understanding_rows_span_answers_and_images():
 
 def test_prompt_dropout_pads_text_and_disables_aia():
     rng = np.random.default_rng(0)
-    from latentum.worlds.shapes import scene as shapes
+    from latentum.worlds import shapes
 
     s = shapes.t2i_sample(rng, canvas=64)
     p = pack([s, s], TOK, 8, drop_prompt=[False, True])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from latentum import LatentUM
-from latentum.apps.vsp import planner
+from latentum.apps.vsp import entry
 from latentum.generation.engine import Decoder
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 from latentum.worlds.frozenlake.tasks import FELL
 
 
@@ -42,7 +42,7 @@ def _maps(n, size=4):
 @torch.no_grad()
 def test_a_model_that_always_falls_tries_each_move_once_then_stops(api, monkeypatch):
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
-    plan = planner.plan(api, fl.render(_maps(1)[0]), max_steps=10, heed_looks=False)  # its looks may name the goal
+    plan = entry.plan(api, fl.render(_maps(1)[0]), max_steps=10, heed_looks=False)  # its looks may name the goal
     assert plan.actions == [] and plan.thoughts == [] and plan.done
     assert sorted(a for _, a, _ in plan.retracted) == sorted(fl.ACTIONS)  # each move tried once, never twice
 
@@ -57,8 +57,8 @@ def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
 
     _force_fell(monkeypatch, api, when, never_done=True)
     images = [fl.render(m) for m in _maps(6)]
-    batch = planner.plan_batch(api, images, max_steps=6, heed_looks=False)  # random looks may name the goal
-    single = [planner.plan(api, im, max_steps=6, heed_looks=False) for im in images]
+    batch = entry.plan_batch(api, images, max_steps=6, heed_looks=False)  # random looks may name the goal
+    single = [entry.plan(api, im, max_steps=6, heed_looks=False) for im in images]
     assert sum(len(p.retracted) for p in batch) > 0  # the test exercises take-backs
     for b, s in zip(batch, single):
         assert b.actions == s.actions and [(k, a) for k, a, _ in b.retracted] == [(k, a) for k, a, _ in s.retracted]
@@ -69,7 +69,7 @@ def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
 @torch.no_grad()
 def test_text_only_plans_never_take_back(api, monkeypatch):
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
-    plan = planner.plan_batch(api, [fl.render(_maps(1)[0])], max_steps=3, thoughts="none", heed_looks=False)[0]
+    plan = entry.plan_batch(api, [fl.render(_maps(1)[0])], max_steps=3, thoughts="none", heed_looks=False)[0]
     assert plan.retracted == [] and len(plan.actions) == 3
 
 
@@ -123,8 +123,8 @@ def test_a_model_that_looks_says_four_words_before_every_move(api, monkeypatch):
     monkeypatch.setattr(Decoder, "text_logits", text_logits)
     monkeypatch.setattr(Decoder, "feed_ids", feed_ids)
     images = [fl.render(m) for m in _maps(3)]
-    batch = planner.plan_batch(api, images, max_steps=3, heed_looks=False)  # its looks may name the goal: no early end
-    for b, s in zip(batch, [planner.plan(api, im, max_steps=3, heed_looks=False) for im in images]):
+    batch = entry.plan_batch(api, images, max_steps=3, heed_looks=False)  # its looks may name the goal: no early end
+    for b, s in zip(batch, [entry.plan(api, im, max_steps=3, heed_looks=False) for im in images]):
         assert len(b.actions) == len(b.looks) == 3 and b.actions == s.actions and b.looks == s.looks
         assert all(look.split()[0] == "F" and len(look.split()) == 4 for look in b.looks)
         assert all(set(look.split()) <= {"F", "H", "G", "S", "Edge"} for look in b.looks)
@@ -173,7 +173,7 @@ def test_imagine_follows_the_given_moves_looks_before_each_and_stops_at_a_named_
     monkeypatch.setattr(Decoder, "text_logits", text_logits)
     images = [fl.render(m) for m in _maps(3)]
     walks = [["R", "L", "R"], ["R", "D", "U"], ["U"]]
-    plans = planner.imagine_batch(api, images, walks)
+    plans = entry.imagine_batch(api, images, walks)
     assert [p.actions for p in plans] == [["R", "L", "R"], ["R", "D"], ["U"]]  # the second stops at its fall
     for p in plans:
         assert len(p.looks) == len(p.thoughts) == len(p.actions)
@@ -188,11 +188,11 @@ def test_imagine_batched_equals_alone_and_drafted_equals_token_by_token(api):
 
     images = [fl.render(m) for m in _maps(2)] + [fl.render(m) for m in _maps(1, size=3)]
     walks = [["R", "L"], ["D"], ["U", "D", "U"]]
-    batch = planner.imagine_batch(api, images, walks)
-    canvases = [planner.board_canvas(api, im) for im in images]
+    batch = entry.imagine_batch(api, images, walks)
+    canvases = [entry.board_canvas(api, im) for im in images]
     slow = imagine_rows(api, canvases, walks, GREEDY, None, draft_thoughts=False)
     for b, s, im, w in zip(batch, slow, images, walks):
-        alone = planner.imagine(api, im, " ".join(w))
+        alone = entry.imagine(api, im, " ".join(w))
         for other in (alone, s):
             assert b.actions == other.actions and b.looks == other.looks
             assert all(torch.equal(x.ids, y.ids) for x, y in zip(b.thoughts, other.thoughts))
@@ -201,11 +201,11 @@ def test_imagine_batched_equals_alone_and_drafted_equals_token_by_token(api):
 def test_imagine_rejects_bad_moves(api):
     image = fl.render(_maps(1)[0])
     with pytest.raises(ValueError, match=r"actions\[0\] must be a non-empty list of moves"):
-        planner.imagine(api, image, "R X")
+        entry.imagine(api, image, "R X")
     with pytest.raises(ValueError, match=r"actions\[0\]"):
-        planner.imagine(api, image, [])
+        entry.imagine(api, image, [])
     with pytest.raises(ValueError, match="one move sequence per image"):
-        planner.imagine_batch(api, [image, image], ["R"])
+        entry.imagine_batch(api, [image, image], ["R"])
 
 
 
@@ -245,7 +245,7 @@ def test_pixel_mediated_plans_on_the_debug_model_are_well_formed(debug_run):
     assert api.decoder_path is not None
     maps = _maps(2, size=4) + _maps(1, size=3)
     images = [fl.render(m, style=s) for m, s in zip(maps, ["gymnasium", "classic", "classic"])]
-    plans = planner.plan_batch(api, images, thoughts="pixel", max_steps=4)
+    plans = entry.plan_batch(api, images, thoughts="pixel", max_steps=4)
     assert len(plans) == 3
     _well_formed(plans, [4, 4, 3], api.config.quantizer.codebooks)
 
@@ -260,7 +260,7 @@ def test_pixel_mediated_plans_draw_each_thought_given_its_own_input_map(pixel_ap
     maps = _maps(3, size=4)
     styles = ["gymnasium", "classic", "gymnasium"]
     images = [fl.render(m, style=s) for m, s in zip(maps, styles)]
-    starts = _board_codes(api, [planner.board_canvas(api, im) for im in images], 4)  # (3, 16, G)
+    starts = _board_codes(api, [entry.board_canvas(api, im) for im in images], 4)  # (3, 16, G)
     assert len({tuple(x.flatten().tolist()) for x in starts}) == 3  # three different maps
     calls = []
     real = LatentUM.render_ids
@@ -270,7 +270,7 @@ def test_pixel_mediated_plans_draw_each_thought_given_its_own_input_map(pixel_ap
         return real(self, ids, **kw)
 
     monkeypatch.setattr(LatentUM, "render_ids", spy)
-    plans = planner.plan_batch(api, images, thoughts="pixel", max_steps=4)
+    plans = entry.plan_batch(api, images, thoughts="pixel", max_steps=4)
     _well_formed(plans, [4, 4, 4], api.config.quantizer.codebooks)
     thoughts = [[t.ids for t in p.thoughts] + [t for _, _, t in p.retracted] for p in plans]
     assert calls and sum(len(ids) for ids, _, _ in calls) == sum(len(t) for t in thoughts)
@@ -340,7 +340,7 @@ def test_avoid_revisits_keeps_a_model_that_turns_back_on_new_cells(api, monkeypa
     monkeypatch.setattr(Decoder, "feed_ids", feed_ids)
     images = [fl.render(m) for m in _maps(2)]
     for avoid in (False, True):
-        for plan in planner.plan_batch(api, images, max_steps=5, heed_looks=False, avoid_revisits=avoid):
+        for plan in entry.plan_batch(api, images, max_steps=5, heed_looks=False, avoid_revisits=avoid):
             cells = [(0, 0)]
             for a in plan.actions:
                 cells.append(fl.displace(cells[-1], a))
@@ -364,9 +364,9 @@ def test_heeded_plans_end_right_after_a_move_into_the_cell_their_look_named_the_
 
     monkeypatch.setattr(Decoder, "text_logits", text_logits)
     image = fl.render(_maps(1)[0])
-    heeded = planner.plan(api, image, max_steps=5)
+    heeded = entry.plan(api, image, max_steps=5)
     assert len(heeded.actions) == 1 and heeded.looks == ["G G G G"] and heeded.done
-    assert planner.plan(api, image, max_steps=5, heed_looks=False).actions == []
+    assert entry.plan(api, image, max_steps=5, heed_looks=False).actions == []
 
 
 def test_goal_named_reads_the_look_in_the_last_moves_direction():

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from latentum.data.sample import Sample
-from latentum.worlds.shapes import scene as S
+from latentum.worlds import shapes as S
+from latentum.worlds.shapes.tasks import _apart
 
 
 def _down(img: np.ndarray, side: int = 64) -> np.ndarray:
@@ -106,7 +107,7 @@ def test_scenes_are_inside_and_apart():
         for i, o in enumerate(scene.objects):
             assert 0 <= min(o.box) and max(o.box) <= 1
             assert S.MIN_SIZE <= o.size <= S.MAX_SIZE
-            assert all(S._apart(o, p) for p in scene.objects[i + 1:])
+            assert all(_apart(o, p) for p in scene.objects[i + 1:])
 
 
 def test_prompt_texts():

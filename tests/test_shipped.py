@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from latentum import LatentImage, LatentUM
-from latentum.apps.vsp import planner
+from latentum.apps.vsp import entry
 from latentum.apps.vsp.evaluate import eval_maps, evaluate_vsp
 from latentum.apps.vsp.planner import HAZARDS
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 
@@ -23,7 +23,7 @@ def api():
 @pytest.mark.parametrize("style", ["gymnasium", "classic"])
 def test_shipped_model_plans_fixed_maps(api, style):
     maps = [m for level in (3, 5) for m in eval_maps(level, 2, seed=2024)]
-    plans = planner.plan_batch(api, [fl.render(m, style=style) for m in maps], max_steps=6)
+    plans = entry.plan_batch(api, [fl.render(m, style=style) for m in maps], max_steps=6)
     for m, p in zip(maps, plans):
         assert set(p.actions) <= set(fl.ACTIONS) and len(p.actions) <= 6
         assert len(p.thoughts) == len(p.actions)
@@ -43,7 +43,7 @@ def test_shipped_model_solves_most_small_fixed_maps(api, style):
     in each style; 10/10 and 22 of 22 for the previous weights); a broken image path, cache or sampler drops it
     to near zero."""
     maps = eval_maps(3, 10, seed=2024)
-    plans = planner.plan_batch(api, [fl.render(m, style=style) for m in maps], max_steps=6)
+    plans = entry.plan_batch(api, [fl.render(m, style=style) for m in maps], max_steps=6)
     solved = sum(fl.simulate(m, p.actions, "strict").success for m, p in zip(maps, plans))
     assert solved >= 7, f"{style}: {solved}/10 fixed 3x3 maps solved"
 
@@ -59,7 +59,7 @@ def test_shipped_model_imagines_given_moves_and_tells_safe_from_unsafe(api, styl
 
     rng = np.random.default_rng(2024)
     samples = [make_sample("vsp_safety", rng, map_sizes=[4], canvas=api.canvas, style=style) for _ in range(10)]
-    plans = planner.imagine_batch(api, [s.user[0] for s in samples], [s.meta["actions"] for s in samples])
+    plans = entry.imagine_batch(api, [s.user[0] for s in samples], [s.meta["actions"] for s in samples])
     for s, p in zip(samples, plans):
         assert p.actions == s.meta["actions"][:len(p.actions)] and len(p.looks) == len(p.thoughts) == len(p.actions)
     right = sum((falls_at(p) is None) == (s.meta["answer"] == "Yes") for s, p in zip(samples, plans))
@@ -124,8 +124,8 @@ def test_drafted_thoughts_equal_token_by_token_thoughts(api, style):
     maps = [m for level in (4, 6, 8) for m in eval_maps(level, 2, seed=7)]
     images = [fl.render(m, style=style) for m in maps]
     for batch in (images, images[-1:]):
-        slow = planner.plan_batch(api, batch, max_steps=8, draft_thoughts=False)
-        fast = planner.plan_batch(api, batch, max_steps=8)
+        slow = entry.plan_batch(api, batch, max_steps=8, draft_thoughts=False)
+        fast = entry.plan_batch(api, batch, max_steps=8)
         for s, f in zip(slow, fast):
             assert (s.actions, s.looks) == (f.actions, f.looks)
             assert [(k, a) for k, a, _ in s.retracted] == [(k, a) for k, a, _ in f.retracted]
@@ -156,8 +156,8 @@ def test_heed_looks_never_moves_where_the_look_saw_a_hazard(api):
     when it plans freely; held to its looks, no plan does."""
     maps = eval_maps(7, 6, seed=1)
     images = [fl.render(m, style="gymnasium") for m in maps]
-    free = planner.plan_batch(api, images, heed_looks=False)
-    heeded = planner.plan_batch(api, images)  # heed_looks is the default
+    free = entry.plan_batch(api, images, heed_looks=False)
+    heeded = entry.plan_batch(api, images)  # heed_looks is the default
     assert sum(map(_moves_into_said_hazards, free)) >= 1
     assert sum(map(_moves_into_said_hazards, heeded)) == 0
     assert all(len(p.looks) == len(p.actions) for p in heeded)

@@ -3,7 +3,7 @@ import pytest
 from tokenizers import Tokenizer, models
 
 from latentum.data.tokenizer import SPECIALS, TextTokenizer, build_tokenizer
-from latentum.worlds.shapes import scene as shapes
+from latentum.worlds import shapes
 
 WORDS = ["a", "red", "circle", "left", "of", "blue", "square", "?", "Is", "the", "Yes", "No", "2"]
 

@@ -10,7 +10,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from latentum.data.sample import Attempt, Sample
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 from latentum.worlds.frozenlake import tasks as vsp
 
 STYLES = fl.STYLES

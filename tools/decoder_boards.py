@@ -18,7 +18,7 @@ import torch
 
 from latentum.api import LatentUM
 from latentum.apps.vsp.evaluate import drawn_right, eval_maps, true_board_ids
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 
 
 def boards_right(api: LatentUM, style: str, level: int, maps: int) -> dict[bool, list[bool]]:

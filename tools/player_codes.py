@@ -19,7 +19,7 @@ import torch
 
 from latentum.api import LatentUM
 from latentum.generation.interleaved import answer_latents
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 from latentum.worlds.frozenlake import tasks as vsp
 
 

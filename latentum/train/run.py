@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from latentum.checkpoint import write_folder_atomically
 from latentum.data.tokenizer import TextTokenizer
-from latentum.train.config import Leg, RecipeConfig
+from latentum.train.config import Leg, RecipeConfig, recipe_to_data
 from latentum.train.stages import STAGES, build_model, start_folder
 from latentum.worlds.registry import default_tokenizer
 
@@ -130,7 +130,8 @@ def origin(recipe: RecipeConfig, leg: Leg) -> dict:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"recipe": recipe.name, "leg": leg.name, "stage": leg.stage, "git_commit": commit}
+    return {"recipe": recipe.name, "leg": leg.name, "stage": leg.stage, "git_commit": commit,
+            "recipe_config": recipe_to_data(recipe)}
 
 
 def assemble(recipe: RecipeConfig, out: str | Path) -> Path:

@@ -109,7 +109,7 @@ class DecoderStage(Stage):
         return DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator())
 
     def export(self, system, tok, folder, origin):
-        return save_decoder_folder(system.decoder, folder)
+        return save_decoder_folder(system.decoder, folder, origin=origin)
 
 
 STAGES: dict[str, Stage] = {"vlm": VLMStage(), "mbaq": MBAQStage(), "mome": MoMEStage(), "decoder": DecoderStage()}

@@ -9,8 +9,8 @@ import numpy as np
 
 from latentum.data.sample import Sample
 from latentum.data.tokenizer import TextTokenizer, build_tokenizer
+from latentum.worlds import shapes
 from latentum.worlds.frozenlake import tasks as vsp
-from latentum.worlds.shapes import scene as shapes
 
 STYLES = ("gymnasium", "classic")
 """The looks a FrozenLake sample is rendered in, drawn uniformly unless a style is asked for."""

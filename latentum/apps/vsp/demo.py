@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from latentum.api import read_image
-from latentum.apps.vsp import planner
+from latentum.apps.vsp import entry
 from latentum.apps.vsp.evaluate import look_checks
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 
 DEMO_NAMESPACE = 31_337
 PANEL = 192
@@ -78,7 +78,7 @@ def run_demo(api, *, per_size: int = 2, out: str | Path = "outputs/demo", seed: 
                 m = fl.generate_map(size, rng)
                 canvas = fl.render_canvas(m, m.player, style, canvas=api.canvas)
                 t0 = time.perf_counter()
-                plan = planner.plan(api, canvas, seed=seed)
+                plan = entry.plan(api, canvas, seed=seed)
                 sec = time.perf_counter() - t0
                 gym = fl.simulate(m, plan.actions, "gym").success
                 strict = fl.simulate(m, plan.actions, "strict").success
@@ -106,7 +106,7 @@ def _fraction(right: int, total: int) -> str:
 
 def plan_image(api, image_path: str, *, max_steps: int | None = None, seed: int = 0, gif: str | None = None) -> str:
     """Plan a user's map image; the map read from the pixels (oracle) is used to check and animate the plan."""
-    canvas = planner.board_canvas(api, image_path, "image")
+    canvas = entry.board_canvas(api, image_path, "image")
     full = read_image(image_path, "image")
     state = fl.read_map(full)
     if state.player is None or state.goal is None:
@@ -116,7 +116,7 @@ def plan_image(api, image_path: str, *, max_steps: int | None = None, seed: int 
                          f"and is outside VSP's sizes)")
     size = full.shape[0] // fl.ENV_CELL_PX
     m = fl.LakeMap(size, state.holes, state.player, state.goal)
-    plan = planner.plan(api, canvas, max_steps=max_steps, seed=seed)
+    plan = entry.plan(api, canvas, max_steps=max_steps, seed=seed)
     gym, strict = fl.simulate(m, plan.actions, "gym"), fl.simulate(m, plan.actions, "strict")
     if gif:
         write_gif(gif, m, state.style, plan.actions,

@@ -7,7 +7,7 @@ chance (a 3x3 board has few configurations); the report counts how many evaluati
 Metrics per style and level:
 - success under the **gym** rule (VSP's scorer) and the **strict** rule (ThinkMorph's);
 - perception QA (hole / relation / text grid) and action-sequence safety accuracy, safety both answered directly
-  and with visual thoughts (``vsp_safety_imagined``: ``planner.imagine`` follows the moves); also ``vsp_describe``, the
+  and with visual thoughts (``vsp_safety_imagined``: ``entry.imagine`` follows the moves); also ``vsp_describe``, the
   share of maps the model transcribes exactly as a text grid, and ``vsp_neighbours`` (what is next to the
   player), when the model's vocabulary has its words (both reported, not part of ``perception``); and, as a
   diagnostic, the hole and grid questions answered from the model's own transcription of the map
@@ -21,7 +21,7 @@ Metrics per style and level:
   the thoughts' errors from the choice of moves;
 - seconds per plan: the median over batch-1 plans of a subset, i.e. latency, not throughput.
 
-``heed_looks`` (default, as in ``planner.plan``) holds every planner to its own looks (``apps.vsp.planner``):
+``heed_looks`` (default, as in ``entry.plan``) holds every planner to its own looks (``apps.vsp.planner``):
 the same rule for the latent, text-only and pixel-mediated planners; off, they are scored on free choices.
 """
 
@@ -35,11 +35,11 @@ import torch
 from tqdm.auto import tqdm
 
 from latentum.api import LatentUM
-from latentum.apps.vsp import planner
+from latentum.apps.vsp import entry, planner
 from latentum.data.canvas import active_index
 from latentum.generation.interleaved import answer_latents
 from latentum.types import GREEDY
-from latentum.worlds.frozenlake import lake as fl
+from latentum.worlds import frozenlake as fl
 from latentum.worlds.frozenlake import tasks as vsp
 from latentum.worlds.registry import make_sample
 
@@ -234,10 +234,10 @@ def read_answer(sample, grid: str) -> str:
 
 
 def imagined_safety(api, samples) -> float:
-    """Safety (T4) answered with visual thoughts: the model follows the sequence (``planner.imagine``), looking
+    """Safety (T4) answered with visual thoughts: the model follows the sequence (``entry.imagine``), looking
     before each move and imagining the board after it; "No" iff a move enters a cell its own look named a hole."""
 
-    plans = planner.imagine_batch(api, [s.user[0] for s in samples], [s.meta["actions"] for s in samples])
+    plans = entry.imagine_batch(api, [s.user[0] for s in samples], [s.meta["actions"] for s in samples])
     said = [vsp.YES if planner.falls_at(p) is None else vsp.NO for p in plans]
     return float(np.mean([a == s.meta["answer"] for a, s in zip(said, samples)]))
 
@@ -247,7 +247,7 @@ def latency(api, canvases, thoughts: str, n: int, **rules) -> dict[str, float]:
     per_plan, per_step = [], []
     for c in canvases[:n]:
         t0 = time.perf_counter()
-        plan = planner.plan_batch(api, [c], thoughts=thoughts, **rules)[0]
+        plan = entry.plan_batch(api, [c], thoughts=thoughts, **rules)[0]
         dt = time.perf_counter() - t0
         per_plan.append(dt)
         per_step.append(dt / max(1, len(plan.actions)))
@@ -270,19 +270,19 @@ def evaluate_vsp(api, *, levels=(3, 4, 5, 6, 7, 8), styles=("gymnasium", "classi
             canvases = [fl.render_canvas(m, m.player, style, canvas=api.canvas) for m in maps]
             row = {"style": style, "level": level, "maps": len(maps),
                    "distinct_maps": len({(m.holes, m.player, m.goal) for m in maps})}
-            plans = planner.plan_batch(api, canvases, thoughts="latent", **rules)
+            plans = entry.plan_batch(api, canvases, thoughts="latent", **rules)
             row["latent"] = {**plan_metrics(maps, plans), **takeback_metrics(maps, plans), **look_metrics(maps, plans),
                              **thought_fidelity(api, maps, plans, style, True),
                              **latency(api, canvases, "latent", latency_maps, **rules),
                              "steps": float(np.mean([len(p.actions) for p in plans]))}
             row["qa"] = qa_metrics(api, level, style, per_level, seed)
             if text_api is not None:
-                tplans = planner.plan_batch(text_api, canvases, thoughts="none", **rules)
+                tplans = entry.plan_batch(text_api, canvases, thoughts="none", **rules)
                 row["text"] = {**plan_metrics(maps, tplans), **look_metrics(maps, tplans),
                                **latency(text_api, canvases, "none", latency_maps, **rules),
                                "steps": float(np.mean([len(p.actions) for p in tplans]))}
             if pixel:
-                pplans = planner.plan_batch(api, canvases, thoughts="pixel", **rules)
+                pplans = entry.plan_batch(api, canvases, thoughts="pixel", **rules)
                 row["pixel"] = {**plan_metrics(maps, pplans), **takeback_metrics(maps, pplans),
                                 **look_metrics(maps, pplans),
                                 **latency(api, canvases, "pixel", latency_maps, **rules),

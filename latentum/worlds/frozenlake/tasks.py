@@ -25,12 +25,11 @@ from latentum.worlds.frozenlake.lake import (
     LakeMap,
     Pos,
     _check_size,
-    _check_style,
     generate_map,
     move,
-    render_canvas,
     shortest_plan,
 )
+from latentum.worlds.frozenlake.render import _check_style, render_canvas
 
 PLAN_PROMPT = ("Plan a safe path for the player to the goal . "
                "Move L D R or U one cell at a time and imagine the board after each move .")

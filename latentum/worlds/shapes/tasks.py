@@ -1,0 +1,160 @@
+"""Shapes task samples: scenes built for a prompt, text to image, and understanding QA with answers known by
+construction (the oracle's rules on the scene's exact geometry, ``satisfies``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from latentum.data.sample import Sample
+from latentum.worlds.shapes.oracle import CONE, _direction_components, satisfies, scene_detections
+from latentum.worlds.shapes.prompts import NUMBERS, RELATIONS, PromptSpec, _pick, _rng, corrupt, sample_prompt
+from latentum.worlds.shapes.scene import COLORS, PLURALS, SHAPES, Obj, Scene, render
+
+QA_TYPES = ("count", "color", "relation", "match")
+SAFE_CONE = 0.6
+"""Scenes are built with this stricter cone so a relation survives downsampling to 64 px."""
+MIN_SIZE, MAX_SIZE = 22 / 128, 40 / 128
+GAP = 8 / 128
+"""Minimum gap between object boxes: connected components stay separate even at 64 px."""
+BORDER = 3 / 128
+
+
+# ------------------------------------------------------------------------------------------------- scenes
+
+_MAX_SIZE_BY_COUNT = {1: 40 / 128, 2: 40 / 128, 3: 34 / 128, 4: 30 / 128, 5: 28 / 128}
+
+
+def _apart(o: Obj, p: Obj) -> bool:
+    """Boxes separated by at least GAP along some axis."""
+    a, b = o.box, p.box
+    return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= GAP
+
+
+def _obj_direction(a: Obj, b: Obj) -> dict[str, float]:
+    da, db = scene_detections(Scene((a, b)), canvas=1)
+    return _direction_components(da, db)
+
+
+def _place(items: list[tuple[str, str]], rng: np.random.Generator, tries: int = 200) -> Scene | None:
+    """Random non-overlapping placement of (shape, colour) items, or None when the canvas is too crowded."""
+    hi = _MAX_SIZE_BY_COUNT[len(items)]
+    objs: list[Obj] = []
+    for shape, color in items:
+        for _ in range(tries):
+            size = float(rng.uniform(MIN_SIZE, hi))
+            lo_c, hi_c = BORDER + size / 2, 1 - BORDER - size / 2
+            o = Obj(shape, color, float(rng.uniform(lo_c, hi_c)), float(rng.uniform(lo_c, hi_c)), size)
+            if all(_apart(o, p) for p in objs):
+                objs.append(o)
+                break
+        else:
+            return None
+    return Scene(tuple(objs))
+
+
+def _scene(items: list[tuple[str, str]], rng: np.random.Generator, accept=lambda s: True,
+           tries: int = 1000) -> Scene:
+    for _ in range(tries):
+        scene = _place(items, rng)
+        if scene is not None and accept(scene):
+            return scene
+    raise RuntimeError(f"could not place {items} in {tries} tries")
+
+
+def scene_for(spec: PromptSpec, rng) -> Scene:
+    """A random scene satisfying ``spec`` with exactly the objects it asks for (colours drawn where the
+    prompt leaves them free). Relations are built inside a stricter cone so they survive a 64 px render."""
+    if not isinstance(spec, PromptSpec):
+        raise TypeError(f"spec must be a PromptSpec, got {type(spec).__name__}")
+    rng = _rng(rng)
+    items = [(r.shape, r.color or _pick(rng, COLORS)[0]) for r in spec.requirements for _ in range(r.count)]
+    if spec.relation is None:
+        return _scene(items, rng)
+    rel = spec.relation
+    return _scene(items, rng, lambda s: _obj_direction(s.objects[0], s.objects[1])[rel] > SAFE_CONE)
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+
+def t2i_sample(rng, canvas: int = 128) -> Sample:
+    """Text to image: user [prompt], assistant [image of a scene satisfying it]."""
+    rng = _rng(rng)
+    spec = sample_prompt(rng)
+    scene = scene_for(spec, rng)
+    return Sample([spec.text], [render(scene, canvas)], "shapes_t2i", {"spec": spec, "scene": scene})
+
+
+def _count_question(rng: np.random.Generator) -> tuple[Scene, str, str, PromptSpec | None]:
+    shape = _pick(rng, SHAPES)[0]
+    k = int(rng.integers(0, 5))
+    n_other = int(rng.integers(1 if k == 0 else 0, 4 - k + 1))
+    items = [(shape, _pick(rng, COLORS)[0]) for _ in range(k)]
+    items += [(_pick(rng, SHAPES, exclude=(shape,))[0], _pick(rng, COLORS)[0]) for _ in range(n_other)]
+    items = [items[i] for i in rng.permutation(len(items))]
+    scene = _scene(items, rng)
+    answer = NUMBERS[sum(o.shape == shape for o in scene.objects)]
+    return scene, f"How many {PLURALS[shape]} are there ?", answer, None
+
+
+def _color_question(rng: np.random.Generator) -> tuple[Scene, str, str, PromptSpec | None]:
+    shape, color = _pick(rng, SHAPES)[0], _pick(rng, COLORS)[0]
+    items = [(shape, color)] + [(_pick(rng, SHAPES, exclude=(shape,))[0], _pick(rng, COLORS)[0])
+                                for _ in range(int(rng.integers(0, 3)))]
+    scene = _scene([items[i] for i in rng.permutation(len(items))], rng)
+    answer = next(o.color for o in scene.objects if o.shape == shape)
+    return scene, f"What colour is the {shape} ?", answer, None
+
+
+def _relation_question(rng: np.random.Generator) -> tuple[Scene, str, str, PromptSpec]:
+    spec = sample_prompt(rng, "position")
+    rel = spec.relation
+    if rng.random() < 0.5:
+        scene = scene_for(spec, rng)
+    else:  # the asked relation clearly fails: built for another relation, kept only well outside the cone
+        other = replace(spec, relation=_pick(rng, RELATIONS, exclude=(rel,))[0])
+        items = [(r.shape, r.color) for r in spec.requirements]
+
+        def clear_no(s: Scene) -> bool:
+            d = _obj_direction(*s.objects)
+            return d[other.relation] > SAFE_CONE and d[rel] < 2 * CONE - SAFE_CONE
+
+        scene = _scene(items, rng, clear_no)
+    a, b = (f"the {r.color} {r.shape}" for r in spec.requirements)
+    answer = "Yes" if satisfies(scene, spec) else "No"
+    return scene, f"Is {a} {rel} {b} ?", answer, spec
+
+
+def _match_question(rng: np.random.Generator) -> tuple[Scene, str, str, PromptSpec]:
+    spec = sample_prompt(rng)
+    scene = scene_for(spec, rng)
+    asked = spec if rng.random() < 0.5 else corrupt(spec, rng)
+    answer = "Yes" if satisfies(scene, asked) else "No"
+    return scene, f"Does the image show {asked.text} ?", answer, asked
+
+
+_QUESTIONS = {"count": _count_question, "color": _color_question, "relation": _relation_question,
+              "match": _match_question}
+
+
+def qa_sample(rng, canvas: int = 128, qtype: str | None = None) -> Sample:
+    """Understanding QA with answers known from the scene: count, colour, relation (Yes/No balanced) and
+    prompt match (Yes/No balanced). ``qtype`` picks one of QA_TYPES (uniform when None)."""
+    rng = _rng(rng)
+    if qtype is None:
+        qtype = QA_TYPES[int(rng.integers(len(QA_TYPES)))]
+    if qtype not in _QUESTIONS:
+        raise ValueError(f"qtype must be one of {QA_TYPES} or None, got {qtype!r}")
+    scene, question, answer, spec = _QUESTIONS[qtype](rng)
+    meta = {"scene": scene, "spec": spec, "question_type": qtype, "answer": answer}
+    return Sample([render(scene, canvas), question], [answer], "shapes_qa", meta)
+
+
+def vocabulary() -> set[str]:
+    """Every word the Shapes prompts, questions and answers contain ("?" is a word of its own)."""
+    words = set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(NUMBERS)
+    words |= {w for r in RELATIONS for w in r.split()}
+    words |= set("a an and the ? How many are there What colour is Is Does image show Yes No".split())
+    return words
