@@ -173,19 +173,55 @@ def test_kill_9_mid_leg_then_resume_is_bit_identical_to_an_uninterrupted_run(deb
 
 
 # --- (c) DDP --------------------------------------------------------------------------------------------
-def test_ddp_two_processes_keep_identical_weights(debug_run, tmp_path):
-    """2-process DDP on CPU (gloo) through the real CLI; each rank writes a digest of its weights."""
+def _gen_rows_per_step(cfg, canvas: int, rank: int, steps: int) -> list[bool]:
+    """Whether each of a rank's first batches holds an image to generate (the stream the runner draws)."""
+    from latentum.train.data import SampleStream
+
+    stream = iter(SampleStream(cfg, canvas, rank))
+    return [any(s.is_text_to_image or any(not isinstance(x, str) for x in s.assistant) for s in next(stream)[0])
+            for _ in range(steps)]
+
+
+def test_the_whole_recipe_trains_on_two_ddp_processes_with_identical_weights(tmp_path):
+    """Every leg on 2 CPU processes (DDP, gloo) as one command through the real CLI: each leg's export is
+    written by rank 0 before any rank starts the next leg, both ranks end every leg with the same weights, and
+    stage 2 finishes although one rank's batch holds no image to generate while the other's does (a rank
+    whose gen branch got no gradient used to wait for the other forever)."""
+    import yaml
+
+    data = yaml.safe_load(DEBUG.read_text())
+    data["stages"]["mome"].update(batch_size=1, steps=4, tasks={"vsp_hole": 1, "vsp_plan": 1})
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    recipe = load_recipe(str(path))
+    canvas = recipe.model.encoder.image_size
+    ranks = [_gen_rows_per_step(recipe.leg("mome").config, canvas, r, 4) for r in (0, 1)]
+    assert any(a != b for a, b in zip(*ranks)), ranks  # the case that hung: one rank generates, one does not
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
-    cmd = [sys.executable, "-m", "latentum.cli", "train", "--config", str(DEBUG), "--stage", "vlm",
-           "--devices", "2", "--strategy", "ddp", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    cmd = [sys.executable, "-m", "latentum.cli", "train", "--config", str(path), "--devices", "2", "--strategy",
+           "ddp", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    digests = [(tmp_path / "vlm" / f"digest_rank{r}.txt").read_text().strip() for r in (0, 1)]
-    assert len(digests[0]) == 64 and digests[0] == digests[1]
-    # Rank 1 trained on its own data stream, so the averaged result differs from a single process's.
-    assert digests[0] != (debug_run / "vlm" / "digest_rank0.txt").read_text().strip()
-    assert global_step(tmp_path / "vlm") == load_recipe(str(DEBUG)).leg("vlm").config.steps
+    for leg in recipe.legs:
+        folder = tmp_path / "run" / leg.name
+        digests = [(folder / f"digest_rank{r}.txt").read_text().strip() for r in (0, 1)]
+        assert len(digests[0]) == 64 and digests[0] == digests[1], leg.name
+        assert global_step(folder) == leg.config.steps, leg.name
+    assert (tmp_path / "run" / "model" / "decoder" / "model.safetensors").is_file()
+
+
+def test_a_ddp_leg_runs_with_a_collective_timeout():
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from latentum.train.run import strategy
+
+    cfg = dataclasses.replace(load_recipe(str(DEBUG)).leg("vlm").config, strategy="ddp", collective_timeout=42)
+    built = strategy(cfg)
+    assert isinstance(built, DDPStrategy) and built._timeout == timedelta(seconds=42)
+    assert strategy(dataclasses.replace(cfg, strategy="auto")) == "auto"
 
 
 # --- (d) stage 2 freezing -------------------------------------------------------------------------------
@@ -360,3 +396,41 @@ def test_stage1_trains_a_loaded_quantizer_in_train_mode(debug_run):
     usage = model.quantizer.usage_ema.clone()
     system.losses(batch)
     assert not torch.equal(usage, model.quantizer.usage_ema)
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended: no such process, or a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("target, signum", [("launcher", "SIGINT"), ("other rank", "SIGTERM")])
+def test_a_signal_to_any_rank_stops_every_rank(tmp_path, target, signum):
+    """Ctrl-C or SIGTERM to either process of a 2-rank run ends both within seconds (Lightning's own handler
+    used to deadlock against the gradient all-reduce: both ranks idle, signals ignored)."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
+    cmd = [sys.executable, "-m", "latentum.cli", "train", "--config", str(DEBUG), "--leg", "vlm", "--steps", "5000",
+           "--devices", "2", "--strategy", "ddp", "--out", str(tmp_path)]
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while "step 20/" not in (tmp_path / "log.txt").read_text():  # both ranks are training
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 1, children
+        victim = proc.pid if target == "launcher" else int(children[0])
+        os.kill(victim, getattr(signal, signum))
+        code = proc.wait(timeout=60)
+        time.sleep(1)
+        assert _gone(int(children[0]))  # rank 1 ended too
+        assert code != 0 and "stopped by signal" in (tmp_path / "log.txt").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

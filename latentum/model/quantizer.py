@@ -21,10 +21,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from vector_quantize_pytorch import VectorQuantize
+from vector_quantize_pytorch.vector_quantize_pytorch import sample_vectors_distributed
 
 from latentum.config import QuantizerConfig
 from latentum.types import LossBreakdown
@@ -118,6 +120,20 @@ class MBAQ(nn.Module):
         out = self.encode(features)
         return self.project(out.codes), out
 
+    def sync_across_processes(self) -> None:
+        """Under multi-process training, count code usage and revive dead codes over every process's tokens
+        (the library's ``sync_codebook`` mode, which it only picks when the process group exists as it is
+        built): each process then keeps the same codebook. Called by training once the group is up."""
+        cb = self.vq._codebook  # the library exposes these only on its Codebook module
+        cb.use_ddp, cb.all_reduce_fn, cb.replace_sample_fn = True, dist.all_reduce, sample_vectors_distributed
+        self._synced = True
+
+    def _all_processes_sum(self, x: Tensor) -> Tensor:
+        """``x`` summed over the processes that train together (``sync_across_processes``), else ``x``."""
+        if getattr(self, "_synced", False) and dist.is_initialized():
+            dist.all_reduce(x)
+        return x
+
     @torch.no_grad()
     def usage(self) -> dict[str, float]:
         """Per-codebook usage from the EMA of code frequencies: fraction of codes in recent use (not
@@ -170,7 +186,8 @@ class MBAQ(nn.Module):
         revived code restarts at uniform usage, as in LatentUM."""
         if self.cfg.dead_code_threshold <= 0:
             return
-        uniform = num_tokens / self.cfg.codebook_size
+        total = self._all_processes_sum(torch.tensor(float(num_tokens), device=self.usage_ema.device))
+        uniform = float(total) / self.cfg.codebook_size
         cb = self.vq._codebook  # the library exposes these only on its Codebook module
         cb.threshold_ema_dead_code = self.cfg.dead_code_threshold * uniform
         cb.reset_cluster_size = uniform
@@ -181,6 +198,7 @@ class MBAQ(nn.Module):
         flat = rearrange(ids, "b n g -> g (b n)")  # (G, M)
         ones = torch.ones_like(flat, dtype=torch.float)
         counts = torch.zeros(G, K, device=ids.device).scatter_add_(1, flat, ones)  # (G, K)
-        freq = counts / max(flat.size(1), 1)  # (G, K)
+        counts = self._all_processes_sum(counts)
+        freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)  # (G, K)
         self.usage_ema.lerp_(freq, 1.0 - USAGE_DECAY)
 

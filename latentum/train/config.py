@@ -29,6 +29,9 @@ class StageConfig:
     strategy: str = "auto"
     """Lightning strategy: auto | ddp | ddp_spawn | fsdp."""
     devices: int = 1
+    collective_timeout: float = 300.0
+    """Seconds a multi-process collective (a gradient all-reduce, the export barrier) may wait for the other
+    ranks before the run stops with an error, instead of hanging when a rank died or stalled."""
     log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
@@ -52,6 +55,7 @@ class StageConfig:
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.log_every > 0 and self.checkpoint_every > 0, "log_every and checkpoint_every must be > 0")
         _check(self.devices >= 1, f"devices must be >= 1, got {self.devices}")
+        _check(self.collective_timeout > 0, f"collective_timeout must be > 0, got {self.collective_timeout}")
         _check(self.bucket >= 1, f"bucket must be >= 1, got {self.bucket}")
         check_mixture(self.tasks, self.worlds)
 

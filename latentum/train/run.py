@@ -9,19 +9,24 @@ model leg's export with the last decoder leg's export as ``decoder/``.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 
 from latentum.checkpoint import write_folder_atomically
 from latentum.data.tokenizer import TextTokenizer
-from latentum.train.config import Leg, RecipeConfig, recipe_to_data
+from latentum.train.config import Leg, RecipeConfig, StageConfig, recipe_to_data
 from latentum.train.stages import STAGES, build_model, start_folder
 from latentum.worlds.registry import default_tokenizer
 
@@ -81,13 +86,13 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
     ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
     start_step = _checkpoint_step(ckpt) if ckpt_path else 0
     trainer = L.Trainer(
-        accelerator="auto", devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
+        accelerator="auto", devices=cfg.devices, strategy=strategy(cfg), precision=cfg.precision,
         max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, log_every_n_steps=cfg.log_every,
         logger=[CSVLogger(folder, name="logs", flush_logs_every_n_steps=cfg.log_every),
                 TensorBoardLogger(folder, name="tb")],
         callbacks=[ModelCheckpoint(folder / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
                                    enable_version_counter=False),
-                   WeightDigest(folder), StepPrinter(cfg.log_every), *(callbacks or [])],
+                   WeightDigest(folder), StepPrinter(cfg.log_every), StopEveryRank(), *(callbacks or [])],
         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
         limit_val_batches=0, num_sanity_val_steps=0)
     loader = stage.loader(recipe, cfg, tok, trainer.global_rank, start_step, num_workers)
@@ -99,6 +104,52 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
     if trainer.world_size > 1:
         trainer.strategy.barrier("export")  # every rank waits until the export the next leg starts from exists
     return folder / "export"
+
+
+def strategy(cfg: StageConfig):
+    """Lightning's strategy for a leg: its name, or for DDP one whose collectives time out after
+    ``collective_timeout`` seconds (a rank that died or stalled stops the run with an error, never a hang)."""
+    if cfg.strategy in ("ddp", "ddp_spawn"):
+        return DDPStrategy(timeout=timedelta(seconds=cfg.collective_timeout),
+                           start_method="spawn" if cfg.strategy == "ddp_spawn" else "popen")
+    return cfg.strategy
+
+
+class StopEveryRank(Callback):
+    """In a multi-process run, SIGTERM or Ctrl-C in any rank stops every rank at once (exit 128 + signal): the
+    launching rank kills the ranks it started, another rank passes the signal to it. Lightning's own SIGTERM
+    handler broadcasts from inside the handler, which deadlocks (or dies of a reset connection) against a
+    gradient all-reduce in flight; this one replaces it once training starts. The leg then resumes from its last
+    checkpoint with --resume, as after kill -9."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.before: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.world_size > 1:
+            self.before = {s: signal.signal(s, self._stop(trainer)) for s in self.SIGNALS}
+
+    def teardown(self, trainer, pl_module, stage):
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+        self.before = {}
+
+    @staticmethod
+    def _stop(trainer):
+        def stop(signum, frame):
+            procs = getattr(trainer.strategy.launcher, "procs", None) or []  # the ranks this one started
+            for proc in procs:
+                proc.kill()
+            for proc in procs:
+                proc.wait(timeout=10)
+            if trainer.local_rank != 0:
+                os.kill(os.getppid(), signal.SIGTERM)
+            print(f"[rank {trainer.global_rank}] stopped by signal {signum}; continue with --resume",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        return stop
 
 
 def _check_run_folder(folder: Path, leg: Leg, resume: bool, overwrite: bool) -> None:

@@ -73,7 +73,17 @@ class StageSystem(L.LightningModule):
         if self.global_step % self.cfg.log_every == 0:
             for k, v in out.parts.items():
                 self.log(f"train/{k}", v.detach().float())
-        return out.total
+        return out.total + self._every_parameter()
+
+    def _every_parameter(self) -> torch.Tensor:
+        """0, as a sum over one element of every trained parameter: each then takes part in the backward pass
+        (a zero gradient where the batch did not use it). Under DDP every rank must produce a gradient for every
+        trained parameter; a rank whose batch holds no generation tokens (or no image to predict) would leave
+        the gen branch or the AR head out and wait for the others forever (issue #31)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros((), device=self.device)
+        return 0.0 * torch.stack([p.reshape(-1)[0].float() for p in params]).sum()
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -120,6 +130,10 @@ class MBAQSystem(StageSystem):
         super().__init__(cfg)
         self.model = model
         set_trainable(model, [model.quantizer])
+
+    def on_fit_start(self):
+        if self.trainer.world_size > 1:  # every process keeps the same codebook
+            self.model.quantizer.sync_across_processes()
 
     def losses(self, p: Packed) -> LossBreakdown:
         m = self.model
