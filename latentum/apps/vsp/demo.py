@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from latentum.api import read_image
@@ -58,8 +59,6 @@ def _rendered_thoughts(api, plan, style: str | None, canvas: np.ndarray) -> list
     stool, the map tells them apart (``PixelDecoder.cond_map``); empty without a decoder."""
     if not plan.thoughts or api.decoder_path is None:
         return []
-    import torch
-
     thoughts = torch.stack([t.ids for t in plan.thoughts])  # (T, g*g, G)
     start = api.image_latent(canvas).ids  # (g*g, G): the map's codes, as the planner saw it
     return list(api.render_ids(thoughts, style=style, reference=start))

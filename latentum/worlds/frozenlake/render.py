@@ -23,6 +23,7 @@ from functools import cache
 
 import numpy as np
 from einops import rearrange
+from PIL import Image
 
 from latentum.worlds.frozenlake.lake import ACTIONS, MAX_SIZE, MIN_SIZE, LakeMap, Pos, _check_action
 
@@ -175,8 +176,6 @@ def _resize_cell(tile: np.ndarray, cell_px: int) -> np.ndarray:
     """The one cell resampler (PIL Lanczos, antialiased), shared by the atlas and ``to_canvas``."""
     if tile.shape[0] == cell_px:
         return tile
-    from PIL import Image
-
     return np.asarray(Image.fromarray(tile).resize((cell_px, cell_px), Image.Resampling.LANCZOS))
 
 
@@ -241,8 +240,6 @@ def render_canvas(m: LakeMap, player: Pos | None = None, style: str = "gymnasium
 
 
 def _as_rgb(image, name: str = "image") -> np.ndarray:
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
