@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from latentum.checkpoint import load_model_folder
 from latentum.train.config import STAGE_CONFIGS, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,3 +435,42 @@ def test_a_signal_to_any_rank_stops_every_rank(tmp_path, target, signum):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# --- (e) FSDP -------------------------------------------------------------------------------------------
+def test_an_fsdp_leg_shards_every_backbone_layer_planned_on_the_meta_device():
+    """The FSDP strategy a leg builds, and the units its wrap policy cuts a model into, computed on a
+    meta-device model (no memory, no process group): one unit per backbone layer, the rest in the root."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from latentum.model.backbone import MoMELayer
+    from latentum.model.latentum import LatentUMModel
+    from latentum.train.run import strategy
+
+    recipe = load_recipe(str(ROOT / "configs" / "experiments" / "fsdp.yaml"))
+    cfg = recipe.leg("mome").config
+    built = strategy(cfg)
+    assert isinstance(built, FSDPStrategy) and built._state_dict_type == "sharded"  # checkpoints stay sharded
+    assert built._activation_checkpointing_kwargs  # the recipe switches recomputation on
+    with torch.device("meta"):
+        model = LatentUMModel(recipe.model)
+    assert all(p.is_meta for p in model.parameters())
+    units = built.kwargs["auto_wrap_policy"]._run_policy(model, set(), {})
+    layers = [m for m in units if isinstance(m, MoMELayer)]
+    assert len(layers) == recipe.model.backbone.depth and set(units) == set(layers)  # the root wraps the rest
+    assert strategy(dataclasses.replace(cfg, activation_checkpointing=False))._activation_checkpointing_kwargs == {}
+
+
+def test_an_export_from_a_gathered_state_dict_equals_the_live_model(debug_run, tmp_path):
+    """Under FSDP the export is built from the full state dict gathered on rank 0; from the same weights it
+    writes the same folder as from the live model."""
+    from latentum.train.stages import STAGES
+    from latentum.train.systems import MoMESystem
+
+    recipe = load_recipe(str(DEBUG))
+    model, tok = load_model_folder(debug_run / "model")
+    system = MoMESystem(model, recipe.leg("mome").config)
+    live = STAGES["mome"].export(system, tok, tmp_path / "live", {})
+    gathered = STAGES["mome"].export(system, tok, tmp_path / "gathered", {}, state=system.state_dict())
+    a, b = load_model_folder(live)[0].state_dict(), load_model_folder(gathered)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

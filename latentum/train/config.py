@@ -13,6 +13,8 @@ from typing import Any
 from latentum.config import AIAConfig, DecoderConfig, ModelConfig, QuantizerConfig, _check, from_dict
 from latentum.worlds.registry import check_mixture
 
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp")
+
 
 @dataclass
 class StageConfig:
@@ -27,7 +29,10 @@ class StageConfig:
     precision: str = "bf16-mixed"
     """Lightning precision; bf16 autocast is several times faster on CPUs with AMX."""
     strategy: str = "auto"
-    """Lightning strategy: auto | ddp | ddp_spawn | fsdp."""
+    """Lightning strategy: auto | ddp | ddp_spawn | fsdp (``train.run.strategy``: fsdp shards each backbone
+    layer, checkpoints sharded, exports a full state dict gathered on rank 0)."""
+    activation_checkpointing: bool = False
+    """With fsdp: recompute each backbone layer's activations in the backward pass instead of keeping them."""
     devices: int = 1
     collective_timeout: float = 300.0
     """Seconds a multi-process collective (a gradient all-reduce, the export barrier) may wait for the other
@@ -55,6 +60,7 @@ class StageConfig:
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.log_every > 0 and self.checkpoint_every > 0, "log_every and checkpoint_every must be > 0")
         _check(self.devices >= 1, f"devices must be >= 1, got {self.devices}")
+        _check(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         _check(self.collective_timeout > 0, f"collective_timeout must be > 0, got {self.collective_timeout}")
         _check(self.bucket >= 1, f"bucket must be >= 1, got {self.bucket}")
         check_mixture(self.tasks, self.worlds)
@@ -97,6 +103,27 @@ class MBAQConfig(PackedStageConfig):
 
 
 @dataclass
+class LoRAConfig:
+    """Low-memory fine-tuning of one backbone branch: rank-r adapters (``peft``) on its projections and FFN
+    train instead of its weights; saved on their own and merged into the weights on export."""
+
+    branch: str = "gen"
+    """"gen" or "und"."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "ffn.gate",
+                                                        "ffn.up", "ffn.down"])
+
+    def __post_init__(self):
+        _check(self.branch in ("und", "gen"), f"lora.branch must be und or gen, got {self.branch!r}")
+        _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(bool(self.targets), "lora.targets must name at least one layer")
+
+
+@dataclass
 class MoMEConfig(PackedStageConfig):
     """Stage 2: the generation branch, AR head and visual projector (and optionally the und branch)."""
 
@@ -114,11 +141,15 @@ class MoMEConfig(PackedStageConfig):
     (1 = uniform): a generated image that mostly copies the one before scores well without it."""
     code_noise: float = 0.15
     """Probability of replacing each code of a read-back latent by a random one (LatentUM §8)."""
+    lora: LoRAConfig | None = None
+    """Train LoRA adapters on one branch instead of its weights (None: full fine-tuning)."""
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.aia, dict):
             self.aia = from_dict(AIAConfig, self.aia, "aia")
+        if isinstance(self.lora, dict):
+            self.lora = from_dict(LoRAConfig, self.lora, "lora")
         _check(self.changed_weight >= 1, f"changed_weight must be >= 1, got {self.changed_weight}")
         _check(0 <= self.code_noise <= 1, f"code_noise must be in [0, 1], got {self.code_noise}")
 

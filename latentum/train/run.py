@@ -20,12 +20,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.strategies.fsdp import _get_full_state_dict_context  # Lightning's own gather
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from latentum.checkpoint import write_folder_atomically
 from latentum.data.tokenizer import TextTokenizer
+from latentum.model.backbone import MoMELayer
 from latentum.train.config import Leg, RecipeConfig, StageConfig, recipe_to_data
 from latentum.train.stages import STAGES, build_model, start_folder
 from latentum.worlds.registry import default_tokenizer
@@ -98,8 +100,9 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
     loader = stage.loader(recipe, cfg, tok, trainer.global_rank, start_step, num_workers)
     t0 = time.time()
     trainer.fit(system, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+    state = full_state_dict(trainer)  # a collective under FSDP: every rank takes part
     if trainer.global_rank == 0:
-        stage.export(system, tok, folder / "export", origin(recipe, leg))
+        stage.export(system, tok, folder / "export", origin(recipe, leg), state)
         (folder / "time.txt").write_text(f"{time.time() - t0:.1f}\n")
     if trainer.world_size > 1:
         trainer.strategy.barrier("export")  # every rank waits until the export the next leg starts from exists
@@ -107,11 +110,16 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
 
 
 def strategy(cfg: StageConfig):
-    """Lightning's strategy for a leg: its name, or for DDP one whose collectives time out after
-    ``collective_timeout`` seconds (a rank that died or stalled stops the run with an error, never a hang)."""
+    """Lightning's strategy for a leg, its collectives timing out after ``collective_timeout`` seconds (a rank
+    that died or stalled stops the run with an error, never a hang). DDP replicates the model; FSDP shards it
+    one backbone layer per unit (mixed precision follows the leg's ``precision``), optionally recomputing each
+    layer's activations, and checkpoints each rank's shard; only trained parameters hold optimizer state."""
+    timeout = timedelta(seconds=cfg.collective_timeout)
     if cfg.strategy in ("ddp", "ddp_spawn"):
-        return DDPStrategy(timeout=timedelta(seconds=cfg.collective_timeout),
-                           start_method="spawn" if cfg.strategy == "ddp_spawn" else "popen")
+        return DDPStrategy(timeout=timeout, start_method="spawn" if cfg.strategy == "ddp_spawn" else "popen")
+    if cfg.strategy == "fsdp":
+        return FSDPStrategy(auto_wrap_policy={MoMELayer}, state_dict_type="sharded", timeout=timeout,
+                            activation_checkpointing_policy={MoMELayer} if cfg.activation_checkpointing else None)
     return cfg.strategy
 
 
@@ -150,6 +158,16 @@ class StopEveryRank(Callback):
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
         return stop
+
+
+def full_state_dict(trainer: L.Trainer) -> dict | None:
+    """Under FSDP, the whole model's state dict gathered on rank 0 (shards live on every rank; checkpoints stay
+    sharded); None for strategies whose modules hold their full weights."""
+    strat = trainer.strategy
+    if not isinstance(strat, FSDPStrategy):
+        return None
+    with _get_full_state_dict_context(strat.model, world_size=strat.world_size):
+        return strat.model.state_dict()
 
 
 def _check_run_folder(folder: Path, leg: Leg, resume: bool, overwrite: bool) -> None:

@@ -21,10 +21,12 @@ from torch.utils.data import DataLoader
 from latentum.checkpoint import load_model_folder, save_decoder_folder, save_model_folder
 from latentum.config import QuantizerConfig
 from latentum.data.tokenizer import TextTokenizer
+from latentum.model.decoder import PixelDecoder
 from latentum.model.latentum import LatentUMModel
 from latentum.model.quantizer import MBAQ
 from latentum.train.config import DecoderStageConfig, Leg, RecipeConfig, StageConfig
 from latentum.train.data import ImageStream, packed_loader
+from latentum.train.lora import add_lora, has_lora, merge_lora, save_adapters
 from latentum.train.systems import DecoderSystem, MBAQSystem, MoMESystem, VLMSystem
 from latentum.worlds.registry import default_tokenizer
 
@@ -60,8 +62,12 @@ class Stage:
         enc = recipe.model.encoder
         return packed_loader(cfg, tok, enc.grid, enc.image_size, rank, start_step, num_workers)
 
-    def export(self, system: L.LightningModule, tok: TextTokenizer, folder: Path, origin: dict) -> Path:
-        return save_model_folder(system.model, tok, folder, origin=origin)
+    def export(self, system: L.LightningModule, tok: TextTokenizer, folder: Path, origin: dict,
+               state: dict | None = None) -> Path:
+        """Write the leg's model folder; ``state`` is the system's full state dict when the live modules are
+        sharded (FSDP: gathered on rank 0, ``train.run.full_state_dict``)."""
+        model = system.model if state is None else unsharded(LatentUMModel(system.model.cfg), "model", state)
+        return save_model_folder(model, tok, folder, origin=origin)
 
 
 class VLMStage(Stage):
@@ -89,10 +95,22 @@ class MoMEStage(Stage):
             model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
         if cfg.init_generation if cfg.init_projector is None else cfg.init_projector:
             model.init_visual_projector()  # latents start out read like MBAQ's quantized features
+        if cfg.lora is not None:
+            lora = cfg.lora
+            add_lora(model, lora.branch, lora.rank, lora.alpha, lora.dropout, lora.targets)
         return model
 
     def system(self, model, recipe, cfg, folders):
         return MoMESystem(model, cfg)
+
+    def export(self, system, tok, folder, origin, state=None):
+        if has_lora(system.model):  # the adapters on their own, then the model with them merged in
+            if state is not None:
+                raise ValueError("lora: exporting adapters of a sharded (fsdp) model is not supported yet; "
+                                 "train LoRA legs with strategy ddp or auto")
+            save_adapters(system.model, folder.parent / "adapters")
+            merge_lora(system.model)
+        return super().export(system, tok, folder, origin, state)
 
 
 class DecoderStage(Stage):
@@ -108,11 +126,22 @@ class DecoderStage(Stage):
         stream = ImageStream(cfg, recipe.model.encoder.image_size, rank, start_step)
         return DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator())
 
-    def export(self, system, tok, folder, origin):
-        return save_decoder_folder(system.decoder, folder, origin=origin)
+    def export(self, system, tok, folder, origin, state=None):
+        decoder = system.decoder
+        if state is not None:
+            decoder = unsharded(PixelDecoder(decoder.cfg, decoder.code_dim, decoder.grid), "decoder", state)
+        return save_decoder_folder(decoder, folder, origin=origin)
 
 
 STAGES: dict[str, Stage] = {"vlm": VLMStage(), "mbaq": MBAQStage(), "mome": MoMEStage(), "decoder": DecoderStage()}
+
+
+def unsharded(module: torch.nn.Module, attr: str, state: dict) -> torch.nn.Module:
+    """``module`` (a new, unsharded copy of the system's ``attr``) loaded with that part of the system's full
+    state dict ``state``."""
+    prefix = f"{attr}."
+    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return module
 
 
 def fresh_quantizer(model: LatentUMModel, qcfg: QuantizerConfig) -> MBAQ:

@@ -27,6 +27,7 @@ from latentum.losses.tokens import text_loss as token_text_loss
 from latentum.model.decoder import PixelDecoder, train_scheduler
 from latentum.model.latentum import LatentUMModel
 from latentum.train.config import DecoderStageConfig, MBAQConfig, MoMEConfig, StageConfig, VLMConfig
+from latentum.train.lora import train_adapters_only
 from latentum.types import LossBreakdown
 
 
@@ -161,6 +162,7 @@ class MoMESystem(StageSystem):
         if cfg.train_understanding:  # cell positions feed both branches, so they move only with und
             trainable += [*bb.branch_parameters("und"), *bb.shared_parameters(), model.cell_pos]
         set_trainable(model, trainable)
+        train_adapters_only(model)  # with LoRA (``MoMEConfig.lora``): its adapters instead of the weights
 
     def losses(self, p: Packed) -> LossBreakdown:
         m, cfg = self.model, self.cfg
