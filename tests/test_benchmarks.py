@@ -1,0 +1,17 @@
+"""The benchmark scripts run (on the tiny settings they offer): they measure nothing here, but a script that
+no longer runs would only be found on the day a GPU is lent."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_its_tiny_smoke_on_the_cpu():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--steps", "1", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
+                                                                                  "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "tokens_per_s=" in out and "batch 16:" in out and "planning 8x8: batched" in out
