@@ -29,6 +29,7 @@ from latentum.checkpoint import write_folder_atomically
 from latentum.data.tokenizer import TextTokenizer
 from latentum.model.backbone import MoMELayer
 from latentum.train.config import Leg, RecipeConfig, StageConfig, recipe_to_data
+from latentum.train.precision import resolve_precision
 from latentum.train.stages import STAGES, build_model, start_folder
 from latentum.worlds.registry import default_tokenizer
 
@@ -88,7 +89,7 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
     ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
     start_step = _checkpoint_step(ckpt) if ckpt_path else 0
     trainer = L.Trainer(
-        accelerator="auto", devices=cfg.devices, strategy=strategy(cfg), precision=cfg.precision,
+        accelerator="auto", devices=cfg.devices, strategy=strategy(cfg), precision=resolve_precision(cfg.precision),
         max_steps=cfg.steps, gradient_clip_val=cfg.grad_clip, log_every_n_steps=cfg.log_every,
         logger=[CSVLogger(folder, name="logs", flush_logs_every_n_steps=cfg.log_every),
                 TensorBoardLogger(folder, name="tb")],
