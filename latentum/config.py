@@ -110,20 +110,34 @@ class BackboneConfig:
     every token sees the whole image (a prefix-LM over each image, as PaliGemma does), so a cell can gather
     all four neighbours in one layer. Generation (the gen branch) is always causal: it is autoregressive."""
 
+    head_size: int = 0
+    """Per-head width; 0: dim // heads. Pretrained LMs may set it apart from the width (Qwen3: 128 at 2560 / 32)."""
+    attention_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2 has them; Qwen3 and Llama do not)."""
+    qk_norm: bool = True
+    """Per-head RMSNorm of queries and keys before RoPE (Qwen3 and ours; Qwen2 and Llama have none)."""
+    tie_embeddings: bool = False
+    """The output head shares the token embedding's weights (``tie_word_embeddings`` of an HF config)."""
+    rope_scaling: dict[str, Any] | None = None
+    """A scaled RoPE as ``transformers`` describes it (``rope_parameters`` with a ``rope_type`` of linear, yarn or
+    llama3 and its fields); the frequencies come from ``transformers.modeling_rope_utils``. None: plain RoPE."""
+
     def __post_init__(self):
+        _check(self.head_size >= 0, f"backbone.head_size must be >= 0 (0: dim // heads), got {self.head_size}")
         _check(self.image_rope in IMAGE_ROPES, f"backbone.image_rope must be one of {IMAGE_ROPES}, "
                f"got {self.image_rope!r}")
         _check(self.image_attention in IMAGE_ATTENTIONS, f"backbone.image_attention must be one of "
                f"{IMAGE_ATTENTIONS}, got {self.image_attention!r}")
         _check(self.vocab_size >= 0, f"backbone.vocab_size must be >= 0, got {self.vocab_size}")
-        _check(self.dim % self.heads == 0, f"backbone.dim={self.dim} must divide by heads={self.heads}")
+        _check(self.head_size > 0 or self.dim % self.heads == 0,
+               f"backbone.dim={self.dim} must divide by heads={self.heads} (or set head_size)")
         _check(self.heads % self.kv_heads == 0,
                f"backbone.heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
-        _check((self.dim // self.heads) % 2 == 0, "backbone head_dim must be even for RoPE")
+        _check(self.head_dim % 2 == 0, "backbone head_dim must be even for RoPE")
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.heads
+        return self.head_size or self.dim // self.heads
 
 
 @dataclass

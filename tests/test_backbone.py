@@ -296,7 +296,7 @@ def test_two_axis_rope_depends_only_on_the_2d_offset():
     offset wherever the pair sits, i.e. on every map size (BackboneConfig.image_rope = "2d")."""
     from latentum.model.backbone import RotaryEmbedding, apply_rope
 
-    rope = RotaryEmbedding(16, 10000.0)
+    rope = RotaryEmbedding(BackboneConfig(dim=64, heads=4, kv_heads=4))  # head_dim 16
     q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)  # each (B=1, h=1, T=1, d=16)
 
     def score(pq, pk):

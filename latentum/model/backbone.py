@@ -22,6 +22,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from latentum.config import BackboneConfig
 from latentum.model.attention import span_attention_mass
@@ -94,12 +96,32 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def rope_frequencies(cfg: BackboneConfig) -> tuple[Tensor, float]:
+    """(inv_freq (d/2,), attention scaling): plain RoPE, or a scaled one computed by ``transformers`` exactly
+    as its own models do (``BackboneConfig.rope_scaling``)."""
+    d = cfg.head_dim
+    kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d), 1.0
+    if kind not in STATIC_ROPE_TYPES:
+        raise ValueError(f"backbone.rope_scaling: rope_type {kind!r} is not supported; expected one of "
+                         f"{STATIC_ROPE_TYPES} (frequencies that do not change with the sequence length)")
+    hf = PretrainedConfig(rope_parameters={"rope_theta": cfg.rope_theta, **cfg.rope_scaling}, head_dim=d,
+                          hidden_size=cfg.dim, num_attention_heads=cfg.heads,
+                          max_position_embeddings=cfg.max_seq_len)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+STATIC_ROPE_TYPES = ("linear", "yarn", "llama3")
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE in the Llama/Qwen layout (rotate-half over [freqs, freqs]) so HF weights load unchanged."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        inv_freq, self.scaling = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,7 +135,9 @@ class RotaryEmbedding(nn.Module):
             pos = positions.float()[..., None]  # (B, T, 1)
         freqs = pos * self.inv_freq  # (B, T, d/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, d)
-        return emb.cos(), emb.sin()
+        if self.scaling == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -140,12 +164,13 @@ class Branch(nn.Module):
         super().__init__()
         d = cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, d
-        self.q_proj = nn.Linear(cfg.dim, cfg.heads * d, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.heads * d, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(cfg.heads * d, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(d, eps=cfg.norm_eps)
-        self.k_norm = RMSNorm(d, eps=cfg.norm_eps)
+        self.q_norm = RMSNorm(d, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def qkv(self, x_nD: Tensor) -> Tensor:
@@ -228,11 +253,13 @@ class MoMEBackbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg)
         self.layers = nn.ModuleList([MoMELayer(cfg) for _ in range(cfg.depth)])
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_weights()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -255,6 +282,8 @@ class MoMEBackbone(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down.weight")):
                 nn.init.normal_(p, std=resid_std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)
         nn.init.ones_(self.norm.weight)
