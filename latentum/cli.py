@@ -38,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model", description="Evaluate on fresh seeds never used in "
                        "training. 'vsp': planning success (gym and strict rules), perception QA, safety, "
                        "visual-thought fidelity and seconds per plan, with the baselines side by side.")
-    p.add_argument("suite", choices=["vsp"], help="what to evaluate")
+    p.add_argument("suite", choices=["vsp", "shapes"], help="vsp: planning and perception on FrozenLake maps; "
+                   "shapes: text-to-image by the pixel oracle per GenEval category, reconstruction, QA, codebook use")
     _add_model(p)
-    p.add_argument("--per-level", type=int, default=100, help="maps per level and style (default: 100)")
+    p.add_argument("--per-level", type=int, default=100, help="vsp: maps per level and style (default: 100)")
+    p.add_argument("--per-category", type=int, default=30,
+                   help="shapes: prompts per GenEval category and questions per QA type (default: 30)")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="shapes: classifier-free guidance (default: 3.0)")
     p.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8], help="map sizes")
     p.add_argument("--styles", nargs="+", default=["gymnasium", "classic"], help="render styles")
     p.add_argument("--text-model", default=None, help="text-only planner folder for the side-by-side baseline")
@@ -138,6 +142,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.suite == "shapes":
+        from latentum.apps.shapes import evaluate as shapes_eval
+
+        report = shapes_eval.evaluate_shapes(_load(args), per_category=args.per_category, per_type=args.per_category,
+                                             seed=args.seed, cfg_scale=args.cfg_scale)
+        shapes_eval.print_report(report)
+        return _write_json(report, args.out)
     from latentum.apps.vsp.evaluate import evaluate_vsp, print_report
 
     report = evaluate_vsp(_load(args), levels=args.levels, styles=args.styles, per_level=args.per_level,
@@ -145,11 +156,15 @@ def cmd_eval(args) -> int:
                           latency_maps=args.latency_maps, oracle=args.oracle_thoughts,
                           heed_looks=args.heed_looks, avoid_revisits=args.avoid_revisits)
     print_report(report)
-    if args.out:
+    return _write_json(report, args.out)
+
+
+def _write_json(report: dict, out: str | None) -> int:
+    if out:
         import json
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
     return 0
 
 

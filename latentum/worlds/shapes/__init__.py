@@ -11,10 +11,11 @@ from latentum.worlds.shapes.prompts import (
     corrupt,
     sample_prompt,
 )
-from latentum.worlds.shapes.scene import COLORS, PLURALS, Obj, Scene, render
+from latentum.worlds.shapes.scene import COLORS, MIN_CANVAS, PLURALS, Obj, Scene, render
 from latentum.worlds.shapes.tasks import MAX_SIZE, MIN_SIZE, QA_TYPES, qa_sample, scene_for, t2i_sample, vocabulary
 
-__all__ = ["CATEGORIES", "COLORS", "MAX_SIZE", "MIN_SIZE", "NUMBERS", "OPPOSITE", "PLURALS", "QA_TYPES", "Detected",
+__all__ = ["CATEGORIES", "COLORS", "MAX_SIZE", "MIN_CANVAS", "MIN_SIZE", "NUMBERS", "OPPOSITE", "PLURALS", "QA_TYPES",
+           "Detected",
            "Obj", "PromptSpec", "Requirement", "Scene", "corrupt", "oracle", "oracle_report", "parse", "qa_sample",
            "relations", "render", "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_sample",
            "vocabulary"]

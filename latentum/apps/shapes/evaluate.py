@@ -1,0 +1,139 @@
+"""``latentum eval shapes``: the generation half of the unified model, measured on fresh seeds (issue #28).
+
+- **text-to-image** per GenEval category: prompts from ``shapes.sample_prompt`` (the world's phrasing), and the
+  same prompts in GenEval's template ("a photo of ..."), generated as latents with classifier-free guidance,
+  rendered by the pixel decoder, scored by the exact oracle. A prompt with words outside the vocabulary is
+  refused by the API and counted as a failure (and reported).
+- **reconstruction**: a real scene -> encoder -> MBAQ codes -> pixel decoder -> oracle; the real picture at the
+  decoder's resolution is the control.
+- **understanding**: Shapes QA (count, colour, relation, match) on real images, answered greedily.
+- **codebook usage** on fresh images of both worlds: codes used, perplexity and dead codes (never used) per
+  codebook, counted from the codes themselves.
+
+Prompts and scenes come from their own seed namespace, disjoint from the training streams.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from latentum.api import LatentUM
+from latentum.worlds import shapes
+from latentum.worlds.registry import make_sample
+
+EVAL_NAMESPACE = 90_210_778
+GENEVAL_TEMPLATE = "a photo of {}"
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([EVAL_NAMESPACE, seed, *keys])
+
+
+def _at(image: np.ndarray, side: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+
+
+def _for_oracle(image) -> np.ndarray:
+    """An image as the oracle reads it: below its smallest canvas, enlarged (nearest) to that size."""
+    image = np.asarray(image)
+    return image if image.shape[0] >= shapes.MIN_CANVAS else np.asarray(
+        Image.fromarray(image).resize((shapes.MIN_CANVAS,) * 2, Image.NEAREST))
+
+
+def text_to_image(api: LatentUM, per_category: int, seed: int, cfg_scale: float, template: str | None) -> dict:
+    """Oracle pass rate per category (and overall) of generated-then-rendered images."""
+    out, refused = {}, []
+    for k, category in enumerate(shapes.CATEGORIES):
+        rng = _rng(seed, 1, k)
+        specs = [shapes.sample_prompt(rng, category) for _ in range(per_category)]
+        texts = [template.format(s.text) if template else s.text for s in specs]
+        unknown = {w for t in texts for w in api.tokenizer.unknown_words(t)}
+        if unknown:
+            refused.extend(sorted(unknown))
+            out[category] = 0.0
+            continue
+        latents = api.generate_images(texts, cfg_scale=cfg_scale, seed=seed)
+        images = api.render(latents, seed=seed)
+        out[category] = float(np.mean([shapes.oracle(_for_oracle(im), s) for im, s in zip(images, specs)]))
+    out["overall"] = float(np.mean([out[c] for c in shapes.CATEGORIES]))
+    if refused:
+        out["refused_words"] = sorted(set(refused))
+    return out
+
+
+def reconstruction(api: LatentUM, per_category: int, seed: int) -> dict:
+    """Oracle pass rate of real scenes rendered back from their own codes, and of the real pictures."""
+    side = api.decoder.cfg.resolution
+    coded, real = [], []
+    for k, category in enumerate(shapes.CATEGORIES):
+        rng = _rng(seed, 2, k)
+        specs = [shapes.sample_prompt(rng, category) for _ in range(per_category)]
+        pictures = [shapes.render(shapes.scene_for(s, rng), api.canvas) for s in specs]
+        latents = [api.image_latent(p) for p in pictures]
+        renders = api.render(latents, seed=seed)
+        coded += [shapes.oracle(_for_oracle(im), s) for im, s in zip(renders, specs)]
+        real += [shapes.oracle(_for_oracle(_at(p, side)), s) for p, s in zip(pictures, specs)]
+    return {"decoded": float(np.mean(coded)), "real_at_decoder_resolution": float(np.mean(real))}
+
+
+def understanding(api: LatentUM, per_type: int, seed: int) -> dict:
+    """Exact-answer accuracy per QA type on real Shapes images."""
+    out = {}
+    for k, qtype in enumerate(shapes.QA_TYPES):
+        rng = _rng(seed, 3, k)
+        samples = [shapes.qa_sample(rng, api.canvas, qtype) for _ in range(per_type)]
+        said = api.answer_batch([s.user[0] for s in samples], [s.user[1] for s in samples])
+        norm = api.tokenizer.normalize
+        out[qtype] = float(np.mean([norm(a) == norm(s.meta["answer"]) for a, s in zip(said, samples)]))
+    return out
+
+
+@torch.inference_mode()
+def codebook_usage(api: LatentUM, images: int, seed: int) -> dict:
+    """Per codebook: codes used at least once, perplexity of the code frequencies, dead codes (never used), over
+    the tokens of ``images`` fresh images, half Shapes scenes, half FrozenLake boards."""
+    rng = _rng(seed, 4)
+    pictures = [shapes.render(shapes.scene_for(shapes.sample_prompt(rng), rng), api.canvas) for _ in range(images // 2)]
+    for _ in range(images - len(pictures)):
+        s = make_sample("vsp_plan", rng, canvas=api.canvas)
+        pictures.append(next(x for x in s.user if isinstance(x, np.ndarray)))
+    ids = api.model.image_ids(np.stack(pictures))  # (I, C, G)
+    K = api.config.quantizer.codebook_size
+    out = {}
+    for g in range(ids.size(-1)):
+        counts = torch.bincount(ids[..., g].reshape(-1), minlength=K).float()
+        p = counts / counts.sum()
+        perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+        used = int((counts > 0).sum())
+        out[f"cb{g}"] = {"used": used, "of": K, "dead": K - used, "perplexity": perplexity}
+    return out
+
+
+def evaluate_shapes(api: LatentUM, *, per_category: int = 30, per_type: int = 30, seed: int = 0,
+                    cfg_scale: float = 3.0, usage_images: int = 64, progress: bool = True) -> dict:
+    parts = [("t2i", lambda: text_to_image(api, per_category, seed, cfg_scale, None)),
+             ("t2i_geneval", lambda: text_to_image(api, per_category, seed, cfg_scale, GENEVAL_TEMPLATE)),
+             ("reconstruction", lambda: reconstruction(api, per_category, seed)),
+             ("understanding", lambda: understanding(api, per_type, seed)),
+             ("codebook_usage", lambda: codebook_usage(api, usage_images, seed))]
+    report = {"per_category": per_category, "per_type": per_type, "seed": seed, "cfg_scale": cfg_scale}
+    for name, run in tqdm(parts, desc="eval shapes", disable=not progress):
+        report[name] = run()
+    return report
+
+
+def print_report(report: dict) -> None:
+    for name in ("t2i", "t2i_geneval"):
+        r = report[name]
+        cells = "  ".join(f"{c} {r[c]:.2f}" for c in shapes.CATEGORIES)
+        extra = f"  (refused, unknown words: {', '.join(r['refused_words'])})" if "refused_words" in r else ""
+        print(f"{name:12s} overall {r['overall']:.3f}  {cells}{extra}")
+    rec = report["reconstruction"]
+    print(f"reconstruction: decoded {rec['decoded']:.3f} (real pictures at the decoder's resolution "
+          f"{rec['real_at_decoder_resolution']:.3f})")
+    print("understanding: " + "  ".join(f"{k} {v:.2f}" for k, v in report["understanding"].items()))
+    print("codebook usage: " + "  ".join(f"{g}: {u['used']}/{u['of']} used, perplexity {u['perplexity']:.1f}, "
+                                         f"{u['dead']} dead" for g, u in report["codebook_usage"].items()))
