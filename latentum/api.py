@@ -195,17 +195,18 @@ class LatentUM:
             raise ValueError("prompts must be a non-empty list of strings")
         for i, p in enumerate(prompts):
             self._check_text(p, f"prompts[{i}]")
-        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) \
-                or cfg_scale < 1:
-            raise ValueError(f"cfg_scale must be a finite number >= 1, got {cfg_scale!r}")
+        _check_cfg_scale(cfg_scale)
         ids = interleaved.text_to_latents(self.model, self.tokenizer, prompts,
                                           SamplingParams(temperature, top_k, top_p), cfg_scale, seeded_generator(seed))
         return [LatentImage(x) for x in ids.cpu()]
 
     @torch.inference_mode()
     def generate(self, inputs: list, *, max_images: int = 16, max_new_tokens: int = 256,
-                 sampling: SamplingParams = INTERLEAVED_SAMPLING, seed: int = 0) -> list:
-        """Interleaved generation: ``inputs`` is a list of str / images; returns list[str | LatentImage]."""
+                 sampling: SamplingParams = INTERLEAVED_SAMPLING, seed: int = 0, cfg_scale: float = 1.0) -> list:
+        """Interleaved generation: ``inputs`` is a list of str / images; returns list[str | LatentImage].
+        ``cfg_scale`` > 1 guides each generated image against the inputs with their words dropped (as
+        ``generate_images``); 1 (the default) samples images from the prompted stream alone."""
+        _check_cfg_scale(cfg_scale)
         if not isinstance(inputs, list) or not inputs:
             raise ValueError("inputs must be a non-empty list of strings and images")
         _check_count(max_images, "max_images", minimum=0)
@@ -218,7 +219,7 @@ class LatentUM:
             else:
                 items.append(self._image_item(x, f"inputs[{i}]"))
         return interleaved.interleaved(self.model, self.tokenizer, items, max_images, max_new_tokens, sampling,
-                                       seeded_generator(seed))
+                                       seeded_generator(seed), cfg_scale)
 
     # --- rendering --------------------------------------------------------------------------------------
     @property
@@ -275,6 +276,12 @@ class LatentUM:
     def new_decoder(self, batch: int, max_len: int | None = None) -> Decoder:
         """An empty incremental decoder over this model (``generation.engine.Decoder``), for applications."""
         return new_decoder(self.model, self.tokenizer, batch, max_len)
+
+
+def _check_cfg_scale(cfg_scale) -> None:
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale) \
+            or cfg_scale < 1:
+        raise ValueError(f"cfg_scale must be a finite number >= 1, got {cfg_scale!r}")
 
 
 def _check_list(value, argument: str) -> None:

@@ -274,3 +274,35 @@ def test_a_right_draft_takes_one_forward_and_sampling_refuses_drafts(model):
         dec.generate_latent(SamplingParams(temperature=1.0), grid=4, draft=want)
     with pytest.raises(ValueError, match="draft must be"):
         dec.generate_latent(GREEDY, grid=4, draft=want[:, :3])
+
+
+def _scripted_text(monkeypatch, script: list[int]):
+    """Make ``Decoder.sample_text`` say ``script`` in order (drawing nothing from the generator)."""
+    said = iter(script)
+    monkeypatch.setattr(Decoder, "sample_text", lambda self, *a, **k: torch.tensor([next(said)] * self.batch))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_an_interleaved_image_is_guided_as_text_to_image_guides_it(model, monkeypatch, cfg_scale):
+    """generate(..., cfg_scale) guides each image against the prompt-dropped stream: an image started right
+    after the prompt equals ``generate_images`` of that prompt at the same scale and seed, and the stream
+    continues after it (both streams took the image)."""
+    api = LatentUM(model, TOK)
+    prompt, sampling = "a red circle left of a blue square", SamplingParams(0.9, 50, 0.95)
+    want = api.generate_images([prompt], cfg_scale=cfg_scale, seed=3, temperature=0.9, top_k=50, top_p=0.95)[0]
+    _scripted_text(monkeypatch, [TOK.img_start_id, TOK.token_to_id("circle"), TOK.img_start_id, TOK.eos_id])
+    out = api.generate([prompt], max_images=2, sampling=sampling, seed=3, cfg_scale=cfg_scale)
+    assert [type(x).__name__ for x in out] == ["LatentImage", "str", "LatentImage"]
+    assert torch.equal(out[0].ids, want.ids)
+
+
+def test_interleaved_guidance_changes_the_images(model, monkeypatch):
+    api = LatentUM(model, TOK)
+    script = [TOK.img_start_id, TOK.eos_id]
+    images = []
+    for scale in (1.0, 4.0):
+        _scripted_text(monkeypatch, script)
+        images.append(api.generate(["two blue squares"], sampling=SamplingParams(0.0), seed=0, cfg_scale=scale)[0])
+    assert not torch.equal(images[0].ids, images[1].ids)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        api.generate(["two blue squares"], cfg_scale=float("nan"))

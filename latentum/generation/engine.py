@@ -227,16 +227,22 @@ class Decoder:
             pend = pred[:, a]
 
     def think(self, params: SamplingParams, generator=None, reread=None, grid: int | None = None,
-              draft: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+              draft: torch.Tensor | None = None, window: int | None = None, uncond: Decoder | None = None,
+              cfg_scale: float = 1.0) -> torch.Tensor:
         """Fork, generate a latent image on the fork, discard it, replay the image through the und branch.
         ``reread`` (ids -> ids) may transform the image before it is read (e.g. a pixel round trip);
-        ``draft`` / ``window`` as in ``generate_latent``.
+        ``draft`` / ``window`` as in ``generate_latent``; ``uncond`` (the same stream with its prompt dropped)
+        and ``cfg_scale`` guide the image's codes, and the image is replayed into ``uncond`` too.
         Returns the generated ids (B, N, G); afterwards ``last`` predicts the text after ``</img>``."""
-        mark, pos = self.cache.length, self.next_pos.clone()
-        ids = self.generate_latent(params, generator, grid=grid, draft=draft, window=window)
-        self.cache.truncate(mark)
-        self.next_pos = pos
-        self.feed_latents(ids if reread is None else reread(ids))
+        forks = [self] if uncond is None else [self, uncond]
+        marks = [(d.cache.length, d.next_pos.clone()) for d in forks]
+        ids = self.generate_latent(params, generator, grid=grid, draft=draft, window=window, uncond=uncond,
+                                   cfg_scale=cfg_scale)
+        read = ids if reread is None else reread(ids)
+        for d, (mark, pos) in zip(forks, marks):
+            d.cache.truncate(mark)
+            d.next_pos = pos
+            d.feed_latents(read)
         return ids
 
     def keep_rows(self, index: torch.Tensor) -> None:

@@ -10,12 +10,12 @@ from latentum.generation.engine import Decoder, new_decoder
 from latentum.types import GREEDY, LatentImage, SamplingParams
 
 
-def _prefill(model, tok, prompts: list[list]) -> Decoder:
-    """Batch prefill; rows holding a LatentImage are fed item by item (latents go through the und branch)."""
-
+def _prefill(model, tok, prompts: list[list], drop_text: bool = False) -> Decoder:
+    """Batch prefill; rows holding a LatentImage are fed item by item (latents go through the und branch).
+    ``drop_text``: prompt words become <pad> (the unconditional stream of classifier-free guidance)."""
     dec = new_decoder(model, tok, len(prompts))
     if not any(isinstance(x, LatentImage) for p in prompts for x in p):
-        dec.prefill(prompts)
+        dec.prefill(prompts, drop_text=drop_text)
         return dec
     if len(prompts) != 1:
         raise ValueError("prompts with LatentImage items are decoded one at a time; pass a single prompt")
@@ -24,7 +24,8 @@ def _prefill(model, tok, prompts: list[list]) -> Decoder:
         if isinstance(item, LatentImage):
             dec.feed_latents(item.ids[None].to(model.device))
         elif isinstance(item, str):
-            dec.feed_prompt_ids(torch.tensor([tok.encode(item)]))
+            ids = tok.encode(item)
+            dec.feed_prompt_ids(torch.tensor([[tok.pad_id] * len(ids) if drop_text else ids]))
         else:
             dec.feed_input_images(np.asarray(item)[None])
     return dec
@@ -118,11 +119,14 @@ def text_to_latents(model, tok, prompts: list[str], params: SamplingParams, cfg_
     return cond.generate_latent(params, generator, uncond=uncond, cfg_scale=cfg_scale)
 
 
-def interleaved(model, tok, items: list, max_images: int, max_new_tokens: int, params: SamplingParams, generator):
+def interleaved(model, tok, items: list, max_images: int, max_new_tokens: int, params: SamplingParams, generator,
+                cfg_scale: float = 1.0):
     """Free interleaved decoding (batch 1): text until ``<img>`` -> a latent thought (fork, generate, replay)
-    -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` text tokens."""
-
+    -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` text tokens. With ``cfg_scale``
+    != 1 every image's codes are guided against a second stream whose prompt words are dropped (the same
+    generated text and images fed to both, LatentUM §4); the text itself is sampled from the prompted stream."""
     dec = _prefill(model, tok, [items])
+    uncond = _prefill(model, tok, [items], drop_text=True) if cfg_scale != 1.0 else None
     # A thought keeps the layout of the last input image (a 4x4 input imagines 4x4 images); else full canvas.
     images = [x for x in items if isinstance(x, np.ndarray)]
     grid = active_grid(images[-1], model.cfg.encoder.grid) if images else None
@@ -135,14 +139,15 @@ def interleaved(model, tok, items: list, max_images: int, max_new_tokens: int, p
             break
         if t != tok.img_start_id:
             text.append(t)
-            dec.feed_ids(nxt[:, None])
+            for d in (dec, uncond) if uncond is not None else (dec,):
+                d.feed_ids(nxt[:, None])
             continue
         if text:
             out.append(tok.decode(text))
             text = []
         if sum(isinstance(x, LatentImage) for x in out) >= max_images:
             break
-        out.append(LatentImage(dec.think(params, generator, grid=grid)[0].cpu()))
+        out.append(LatentImage(dec.think(params, generator, grid=grid, uncond=uncond, cfg_scale=cfg_scale)[0].cpu()))
     if text:
         out.append(tok.decode(text))
     return out
