@@ -98,3 +98,31 @@ def test_another_model_type_is_refused():
 
     with pytest.raises(ValueError, match="model_type must be one of"):
         backbone_config_from_hf(GPT2Config())
+
+
+def test_a_4b_model_of_latentums_shapes_builds_on_the_meta_device():
+    """LatentUM-Base's shapes (reference §1: InternVL3.5-4B = InternViT-300M + Qwen3-4B, a generation branch,
+    an 8 x 2048 MBAQ with 256-dim codes, a 3-layer AR head) built on the meta device, no memory: the parts the
+    reference estimates come out at its figures (gen branch ~101M per layer = ~3.6B, AR head ~0.28B, visual
+    projector ~7M); the whole is 8.27B against the reference's rough ~8.7B, which counts an untied head (+0.39B)
+    and a larger MBAQ that its code does not pin down (issue #29)."""
+    from latentum.config import EncoderConfig, HeadConfig, ModelConfig, QuantizerConfig
+    from latentum.model.latentum import LatentUMModel
+
+    qwen3_4b = Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
+                           max_position_embeddings=40960, tie_word_embeddings=True)
+    cfg = ModelConfig(encoder=EncoderConfig(image_size=448, patch_size=14, width=1024, depth=24, heads=16),
+                      quantizer=QuantizerConfig(codebooks=8, codebook_size=2048, code_dim=32, hidden_dim=2560),
+                      backbone=backbone_config_from_hf(qwen3_4b), head=HeadConfig(depth=3, heads=32))
+    with torch.device("meta"):
+        model = LatentUMModel(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+    gen = count(model.backbone.branch_parameters("gen"))
+    assert abs(gen / 36 - 101e6) / 101e6 < 0.01 and abs(gen - 3.6e9) / 3.6e9 < 0.02
+    assert abs(count(model.head.parameters()) - 0.28e9) / 0.28e9 < 0.02
+    assert abs(count(model.visual_projector.parameters()) - 7e6) / 7e6 < 0.05
+    assert abs(count(model.encoder.parameters()) - 0.30e9) / 0.30e9 < 0.02  # InternViT-300M's size
+    total = count(model.parameters())
+    assert 8.2e9 < total < 8.8e9, total
