@@ -104,8 +104,8 @@ def test_a_4b_model_of_latentums_shapes_builds_on_the_meta_device():
     """LatentUM-Base's shapes (reference §1: InternVL3.5-4B = InternViT-300M + Qwen3-4B, a generation branch,
     an 8 x 2048 MBAQ with 256-dim codes, a 3-layer AR head) built on the meta device, no memory: the parts the
     reference estimates come out at its figures (gen branch ~101M per layer = ~3.6B, AR head ~0.28B, visual
-    projector ~7M); the whole is 8.27B against the reference's rough ~8.7B, which counts an untied head (+0.39B)
-    and a larger MBAQ that its code does not pin down (issue #29)."""
+    projector ~7M); the whole is 8.27B against the reference's rough ~8.7B. The gap is about the size of an
+    untied output head (0.39B) plus a larger MBAQ; only the official config.json can settle it (issue #29)."""
     from latentum.config import EncoderConfig, HeadConfig, ModelConfig, QuantizerConfig
     from latentum.model.latentum import LatentUMModel
 
