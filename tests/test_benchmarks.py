@@ -15,3 +15,11 @@ def test_gpu_check_runs_its_tiny_smoke_on_the_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "tokens_per_s=" in out and "batch 16:" in out and "planning 8x8: batched" in out
+
+
+def test_speed_prints_every_figure_beside_its_peer():
+    proc = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x" in line.split("|")[-2]]
+    assert len(rows) == 9 and "same tokens: True" in proc.stdout  # the engine decodes what transformers does

@@ -1,0 +1,154 @@
+"""latentum against its peers on this machine, side by side in one run (issue #30): medians and ratios.
+
+    python benchmarks/speed.py              # a few minutes on 2 CPU cores
+    python benchmarks/speed.py --quick      # fewer repeats, smaller batches: a smoke run
+
+Figures (each ratio is latentum / peer, > 1 means latentum is faster):
+- training step, fp32: the MoME backbone with every token on one branch (dense) against ``transformers``
+  Qwen2 of the same dims and weights (``model.hf.backbone_from_hf``), at the shipped dims and at d=512 x 8;
+- MoME (half the tokens on each branch) against the same backbone dense;
+- bf16 autocast against fp32 for the dense step, with what ``precision: auto`` picks here;
+- cached greedy decoding at batch 1 and 16: the engine's ``Decoder`` against ``transformers`` ``generate``
+  on the same weights (the greedy tokens are compared too);
+- planning 16 8x8 maps in one batch against one at a time, with the shipped model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from latentum.api import LatentUM
+from latentum.apps.vsp import entry
+from latentum.apps.vsp.evaluate import eval_maps
+from latentum.model.hf import backbone_from_hf
+from latentum.train.precision import auto_precision
+from latentum.worlds import frozenlake as fl
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peer(dim: int, depth: int, heads: int, ffn: int, vocab: int = 111) -> Qwen2ForCausalLM:
+    config = Qwen2Config(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=depth,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).train()
+
+
+def train_steps(dim: int, depth: int, heads: int, ffn: int, batch: int, seq: int, repeats: int) -> dict:
+    hf = peer(dim, depth, heads, ffn)
+    ours = backbone_from_hf(hf).train()
+    ids = torch.randint(0, 111, (batch, seq), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(seq).expand(batch, seq)
+    dense, mixed = torch.zeros(batch, seq, dtype=torch.bool), torch.zeros(batch, seq, dtype=torch.bool)
+    mixed[:, seq // 2:] = True
+
+    def ours_step(gen_mask, dtype=None):
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                logits = ours.logits(ours(ours.embed(ids), gen_mask, positions).hidden)
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+            loss.backward()
+            ours.zero_grad(set_to_none=True)
+        return step
+
+    def hf_step():
+        hf(input_ids=ids, labels=ids).loss.backward()
+        hf.zero_grad(set_to_none=True)
+
+    tokens = batch * seq
+    t_dense, t_hf = median_time(ours_step(dense), repeats), median_time(hf_step, repeats)
+    t_mixed = median_time(ours_step(mixed), repeats)
+    t_bf16 = median_time(ours_step(dense, torch.bfloat16), repeats)
+    return {"dense_tok_s": tokens / t_dense, "hf_tok_s": tokens / t_hf, "mome_tok_s": tokens / t_mixed,
+            "bf16_tok_s": tokens / t_bf16}
+
+
+@torch.inference_mode()
+def decode(batch: int, new_tokens: int, repeats: int) -> dict:
+    api = LatentUM.from_pretrained("checkpoints/tiny")
+    bb = api.config.backbone
+    hf = peer(bb.dim, bb.depth, bb.heads, bb.ffn_hidden).eval()
+    ours = backbone_from_hf(hf).eval()
+    prompt = torch.randint(7, 111, (batch, 12), generator=torch.Generator().manual_seed(1))
+
+    def ours_decode():
+        cache = ours.new_cache(batch, 12 + new_tokens)
+        positions = torch.arange(12).expand(batch, 12)
+        out = ours(ours.embed(prompt), torch.zeros(batch, 12, dtype=torch.bool), positions, cache=cache)
+        tokens = []
+        for t in range(new_tokens):
+            nxt = ours.logits(out.hidden[:, -1]).argmax(-1)
+            tokens.append(nxt)
+            out = ours(ours.embed(nxt[:, None]), torch.zeros(batch, 1, dtype=torch.bool),
+                       torch.full((batch, 1), 12 + t), cache=cache)
+        return torch.stack(tokens, 1)
+
+    def hf_decode():
+        return hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)[:, 12:]
+
+    same = torch.equal(ours_decode(), hf_decode())
+    t_ours, t_hf = median_time(ours_decode, repeats), median_time(hf_decode, repeats)
+    return {"ours_tok_s": batch * new_tokens / t_ours, "hf_tok_s": batch * new_tokens / t_hf, "same_tokens": same}
+
+
+def planning(maps: int, repeats: int) -> dict:
+    api = LatentUM.from_pretrained("checkpoints/tiny")
+    boards = [fl.render_canvas(m, m.player, "gymnasium", canvas=api.canvas) for m in eval_maps(8, maps)]
+    t_batch = median_time(lambda: entry.plan_batch(api, boards), repeats)
+    t_single = median_time(lambda: [entry.plan(api, b) for b in boards], repeats)
+    return {"batched_plans_s": maps / t_batch, "single_plans_s": maps / t_single}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches (a smoke run)")
+    args = ap.parse_args()
+    r = 1 if args.quick else 5
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; precision auto -> {auto_precision()[0]}")
+    print("| figure | latentum | peer | ratio |\n|---|---|---|---|")
+    for name, dims in (("shipped dims (160 x 6)", (160, 6, 5, 448)), ("d=512 x 8", (512, 8, 8, 1536))):
+        t = train_steps(*dims, batch=2 if args.quick else 8, seq=128 if args.quick else 512, repeats=r)
+        print(f"| training step fp32, {name}, tok/s | {t['dense_tok_s']:.0f} | HF Qwen2 {t['hf_tok_s']:.0f} | "
+              f"{t['dense_tok_s'] / t['hf_tok_s']:.2f}x |")
+        print(f"| MoME step vs dense, {name}, tok/s | {t['mome_tok_s']:.0f} | dense {t['dense_tok_s']:.0f} | "
+              f"{t['mome_tok_s'] / t['dense_tok_s']:.2f}x |")
+        print(f"| bf16 autocast vs fp32, {name}, tok/s | {t['bf16_tok_s']:.0f} | fp32 {t['dense_tok_s']:.0f} | "
+              f"{t['bf16_tok_s'] / t['dense_tok_s']:.2f}x |")
+    for batch in (1, 16):
+        d = decode(batch, 16 if args.quick else 64, r)
+        print(f"| cached greedy decode, batch {batch}, tok/s | {d['ours_tok_s']:.0f} | HF generate "
+              f"{d['hf_tok_s']:.0f} | {d['ours_tok_s'] / d['hf_tok_s']:.2f}x (same tokens: {d['same_tokens']}) |")
+    p = planning(4 if args.quick else 16, 1 if args.quick else 3)
+    print(f"| plan_batch of 8x8 maps vs one at a time, plans/s | {p['batched_plans_s']:.2f} | "
+          f"{p['single_plans_s']:.2f} | {p['batched_plans_s'] / p['single_plans_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
