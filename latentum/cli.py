@@ -32,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start legs that already have a run over")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default: 0)")
     p.add_argument("--devices", type=int, default=None, help="override the number of devices/processes")
-    p.add_argument("--strategy", default=None, help="override the Lightning strategy (auto, ddp, fsdp)")
+    p.add_argument("--strategy", default=None, help="override the Lightning strategy (auto, ddp, ddp_spawn, fsdp)")
     p.add_argument("--steps", type=int, default=None, help="override every leg's step count")
 
     p = sub.add_parser("eval", help="evaluate a model", description="Evaluate on fresh seeds never used in "
                        "training. 'vsp': planning success (gym and strict rules), perception QA, safety, "
-                       "visual-thought fidelity and seconds per plan, with the baselines side by side.")
+                       "visual-thought fidelity and seconds per plan, with the baselines side by side. 'shapes': "
+                       "text-to-image by the pixel oracle per GenEval category, reconstruction through the codes, "
+                       "Shapes QA and codebook usage.")
     p.add_argument("suite", choices=["vsp", "shapes"], help="vsp: planning and perception on FrozenLake maps; "
                    "shapes: text-to-image by the pixel oracle per GenEval category, reconstruction, QA, codebook use")
     _add_model(p)
@@ -115,13 +117,15 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
-    from latentum.train.config import load_recipe
+    from latentum.train.config import STRATEGIES, load_recipe
     from latentum.train.run import assemble, train_leg, train_recipe
 
     recipe = load_recipe(args.config)
     for name, value in (("devices", args.devices), ("steps", args.steps)):
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    if args.strategy is not None and args.strategy not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {STRATEGIES}, got {args.strategy!r}")
     for leg in recipe.legs:
         leg.config.devices = args.devices or leg.config.devices
         leg.config.strategy = args.strategy or leg.config.strategy

@@ -245,8 +245,17 @@ def test_a_latent_image_that_is_not_this_models_is_named(api, ids, named):
     ("stages: {vlm: {worlds: {frozenlake: {map_sizes: [9]}}}}\n", "map_sizes"),
     ("stages: [vlm]\n", "stages must be a mapping"),
     ("{unclosed\n", "not valid YAML"),
+    ("stages: {vlm: {strategy: dpp}}\n", "strategy must be one of"),
 ])
 def test_a_bad_recipe_field_exits_2_naming_the_file_and_field(tmp_path, capsys, text, named):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     one_line_error(*cli(["train", "--config", path, "--out", tmp_path / "run"], capsys), "recipe.yaml", named)
+
+
+@pytest.mark.parametrize("flag, value, named", [("--strategy", "dpp", "--strategy must be one of"),
+                                                ("--steps", "0", "--steps must be >= 1"),
+                                                ("--devices", "-2", "--devices must be >= 1")])
+def test_a_bad_train_override_exits_2_naming_the_flag(tmp_path, capsys, flag, value, named):
+    one_line_error(*cli(["train", "--config", DEBUG, flag, value, "--out", tmp_path / "run"], capsys), named)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
