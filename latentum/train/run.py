@@ -152,7 +152,10 @@ class StopEveryRank(Callback):
             for proc in procs:
                 proc.kill()
             for proc in procs:
-                proc.wait(timeout=10)
+                try:
+                    proc.wait(timeout=30)
+                except Exception:  # never let reaping keep this rank from stopping
+                    pass
             if trainer.local_rank != 0:
                 os.kill(os.getppid(), signal.SIGTERM)
             print(f"[rank {trainer.global_rank}] stopped by signal {signum}; continue with --resume",
