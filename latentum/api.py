@@ -97,12 +97,13 @@ class LatentUM:
     def answer(self, image, question: str, *, max_new_tokens: int = 16,
                sampling: SamplingParams = GREEDY, seed: int = 0) -> str:
         """Answer ``question`` about ``image`` (or a LatentImage, read through the und branch)."""
+        self._check_text(question, "question")
         return self.answer_batch([image], [question], max_new_tokens=max_new_tokens, sampling=sampling,
-                                 seed=seed, argument="question")[0]
+                                 seed=seed)[0]
 
     @torch.inference_mode()
     def answer_batch(self, images: list, questions: list[str], *, max_new_tokens: int = 16,
-                     sampling: SamplingParams = GREEDY, seed: int = 0, argument: str = "questions") -> list[str]:
+                     sampling: SamplingParams = GREEDY, seed: int = 0) -> list[str]:
         """``answer`` for several (image, question) pairs, batched."""
         _check_list(images, "images")
         _check_list(questions, "questions")
@@ -110,7 +111,7 @@ class LatentUM:
             raise ValueError(f"images and questions must have the same length, got {len(images)} and "
                              f"{len(questions)}")
         for i, q in enumerate(questions):
-            self._check_text(q, argument if argument == "question" else f"questions[{i}]")
+            self._check_text(q, f"questions[{i}]")
         _check_count(max_new_tokens, "max_new_tokens")
         prompts = [[self._image_item(im, f"images[{i}]"), q] for i, (im, q) in enumerate(zip(images, questions))]
         return interleaved.answer_rows(self.model, self.tokenizer, prompts, max_new_tokens, sampling,

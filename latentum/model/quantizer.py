@@ -186,8 +186,9 @@ class MBAQ(nn.Module):
         revived code restarts at uniform usage, as in LatentUM."""
         if self.cfg.dead_code_threshold <= 0:
             return
-        total = self._all_processes_sum(torch.tensor(float(num_tokens), device=self.usage_ema.device))
-        uniform = float(total) / self.cfg.codebook_size
+        if getattr(self, "_synced", False):  # the library counts codes over every process's tokens
+            num_tokens = float(self._all_processes_sum(torch.tensor(float(num_tokens), device=self.usage_ema.device)))
+        uniform = num_tokens / self.cfg.codebook_size
         cb = self.vq._codebook  # the library exposes these only on its Codebook module
         cb.threshold_ema_dead_code = self.cfg.dead_code_threshold * uniform
         cb.reset_cluster_size = uniform

@@ -7,6 +7,7 @@ model is a plain ``LatentUMModel`` that loads and runs without ``peft``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -33,7 +34,7 @@ def add_lora(model: LatentUMModel, branch: str, rank: int, alpha: float, dropout
     if bad:
         raise ValueError(f"lora.targets: unknown layers {bad}; expected some of {list(TARGETS)}")
     i = BRANCHES.index(branch)
-    pattern = rf"backbone\.layers\.\d+\.branches\.{i}\.({'|'.join(t.replace('.', chr(92) + '.') for t in targets)})"
+    pattern = rf"backbone\.layers\.\d+\.branches\.{i}\.({'|'.join(map(re.escape, targets))})"
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none")
     inject_adapter_in_model(config, model)
     return model

@@ -30,7 +30,7 @@ from latentum.data.tokenizer import TextTokenizer
 from latentum.model.backbone import MoMELayer
 from latentum.train.config import Leg, RecipeConfig, StageConfig, recipe_to_data
 from latentum.train.precision import resolve_precision
-from latentum.train.stages import STAGES, build_model, start_folder
+from latentum.train.stages import STAGES, existing_start
 from latentum.worlds.registry import default_tokenizer
 
 LAST = "last.ckpt"
@@ -82,8 +82,8 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
     _check_run_folder(folder, leg, resume, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(recipe, out, leg.name)
-    start = start_folder(recipe, leg, out)
+    start = existing_start(recipe, leg, out)
+    model = stage.build(recipe, cfg, start)
     tok = TextTokenizer.load(start) if start else default_tokenizer()
     system = stage.system(model, recipe, cfg, {x.name: out / x.name / "export" for x in recipe.legs})
     ckpt_path = str(ckpt) if resume and ckpt.is_file() else None

@@ -175,11 +175,16 @@ def start_folder(recipe: RecipeConfig, leg: Leg, out: Path) -> Path | None:
                      f"(an exported model folder, or an earlier leg), or put a model leg before it")
 
 
-def build_model(recipe: RecipeConfig, out: str | Path, leg_name: str) -> LatentUMModel:
-    """The model that leg ``leg_name`` of ``recipe`` (run folder ``out``) starts training."""
-    leg = recipe.leg(leg_name)
-    start = start_folder(recipe, leg, Path(out))
+def existing_start(recipe: RecipeConfig, leg: Leg, out: Path) -> Path | None:
+    """``start_folder``, checked to hold an exported model."""
+    start = start_folder(recipe, leg, out)
     if start is not None and not (start / "config.json").is_file():
         raise ValueError(f"leg {leg.name!r} starts from {str(start)!r}, which holds no exported model; train the "
                          f"leg that exports it first")
-    return STAGES[leg.stage].build(recipe, leg.config, start)
+    return start
+
+
+def build_model(recipe: RecipeConfig, out: str | Path, leg_name: str) -> LatentUMModel:
+    """The model that leg ``leg_name`` of ``recipe`` (run folder ``out``) starts training."""
+    leg = recipe.leg(leg_name)
+    return STAGES[leg.stage].build(recipe, leg.config, existing_start(recipe, leg, Path(out)))

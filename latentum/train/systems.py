@@ -81,10 +81,11 @@ class StageSystem(L.LightningModule):
         (a zero gradient where the batch did not use it). Under DDP every rank must produce a gradient for every
         trained parameter; a rank whose batch holds no generation tokens (or no image to predict) would leave
         the gen branch or the AR head out and wait for the others forever (issue #31)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        if not hasattr(self, "_trained"):  # fixed once training runs (after any strategy wrapped the model)
+            self._trained = [p for p in self.parameters() if p.requires_grad]
+        if not self._trained:
             return torch.zeros((), device=self.device)
-        return 0.0 * torch.stack([p.reshape(-1)[0].float() for p in params]).sum()
+        return 0.0 * torch.stack([p.reshape(-1)[0].float() for p in self._trained]).sum()
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
