@@ -16,7 +16,7 @@ from PIL import Image
 from latentum.checkpoint import decoder_folder, load_decoder_folder, load_model_folder, save_model_folder
 from latentum.config import ModelConfig
 from latentum.data.canvas import active_grid, active_index
-from latentum.data.tokenizer import TextTokenizer
+from latentum.data.hf_tokenizer import AnyTokenizer
 from latentum.generation import interleaved
 from latentum.generation.engine import Decoder, new_decoder
 from latentum.generation.render import render_ids
@@ -66,7 +66,7 @@ class LatentUM:
     """A trained latentum model: understanding, latent image generation, rendering on demand and interleaved
     generation. Load with ``LatentUM.from_pretrained(folder)``; applications (``latentum.apps``) build on it."""
 
-    def __init__(self, model: LatentUMModel, tokenizer: TextTokenizer, decoder_path: Path | None = None):
+    def __init__(self, model: LatentUMModel, tokenizer: AnyTokenizer, decoder_path: Path | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.decoder_path = decoder_path

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from latentum.config import DecoderConfig, ModelConfig, from_dict, to_dict
+from latentum.data.hf_tokenizer import AnyTokenizer, load_tokenizer
 from latentum.data.tokenizer import TextTokenizer
+from latentum.model.backbone import RotaryEmbedding, rope_frequencies
 from latentum.model.decoder import PixelDecoder
 from latentum.model.latentum import LatentUMModel
+from latentum.model.official import is_official_config, official_model_config, official_state_to_ours
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -61,10 +64,13 @@ def load_weights(module: torch.nn.Module, file: Path, device: str | torch.device
                          f"unexpected {sorted(unexpected)[:3]})")
 
 
-def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[LatentUMModel, TextTokenizer]:
-    """A model folder -> (model in eval mode, tokenizer); checks every file before any weight is used."""
+def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[LatentUMModel, AnyTokenizer]:
+    """A model folder -> (model in eval mode, tokenizer); checks every file before any weight is used. An official
+    LatentUM folder (``model.official``) is converted on the way in."""
     path = Path(path)
     meta = read_config(path)
+    if is_official_config(meta):
+        return load_official_folder(path, meta, device)
     for name in (WEIGHTS_NAME, TOKENIZER_NAME):
         if not (path / name).is_file():
             raise ValueError(f"{str(path)!r} is not a complete model folder (no {name})")
@@ -74,16 +80,83 @@ def load_model_folder(path: str | Path, device: str | torch.device = "cpu") -> t
         cfg = from_dict(ModelConfig, meta["model"], "model")
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(path / CONFIG_NAME)!r}: {e}") from e
-    try:
-        tok = TextTokenizer.load(path)
-    except Exception as e:  # the tokenizers library raises its own exception types for broken files
-        raise ValueError(f"{str(path / TOKENIZER_NAME)!r} is not a readable tokenizer ({e})") from e
-    if tok.vocab_size != cfg.backbone.vocab_size:
-        raise ValueError(f"{str(path)!r}: tokenizer.json has {tok.vocab_size} tokens but config.json expects "
-                         f"{cfg.backbone.vocab_size}")
+    tok = _read_tokenizer(path, cfg)
     model = LatentUMModel(cfg)
     load_weights(model, path / WEIGHTS_NAME, device)
     return model.to(device).eval(), tok
+
+
+def _read_tokenizer(path: Path, cfg: ModelConfig):
+    """The folder's tokenizer (ours, or a ``transformers`` one), checked against the model's vocabulary: ours must
+    fill it exactly; a pretrained one may leave padding rows (Qwen's embedding has more rows than tokens)."""
+    try:
+        tok = load_tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{str(path)!r}: {e}") from e
+    except Exception as e:  # the tokenizers library raises its own exception types for broken files
+        raise ValueError(f"{str(path / TOKENIZER_NAME)!r} is not a readable tokenizer ({e})") from e
+    fits = tok.vocab_size == cfg.backbone.vocab_size if isinstance(tok, TextTokenizer) \
+        else tok.vocab_size <= cfg.backbone.vocab_size
+    if not fits:
+        raise ValueError(f"{str(path)!r}: the tokenizer has {tok.vocab_size} tokens but config.json expects "
+                         f"{cfg.backbone.vocab_size}")
+    return tok
+
+
+def load_official_folder(path: str | Path, meta: dict | None = None, device: str | torch.device = "cpu"):
+    """An official LatentUM folder (reference §7: config.json with ``internvl_config``, one model.safetensors under
+    ``internvl.`` / ``quantizer.``, the InternVL tokenizer files) -> (model in eval mode, tokenizer). The model is
+    built on the meta device and takes the file's tensors as they are, so nothing is allocated twice."""
+    path = Path(path)
+    meta = read_config(path) if meta is None else meta
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        raise ValueError(f"{str(path)!r} is not a complete official LatentUM folder (no {WEIGHTS_NAME})")
+    try:
+        state = load_file(str(file), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{str(file)!r} is not a readable safetensors file ({e})") from e
+    try:
+        cfg = official_model_config(meta, state, str(path / CONFIG_NAME))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{e}" if str(path) in str(e) else f"{str(path / CONFIG_NAME)!r}: {e}") from e
+    tok = _read_tokenizer(path, cfg)
+    with torch.device("meta"):
+        model = LatentUMModel(cfg)
+    weights = official_state_to_ours(state, cfg, model.state_dict(), str(file))
+    model.load_state_dict(weights, strict=True, assign=True)
+    if cfg.backbone.tie_embeddings:
+        model.backbone.lm_head.weight = model.backbone.embedding.weight
+    _fill_computed_buffers(model, device)
+    return model.to(device).eval(), tok
+
+
+def convert_official(source: str | Path, out: str | Path) -> Path:
+    """An official LatentUM folder -> a latentum model folder at ``out`` (``origin`` names the source)."""
+    meta = read_config(Path(source))
+    if not is_official_config(meta):
+        raise ValueError(f"{str(Path(source) / CONFIG_NAME)!r} is not an official LatentUM config "
+                         "(expected 'internvl_config' and 'mixture_mode')")
+    model, tok = load_official_folder(source, meta)
+    return save_model_folder(model, tok, out, origin={"converted_from": str(source)})
+
+
+def _fill_computed_buffers(model: LatentUMModel, device) -> None:
+    """Buffers a state dict does not carry (RoPE frequencies, position ids) are computed, not loaded: a model
+    built on the meta device gets them here, as its constructor would have made them."""
+    for name, module in model.named_modules():
+        for leaf, buf in list(module.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if isinstance(module, RotaryEmbedding):
+                value = rope_frequencies(model.cfg.backbone)[0]
+            elif leaf == "position_ids":  # transformers vision embeddings: arange over the positions
+                value = torch.arange(buf.shape[-1]).expand(buf.shape)
+            elif leaf == "zero":  # vector-quantize-pytorch's constant
+                value = torch.zeros(buf.shape)
+            else:
+                raise ValueError(f"official model: buffer {name}.{leaf} has no value to load or compute")
+            setattr(module, leaf, value.to(device=device, dtype=buf.dtype))
 
 
 def decoder_folder(path: str | Path) -> Path | None:
@@ -112,6 +185,11 @@ def load_decoder_folder(path: str | Path, device: str | torch.device = "cpu") ->
     path = Path(path)
     meta = read_config(path)
     where = str(path / CONFIG_NAME)
+    if "sd3_5_path" in meta:
+        raise ValueError(f"{where!r} is an official LatentUM pixel decoder: an SD3.5-Medium MMDiT-X whose "
+                         f"model.safetensors holds only the transformer; it needs the SD3.5-Medium VAE and base "
+                         f"weights from sd3_5_path={meta['sd3_5_path']!r}, which latentum does not run. Render with a "
+                         "latentum decoder trained on this model's codes (stage 'decoder')")
     if "decoder" not in meta or not isinstance(meta.get("code_dim"), int) or not isinstance(meta.get("grid"), int):
         raise ValueError(f"{where!r} is not a pixel decoder config (expected 'decoder', 'code_dim' and 'grid')")
     if meta.get("format_version") != FORMAT_VERSION or not isinstance(meta["decoder"], dict) \
@@ -127,7 +205,7 @@ def load_decoder_folder(path: str | Path, device: str | torch.device = "cpu") ->
     return decoder.to(device).eval()
 
 
-def save_model_folder(model: LatentUMModel, tokenizer: TextTokenizer, path: str | Path,
+def save_model_folder(model: LatentUMModel, tokenizer: AnyTokenizer, path: str | Path,
                       origin: dict | None = None, decoder: PixelDecoder | None = None) -> Path:
     """Write a self-describing model folder atomically: config.json (+ ``origin``: the recipe and commit it
     came from), model.safetensors, tokenizer.json, and ``decoder/`` if a decoder is given."""

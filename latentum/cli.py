@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--per-size", type=int, default=2, help="maps per size and style (default: 2)")
     p.add_argument("--out", default="outputs/demo", help="folder for the GIFs")
+
+    p = sub.add_parser("convert", help="convert an official LatentUM checkpoint folder to a latentum one",
+                       description="Read an official LatentUM folder (config.json with internvl_config, "
+                       "model.safetensors under internvl./quantizer., the InternVL tokenizer files), check that "
+                       "every tensor has its place, and write a latentum model folder. LatentUM.from_pretrained "
+                       "also reads the official folder directly; converting once saves the check on every load.")
+    p.add_argument("source", help="official LatentUM folder")
+    p.add_argument("out", help="latentum model folder to write (replaced atomically if it exists)")
     return ap
 
 
@@ -207,7 +215,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "generate": cmd_generate,
+def cmd_convert(args) -> int:
+    from latentum.checkpoint import convert_official
+
+    out = convert_official(args.source, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "train": cmd_train, "eval": cmd_eval, "plan": cmd_plan, "generate": cmd_generate,
             "answer": cmd_answer, "demo": cmd_demo}
 
 if __name__ == "__main__":

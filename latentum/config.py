@@ -18,27 +18,61 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+ENCODER_KINDS = ("vit", "siglip", "internvit")
+
+
 @dataclass
 class EncoderConfig:
-    """Vision encoder: a timm ViT over the square image canvas (the "VLM" side of stage 0)."""
+    """Vision encoder (the "VLM" tower): ``kind`` "vit" is our timm ViT over the square canvas, trained from
+    scratch; "siglip" and "internvit" are the ``transformers`` towers of pretrained VLMs (``model.towers``)."""
 
     image_size: int = 128
-    """Side of the square canvas in pixels (content may sit top-left on it, ``data.canvas``)."""
+    """Side of the square input in pixels (content may sit top-left on it, ``data.canvas``)."""
     patch_size: int = 16
-    """ViT patch size; the canvas gives (image_size // patch_size) ** 2 image tokens."""
+    """ViT patch size; the input gives (image_size // patch_size) ** 2 patches."""
     width: int = 128
     depth: int = 2
     heads: int = 4
+    kind: str = "vit"
+    """"vit" (ours, timm), "siglip" (``SiglipVisionModel``) or "internvit" (``InternVLVisionModel``)."""
+    ffn_hidden: int = 0
+    """Hidden width of each layer's MLP; 0: 4 * width (the "vit" kind always uses 4 * width)."""
+    pixel_shuffle: float = 1.0
+    """InternVL's downsample ratio: 0.5 folds each 2 x 2 patch block into one token of 4 * width features
+    (448 px / patch 14 -> 32 x 32 patches -> 16 x 16 tokens of 4096). 1.0: one token per patch."""
+    norm_eps: float = 1e-6
+    """LayerNorm eps of the pretrained towers."""
+    qkv_bias: bool = True
+    """Biases on the tower's q/k/v projections (InternViT-300M and SigLIP have them)."""
+    qk_norm: bool = False
+    """Per-head q/k norms in the tower (InternViT-6B has them; InternViT-300M does not)."""
 
     def __post_init__(self):
+        _check(self.kind in ENCODER_KINDS, f"encoder.kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
         _check(self.image_size > 0 and self.image_size % self.patch_size == 0,
                f"encoder.image_size must be a positive multiple of patch_size={self.patch_size}, "
                f"got {self.image_size}")
         _check(self.width % self.heads == 0, f"encoder.width={self.width} must divide by heads={self.heads}")
+        _check(self.ffn_hidden >= 0, f"encoder.ffn_hidden must be >= 0 (0: 4 * width), got {self.ffn_hidden}")
+        patches = self.image_size // self.patch_size
+        _check(self.pixel_shuffle in (1.0, 0.5) and (patches * self.pixel_shuffle).is_integer(),
+               f"encoder.pixel_shuffle must be 1.0 or 0.5 with an even patch grid, got {self.pixel_shuffle} "
+               f"over {patches} x {patches} patches")
+        _check(self.kind != "vit" or self.pixel_shuffle == 1.0, "encoder.pixel_shuffle needs kind internvit")
 
     @property
     def grid(self) -> int:
-        return self.image_size // self.patch_size
+        """Side of the token grid: patches per side, times ``pixel_shuffle``."""
+        return int(self.image_size // self.patch_size * self.pixel_shuffle)
+
+    @property
+    def feature_dim(self) -> int:
+        """F: features per token, ``width / pixel_shuffle ** 2``."""
+        return int(self.width / self.pixel_shuffle**2)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.ffn_hidden or 4 * self.width
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +90,12 @@ class QuantizerConfig:
     code_dim: int = 16
     """Dimension of each codebook chunk; a token's code vector z_q has codebooks * code_dim dims."""
     hidden_dim: int = 256
-    """Hidden width of the down/up projection MLPs."""
+    """Hidden width of the down-projection MLP (and of the up-projection and visual projector unless set)."""
+    up_hidden_dim: int = 0
+    """Hidden width of the up-projection MLP; 0: ``hidden_dim`` (LatentUM-Base: 16384 down, 10240 up)."""
+    projector_hidden_dim: int = 0
+    """Hidden width of the model's visual projector (z_q -> backbone); 0: ``hidden_dim``. LatentUM-Base uses the
+    backbone width (2560); ours starts the projector as a copy of the up-projection, so it takes that width."""
     commitment_weight: float = 0.25
     entropy_weight: float = 0.1
     """Weight of the codebook-usage entropy bonus (maximised; LatentUM uses 0.1)."""
@@ -70,6 +109,9 @@ class QuantizerConfig:
         _check(self.codebooks >= 1, f"quantizer.codebooks must be >= 1, got {self.codebooks}")
         _check(self.codebook_size >= 2, f"quantizer.codebook_size must be >= 2, got {self.codebook_size}")
         _check(self.code_dim >= 1, f"quantizer.code_dim must be >= 1, got {self.code_dim}")
+        for name in ("hidden_dim", "up_hidden_dim", "projector_hidden_dim"):
+            _check(getattr(self, name) >= (1 if name == "hidden_dim" else 0),
+                   f"quantizer.{name} must be >= {1 if name == 'hidden_dim' else 0}, got {getattr(self, name)}")
 
     @property
     def dim(self) -> int:
@@ -147,10 +189,16 @@ class HeadConfig:
     depth: int = 1
     heads: int = 4
     mlp_ratio: int = 4
+    depth_rope: bool = False
+    """Depth positions by 1-D RoPE (theta 1e4) over the depth index, as LatentUM-Base's head; False: a learned
+    depth position embedding added to the inputs (ours)."""
+    final_norm_eps: float = 1e-6
+    """eps of the final RMSNorm before the shared output layer (LatentUM-Base: 1e-5)."""
 
     def __post_init__(self):
         for name in ("depth", "heads", "mlp_ratio"):
             _check(getattr(self, name) >= 1, f"head.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.final_norm_eps > 0, f"head.final_norm_eps must be > 0, got {self.final_norm_eps}")
 
 
 @dataclass
@@ -249,6 +297,13 @@ class ModelConfig:
     cell by matching the same vector, not by learning which number word means which row, and the token that
     predicts the answer holds it itself (one attention step, not two). A recipe can switch it on for a model
     it continues."""
+    cell_positions: bool = True
+    """Image tokens carry their canvas cell's learned 2-D position (``CellPositions``; ours). Pretrained VLMs
+    and LatentUM-Base have none: image tokens are placed by 1-D RoPE alone."""
+
+    def __post_init__(self):
+        _check(self.cell_positions or not self.ground_coordinates,
+               "model.ground_coordinates needs model.cell_positions (it adds the named cell's position)")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = ""):

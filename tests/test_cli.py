@@ -14,7 +14,7 @@ from latentum.cli import build_parser, main
 from latentum.train.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "eval", "plan", "generate", "answer", "demo")
+COMMANDS = ("train", "eval", "plan", "generate", "answer", "demo", "convert")
 # Positional arguments that let each model-loading command reach the model (the files need not exist).
 MODEL_COMMANDS = {
     "eval": ["vsp"],

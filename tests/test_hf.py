@@ -101,20 +101,22 @@ def test_another_model_type_is_refused():
 
 
 def test_a_4b_model_of_latentums_shapes_builds_on_the_meta_device():
-    """LatentUM-Base's shapes (reference §1: InternVL3.5-4B = InternViT-300M + Qwen3-4B, a generation branch,
-    an 8 x 2048 MBAQ with 256-dim codes, a 3-layer AR head) built on the meta device, no memory: the parts the
-    reference estimates come out at its figures (gen branch ~101M per layer = ~3.6B, AR head ~0.28B, visual
-    projector ~7M); the whole is 8.27B against the reference's rough ~8.7B. The gap is about the size of an
-    untied output head (0.39B) plus a larger MBAQ; only the official config.json can settle it (issue #29)."""
+    """LatentUM-Base's shapes (reference §1-§4: InternViT-300M with pixel shuffle and mlp1, Qwen3-4B with an untied
+    head, the generation branch, an 8 x 2048 MBAQ with 256-dim codes (16384-wide down, 10240-wide up), a 3-layer
+    AR head with depth RoPE, a 2560-wide visual projector) built on the meta device, no memory. Each part comes
+    out at the reference's figure and the whole within 1% of its ~8.7B (docs/pretrained.md has the sums)."""
     from latentum.config import EncoderConfig, HeadConfig, ModelConfig, QuantizerConfig
     from latentum.model.latentum import LatentUMModel
 
     qwen3_4b = Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                            num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
-                           max_position_embeddings=40960, tie_word_embeddings=True)
-    cfg = ModelConfig(encoder=EncoderConfig(image_size=448, patch_size=14, width=1024, depth=24, heads=16),
-                      quantizer=QuantizerConfig(codebooks=8, codebook_size=2048, code_dim=32, hidden_dim=2560),
-                      backbone=backbone_config_from_hf(qwen3_4b), head=HeadConfig(depth=3, heads=32))
+                           max_position_embeddings=40960, tie_word_embeddings=False)
+    cfg = ModelConfig(encoder=EncoderConfig(kind="internvit", image_size=448, patch_size=14, width=1024, depth=24,
+                                            heads=16, ffn_hidden=4096, pixel_shuffle=0.5),
+                      quantizer=QuantizerConfig(codebooks=8, codebook_size=2048, code_dim=32, hidden_dim=16384,
+                                                up_hidden_dim=10240, projector_hidden_dim=2560),
+                      backbone=backbone_config_from_hf(qwen3_4b),
+                      head=HeadConfig(depth=3, heads=32, depth_rope=True, final_norm_eps=1e-5), cell_positions=False)
     with torch.device("meta"):
         model = LatentUMModel(cfg)
     assert all(p.is_meta for p in model.parameters())
@@ -123,6 +125,10 @@ def test_a_4b_model_of_latentums_shapes_builds_on_the_meta_device():
     assert abs(gen / 36 - 101e6) / 101e6 < 0.01 and abs(gen - 3.6e9) / 3.6e9 < 0.02
     assert abs(count(model.head.parameters()) - 0.28e9) / 0.28e9 < 0.02
     assert abs(count(model.visual_projector.parameters()) - 7e6) / 7e6 < 0.05
+    assert abs(count(model.quantizer.parameters()) - 0.1e9) / 0.1e9 < 0.02
     assert abs(count(model.encoder.parameters()) - 0.30e9) / 0.30e9 < 0.02  # InternViT-300M's size
+    vlm = count(model.encoder.parameters()) + count(model.feature_projector.parameters()) + \
+        count(model.backbone.parameters()) - gen
+    assert abs(vlm - 4.7e9) / 4.7e9 < 0.01  # InternVL3.5-4B
     total = count(model.parameters())
-    assert 8.2e9 < total < 8.8e9, total
+    assert abs(total - 8.7e9) / 8.7e9 < 0.01, total

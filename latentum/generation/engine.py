@@ -143,7 +143,12 @@ class Decoder:
 
     # --- sampling ---------------------------------------------------------------------------------------
     def text_logits(self) -> torch.Tensor:
-        return self.model.backbone.logits(self.last).float()
+        """(B, V) next-token logits; rows of the embedding beyond the tokenizer (a pretrained LM pads its
+        vocabulary, Qwen's to 151936) are never sampled."""
+        logits = self.model.backbone.logits(self.last).float()
+        if logits.size(-1) > len(self.tok):
+            logits[..., len(self.tok):] = float("-inf")
+        return logits
 
     def sample_text(self, params: SamplingParams, generator=None, allowed: list[int] | torch.Tensor | None = None,
                     rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.feature_dim = cfg.width
+        self.feature_dim = cfg.feature_dim  # == width: the "vit" kind never pixel-shuffles
         self.num_tokens = cfg.num_tokens
         self.vit = VisionTransformer(
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,

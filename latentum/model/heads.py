@@ -50,24 +50,42 @@ class CellPositions(nn.Module):
     position-instructed AR image models, so the gen branch never has to infer where the raster has got to.
     """
 
-    def __init__(self, grid: int, dim: int, std: float = 0.1):
+    def __init__(self, grid: int, dim: int, std: float = 0.1, enabled: bool = True):
         super().__init__()
-        self.grid = grid
-        self.row = nn.Parameter(torch.randn(grid, dim) * std)  # (grid, D)
-        self.col = nn.Parameter(torch.randn(grid, dim) * std)  # (grid, D)
+        self.grid, self.dim = grid, dim
+        # Disabled (pretrained VLMs, LatentUM-Base): no parameters, every position is the zero vector.
+        self.row = nn.Parameter(torch.randn(grid, dim) * std) if enabled else None  # (grid, D)
+        self.col = nn.Parameter(torch.randn(grid, dim) * std) if enabled else None  # (grid, D)
 
     def forward(self, cells: Tensor) -> Tensor:
         """cells (...) long canvas indices r * grid + c, or -1 for "no position" -> (..., D), 0 where -1."""
         if cells.dtype != torch.long or (cells.numel() and int(cells.max()) >= self.grid**2):
             raise ValueError(f"cells must be long canvas indices < {self.grid**2} (or -1), got {cells.dtype} "
                              f"max {int(cells.max()) if cells.numel() else None}")
+        if self.row is None:
+            return torch.zeros(*cells.shape, self.dim, device=cells.device)
         c = cells.clamp(min=0)
         emb = self.row[c // self.grid] + self.col[c % self.grid]  # (..., D)
         return emb * (cells >= 0)[..., None].to(emb.dtype)
 
 
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: x (M, nh, L, hs), cos/sin (L, hs)."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-b, a), dim=-1) * sin
+
+
+def depth_rope(length: int, head_size: int, device, theta: float = 1e4) -> tuple[Tensor, Tensor]:
+    """cos, sin (L, hs) of 1-D RoPE over depth positions 0..L-1 (LatentUM-Base's head, theta 1e4)."""
+    inv = theta ** -(torch.arange(0, head_size, 2, device=device, dtype=torch.float) / head_size)  # (hs/2,)
+    angles = torch.arange(length, device=device, dtype=torch.float)[:, None] * inv  # (L, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (L, hs)
+    return angles.cos(), angles.sin()
+
+
 class _Block(nn.Module):
-    """Pre-norm block: RMSNorm -> causal SDPA (q/k RMSNorm) -> residual; RMSNorm -> GELU MLP -> residual."""
+    """Pre-norm block: RMSNorm -> causal SDPA (q/k RMSNorm, optional depth RoPE) -> residual; RMSNorm -> GELU
+    MLP -> residual."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int):
         super().__init__()
@@ -81,10 +99,13 @@ class _Block(nn.Module):
         self.norm2 = nn.RMSNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         q, k, v = rearrange(self.qkv(self.norm1(x)), "m l (three nh hs) -> three m nh l hs", three=3,
                             nh=self.heads)  # each (M, nh, L, hs)
-        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, is_causal=True)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = _rotate(q, *rope).to(v.dtype), _rotate(k, *rope).to(v.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(rearrange(y, "m nh l hs -> m l (nh hs)"))
         return x + self.mlp(self.norm2(x))
 
@@ -102,9 +123,11 @@ class DepthHead(nn.Module):
         self.dim, self.codebooks, self.codebook_size = dim, codebooks, codebook_size
         # E_g for g < G-1: the last id is never fed back (nothing comes after it).
         self.embeds = nn.ModuleList(nn.Embedding(codebook_size, dim) for _ in range(codebooks - 1))
-        self.pos = nn.Parameter(torch.zeros(codebooks, dim))  # learned depth position embedding (G, D)
+        # Depth positions: a learned embedding (G, D) added to the inputs, or RoPE inside attention.
+        self.pos = None if cfg.depth_rope else nn.Parameter(torch.zeros(codebooks, dim))
+        self.head_size = dim // cfg.heads
         self.blocks = nn.ModuleList(_Block(dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.norm = nn.RMSNorm(dim, eps=cfg.final_norm_eps)
         self.out = nn.Linear(dim, codebook_size)  # shared over depths
         self.init_weights()
 
@@ -116,15 +139,20 @@ class DepthHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.pos, std=0.02)
+        if self.pos is not None:
+            nn.init.normal_(self.pos, std=0.02)
 
     def logits(self, h: Tensor, prefix: Tensor) -> Tensor:
         """h (M, D), prefix ids (M, L-1) of the first depths -> logits (M, L, K) for depths 0..L-1."""
         embs = [self.embeds[g](prefix[:, g]) for g in range(prefix.size(1))]  # each (M, D)
         x = torch.stack([h, *embs], dim=1)  # (M, L, D)
-        x = x + self.pos[: x.size(1)].to(x.dtype)
+        rope = None
+        if self.pos is None:
+            rope = depth_rope(x.size(1), self.head_size, x.device)
+        else:
+            x = x + self.pos[: x.size(1)].to(x.dtype)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         return self.out(self.norm(x))  # (M, L, K)
 
     def forward(self, h: Tensor, ids: Tensor) -> Tensor:

@@ -39,18 +39,21 @@ def backbone_config_from_hf(hf_config) -> BackboneConfig:
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)), rope_scaling=rope or None)
 
 
+HF_LAYER_NAMES = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
+                  "self_attn.o_proj": "o_proj", "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm",
+                  "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up", "mlp.down_proj": "ffn.down"}
+"""A decoder layer's modules in ``transformers`` -> in a backbone branch."""
+
+
 def hf_state_to_backbone(state: dict, cfg: BackboneConfig) -> dict:
     """An HF causal LM's state dict -> the backbone's, both branches holding the LM's layer weights."""
     out = {"embedding.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"],
            "lm_head.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"])}
-    names = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
-             "self_attn.o_proj": "o_proj", "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm",
-             "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up", "mlp.down_proj": "ffn.down"}
     for i in range(cfg.depth):
         src = f"model.layers.{i}."
         out[f"layers.{i}.input_norm.weight"] = state[src + "input_layernorm.weight"]
         out[f"layers.{i}.post_attn_norm.weight"] = state[src + "post_attention_layernorm.weight"]
-        for hf_name, ours in names.items():
+        for hf_name, ours in HF_LAYER_NAMES.items():
             for kind in ("weight", "bias"):
                 key = f"{src}{hf_name}.{kind}"
                 if key in state:

@@ -19,9 +19,9 @@ from latentum.config import ModelConfig
 from latentum.data.canvas import active_index
 from latentum.data.packing import Packed, same_image
 from latentum.model.backbone import AttentionSpans, MoMEBackbone
-from latentum.model.encoder import VisionEncoder
 from latentum.model.heads import CellPositions, DepthHead, VisualProjector
 from latentum.model.quantizer import MBAQ
+from latentum.model.towers import build_encoder
 
 
 class PackedForward(NamedTuple):
@@ -34,15 +34,16 @@ class LatentUMModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        D, F = cfg.backbone.dim, cfg.encoder.width
-        self.encoder = VisionEncoder(cfg.encoder)
+        D, F = cfg.backbone.dim, cfg.encoder.feature_dim
+        self.encoder = build_encoder(cfg.encoder)
         # The VLM's own projector for continuous input images (InternVL's mlp1).
         self.feature_projector = nn.Sequential(nn.LayerNorm(F), nn.Linear(F, D), nn.GELU(), nn.Linear(D, D))
         self.quantizer = MBAQ(cfg.quantizer, feature_dim=F, out_dim=D)
         self.backbone = MoMEBackbone(cfg.backbone)
-        self.visual_projector = VisualProjector(cfg.quantizer.dim, D, cfg.quantizer.hidden_dim)
+        q = cfg.quantizer
+        self.visual_projector = VisualProjector(q.dim, D, q.projector_hidden_dim or q.hidden_dim)
         self.head = DepthHead(cfg.head, D, cfg.quantizer.codebooks, cfg.quantizer.codebook_size)
-        self.cell_pos = CellPositions(cfg.encoder.grid, D)
+        self.cell_pos = CellPositions(cfg.encoder.grid, D, enabled=cfg.cell_positions)
 
     @property
     def device(self) -> torch.device:
@@ -73,6 +74,10 @@ class LatentUMModel(nn.Module):
     def init_visual_projector(self) -> None:
         """Start the visual projector as a copy of MBAQ's up-projection (stage 2 initialisation): latents are
         then read like the quantized features the frozen VLM was aligned on (reference §1, ``up_proj``)."""
+        q = self.cfg.quantizer
+        if (q.projector_hidden_dim or q.hidden_dim) != (q.up_hidden_dim or q.hidden_dim):
+            raise ValueError(f"init_visual_projector: quantizer.projector_hidden_dim={q.projector_hidden_dim} and "
+                             f"up_hidden_dim={q.up_hidden_dim} must give one width to copy the up-projection")
         self.visual_projector.net.load_state_dict(self.quantizer.up.state_dict())
 
     def latent_embeddings(self, ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:

@@ -72,7 +72,7 @@ class MBAQ(nn.Module):
             # token count and is set per step in _set_dead_code_threshold.
             threshold_ema_dead_code=1.0 if cfg.dead_code_threshold > 0 else 0.0,
         )
-        self.up = _mlp(G * d, cfg.hidden_dim, out_dim)
+        self.up = _mlp(G * d, cfg.up_hidden_dim or cfg.hidden_dim, out_dim)
         # (G, K) EMA of per-codebook code frequencies (rows sum to 1), for logging only.
         self.register_buffer("usage_ema", torch.full((G, K), 1.0 / K))
 

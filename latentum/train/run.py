@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from latentum.checkpoint import write_folder_atomically
-from latentum.data.tokenizer import TextTokenizer
+from latentum.data.hf_tokenizer import load_tokenizer
 from latentum.model.backbone import MoMELayer
 from latentum.train.config import Leg, RecipeConfig, StageConfig, recipe_to_data
 from latentum.train.precision import resolve_precision
@@ -84,7 +84,7 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     start = existing_start(recipe, leg, out)
     model = stage.build(recipe, cfg, start)
-    tok = TextTokenizer.load(start) if start else default_tokenizer()
+    tok = load_tokenizer(start) if start else default_tokenizer()
     system = stage.system(model, recipe, cfg, {x.name: out / x.name / "export" for x in recipe.legs})
     ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
     start_step = _checkpoint_step(ckpt) if ckpt_path else 0
