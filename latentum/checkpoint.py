@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
+from transformers import InternVLForConditionalGeneration
 
-from latentum.config import DecoderConfig, ModelConfig, from_dict, to_dict
-from latentum.data.hf_tokenizer import AnyTokenizer, load_tokenizer
+from latentum.config import DecoderConfig, HeadConfig, ModelConfig, QuantizerConfig, from_dict, to_dict
+from latentum.data.hf_tokenizer import AnyTokenizer, HFTokenizer, load_tokenizer
 from latentum.data.tokenizer import TextTokenizer
 from latentum.model.backbone import RotaryEmbedding, rope_frequencies
 from latentum.model.decoder import PixelDecoder
+from latentum.model.hf import model_from_hf_vlm
 from latentum.model.latentum import LatentUMModel
 from latentum.model.official import is_official_config, official_model_config, official_state_to_ours
 
@@ -138,6 +140,21 @@ def convert_official(source: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{str(Path(source) / CONFIG_NAME)!r} is not an official LatentUM config "
                          "(expected 'internvl_config' and 'mixture_mode')")
     model, tok = load_official_folder(source, meta)
+    return save_model_folder(model, tok, out, origin={"converted_from": str(source)})
+
+
+def convert_hf_vlm(source: str | Path, out: str | Path, quantizer: QuantizerConfig, head: HeadConfig) -> Path:
+    """A local ``transformers`` InternVL folder (``InternVLForConditionalGeneration`` weights, its tokenizer with
+    the image tokens) -> a latentum model folder at stage 0 (``model.hf.model_from_hf_vlm``), which a recipe's
+    ``mbaq`` leg continues with ``init_from``. Nothing is downloaded."""
+    source = Path(source)
+    meta = read_config(source)
+    if meta.get("model_type") != "internvl":
+        raise ValueError(f"{str(source / CONFIG_NAME)!r}: model_type must be 'internvl' (a transformers InternVL "
+                         f"folder), got {meta.get('model_type')!r}")
+    tok = HFTokenizer.load(source)
+    hf_vlm = InternVLForConditionalGeneration.from_pretrained(source, local_files_only=True, dtype=torch.float32)
+    model = model_from_hf_vlm(hf_vlm.eval(), quantizer, head)
     return save_model_folder(model, tok, out, origin={"converted_from": str(source)})
 
 

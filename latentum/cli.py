@@ -93,13 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-size", type=int, default=2, help="maps per size and style (default: 2)")
     p.add_argument("--out", default="outputs/demo", help="folder for the GIFs")
 
-    p = sub.add_parser("convert", help="convert an official LatentUM checkpoint folder to a latentum one",
-                       description="Read an official LatentUM folder (config.json with internvl_config, "
-                       "model.safetensors under internvl./quantizer., the InternVL tokenizer files), check that "
-                       "every tensor has its place, and write a latentum model folder. LatentUM.from_pretrained "
-                       "also reads the official folder directly; converting once saves the check on every load.")
-    p.add_argument("source", help="official LatentUM folder")
+    p = sub.add_parser("convert", help="convert an official LatentUM checkpoint or a transformers InternVL folder",
+                       description="Write a latentum model folder from (1) an official LatentUM folder (config.json "
+                       "with internvl_config, model.safetensors under internvl./quantizer., the InternVL tokenizer "
+                       "files): every tensor is checked into its place; LatentUM.from_pretrained also reads it "
+                       "directly; or (2) a local transformers InternVL folder (model_type internvl): its tower, "
+                       "projector and LM, the generation branch a copy of the LM, a new MBAQ and AR head sized by "
+                       "--quantizer/--head, ready for a recipe's mbaq leg (init_from). Nothing is downloaded.")
+    p.add_argument("source", help="official LatentUM folder, or transformers InternVL folder")
     p.add_argument("out", help="latentum model folder to write (replaced atomically if it exists)")
+    p.add_argument("--quantizer", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="InternVL source: MBAQ config fields, e.g. codebooks=8 codebook_size=2048 code_dim=32 "
+                        "hidden_dim=16384 up_hidden_dim=10240 projector_hidden_dim=2560 (LatentUM-Base's; the default)")
+    p.add_argument("--head", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="InternVL source: AR head config fields (default depth=3 heads=32 depth_rope=true, "
+                        "LatentUM-Base's)")
     return ap
 
 
@@ -215,11 +223,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_convert(args) -> int:
-    from latentum.checkpoint import convert_official
+LATENTUM_BASE_QUANTIZER = dict(codebooks=8, codebook_size=2048, code_dim=32, hidden_dim=16384, up_hidden_dim=10240,
+                               projector_hidden_dim=2560)
+LATENTUM_BASE_HEAD = dict(depth=3, heads=32, depth_rope=True, final_norm_eps=1e-5)
 
-    out = convert_official(args.source, args.out)
-    print(f"wrote {out}")
+
+def _fields(pairs: list[str], flag: str, defaults: dict) -> dict:
+    """``["k=v", ...]`` -> a dict over ``defaults``, each value parsed as YAML (ints, floats, true/false)."""
+    import yaml
+
+    out = dict(defaults)
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{flag}: expected KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_convert(args) -> int:
+    import json
+
+    from latentum.checkpoint import convert_hf_vlm, convert_official, read_config
+    from latentum.config import HeadConfig, QuantizerConfig, from_dict
+
+    if read_config(Path(args.source)).get("model_type") == "internvl":
+        quantizer = from_dict(QuantizerConfig, _fields(args.quantizer, "--quantizer", LATENTUM_BASE_QUANTIZER),
+                              "--quantizer")
+        head = from_dict(HeadConfig, _fields(args.head, "--head", LATENTUM_BASE_HEAD), "--head")
+        out = convert_hf_vlm(args.source, args.out, quantizer, head)
+    else:
+        out = convert_official(args.source, args.out)
+    print(f"wrote {out}: {json.dumps(read_config(out)['model']['encoder'])}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""A MoME backbone from a pretrained ``transformers`` causal LM (Qwen2, Qwen3, Llama; issue #29).
+"""Models from pretrained ``transformers`` weights (issue #29): a MoME backbone from a causal LM (Qwen2, Qwen3,
+Llama), and a whole latentum model from an InternVL VLM (``model_from_hf_vlm``).
 
 LatentUM's initialisation: the understanding branch takes the LM's weights unchanged and the generation branch
 starts as their copy; the embedding, the norms, RoPE and the head are shared. Every option the LM needs (q/k/v
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from latentum.config import BackboneConfig
+from latentum.config import BackboneConfig, EncoderConfig, HeadConfig, ModelConfig, QuantizerConfig
 from latentum.model.backbone import MoMEBackbone
+from latentum.model.latentum import LatentUMModel
+from latentum.model.towers import TOWER_PREFIX, encoder_config_from_internvit
 
 FAMILIES = ("qwen2", "qwen3", "llama")
 """``model_type``s of the language models this maps."""
@@ -73,3 +76,47 @@ def backbone_from_hf(hf_model: nn.Module) -> MoMEBackbone:
         raise ValueError(f"hf_model: its weights do not fit the backbone of its config (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     return backbone.to(next(hf_model.parameters()).dtype)
+
+
+def encoder_config_from_hf_internvl(config) -> EncoderConfig:
+    """A ``transformers`` ``InternVLConfig`` -> the EncoderConfig of its tower (InternViT with pixel shuffle)."""
+    if config.vision_feature_layer != -1 or config.vision_feature_select_strategy != "default":
+        raise ValueError(f"hf_vlm.config: vision_feature_layer must be -1 and vision_feature_select_strategy "
+                         f"'default' (InternVL3.5 takes the last layer's patches), got "
+                         f"{config.vision_feature_layer!r}, {config.vision_feature_select_strategy!r}")
+    if config.projector_hidden_act != "gelu":
+        raise ValueError(f"hf_vlm.config.projector_hidden_act must be 'gelu', got {config.projector_hidden_act!r}")
+    v = config.vision_config.to_dict()
+    original = {**v, "qkv_bias": v["attention_bias"], "qk_normalization": v["use_qk_norm"]}
+    return encoder_config_from_internvit(original, config.downsample_ratio)
+
+
+def model_from_hf_vlm(hf_vlm: nn.Module, quantizer: QuantizerConfig, head: HeadConfig) -> LatentUMModel:
+    """A latentum model around a pretrained ``transformers`` ``InternVLForConditionalGeneration``: its InternViT
+    tower, its projector (``mlp1``) and its LM (Qwen2, Qwen3 or Llama; the generation branch a copy) unchanged,
+    with a new MBAQ (``quantizer``), AR head (``head``) and visual projector, LatentUM's stage-0 state. Stage 1
+    (``mbaq``) then trains the quantizer against this frozen VLM exactly as for the tiny model."""
+    if type(hf_vlm).__name__ != "InternVLForConditionalGeneration":
+        raise ValueError(f"hf_vlm must be a transformers InternVLForConditionalGeneration, got {type(hf_vlm).__name__}")
+    c = hf_vlm.config
+    cfg = ModelConfig(encoder=encoder_config_from_hf_internvl(c), quantizer=quantizer,
+                      backbone=backbone_config_from_hf(c.text_config), head=head, cell_positions=False)
+    model = LatentUMModel(cfg)
+    state = hf_vlm.state_dict()
+    lm = {("model." + k[len("model.language_model."):]): v for k, v in state.items()
+          if k.startswith("model.language_model.")}
+    lm["lm_head.weight"] = state["lm_head.weight"]
+    ours = {f"backbone.{k}": v for k, v in hf_state_to_backbone(lm, cfg.backbone).items()}
+    ours.update({TOWER_PREFIX + k[len("model.vision_tower."):]: v for k, v in state.items()
+                 if k.startswith("model.vision_tower.")})
+    for hf_name, i in (("layer_norm", 0), ("linear_1", 1), ("linear_2", 3)):
+        for kind in ("weight", "bias"):
+            ours[f"feature_projector.{i}.{kind}"] = state[f"model.multi_modal_projector.{hf_name}.{kind}"]
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    fresh = ("quantizer.", "head.", "visual_projector.")
+    tied = "backbone.lm_head.weight" if cfg.backbone.tie_embeddings else None
+    left = [k for k in missing if not k.startswith(fresh) and k != tied]
+    if unexpected or left:
+        raise ValueError(f"hf_vlm: its weights do not fit the model of its config (missing {left[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.to(next(hf_vlm.parameters()).dtype)

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from latentum.data.hf_tokenizer import AnyTokenizer
 from latentum.data.packing import approx_length, pack
 from latentum.data.sample import LatentView, Sample
-from latentum.data.tokenizer import TextTokenizer
 from latentum.train.config import PackedStageConfig, StageConfig
 from latentum.worlds.registry import TaskMixture
 
@@ -56,7 +56,7 @@ class SampleStream(IterableDataset):
 class PackCollate:
     """Batch of Samples -> Packed, with classifier-free-guidance prompt dropout on text-to-image rows."""
 
-    def __init__(self, tok: TextTokenizer, canvas_grid: int, cfg: PackedStageConfig, max_gen_images: int = 4):
+    def __init__(self, tok: AnyTokenizer, canvas_grid: int, cfg: PackedStageConfig, max_gen_images: int = 4):
         self.tok, self.grid, self.cfg, self.max_gen_images = tok, canvas_grid, cfg, max_gen_images
 
     def __call__(self, item):
@@ -78,7 +78,7 @@ def as_latent_question(sample: Sample) -> Sample:
     return Sample(user, sample.assistant, sample.task, sample.meta)
 
 
-def packed_loader(cfg: PackedStageConfig, tok: TextTokenizer, canvas_grid: int, canvas: int, rank: int = 0,
+def packed_loader(cfg: PackedStageConfig, tok: AnyTokenizer, canvas_grid: int, canvas: int, rank: int = 0,
                   start: int = 0, num_workers: int = 0) -> DataLoader:
     """Packed batches from global batch ``start`` on. The loader has its own generator, so iterating it does not
     draw from the global RNG (a resumed leg's RNG state stays the one it saved)."""

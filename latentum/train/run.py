@@ -98,7 +98,7 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
                    WeightDigest(folder), StepPrinter(cfg.log_every), StopEveryRank(), *(callbacks or [])],
         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
         limit_val_batches=0, num_sanity_val_steps=0)
-    loader = stage.loader(recipe, cfg, tok, trainer.global_rank, start_step, num_workers)
+    loader = stage.loader(model.cfg.encoder, cfg, tok, trainer.global_rank, start_step, num_workers)
     t0 = time.time()
     trainer.fit(system, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
     state = full_state_dict(trainer)  # a collective under FSDP: every rank takes part

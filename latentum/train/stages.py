@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from latentum.checkpoint import load_model_folder, save_decoder_folder, save_model_folder
-from latentum.config import QuantizerConfig
-from latentum.data.tokenizer import TextTokenizer
+from latentum.config import EncoderConfig, QuantizerConfig
+from latentum.data.hf_tokenizer import AnyTokenizer
 from latentum.model.decoder import PixelDecoder
 from latentum.model.latentum import LatentUMModel
 from latentum.model.quantizer import MBAQ
@@ -57,12 +57,12 @@ class Stage:
                folders: dict[str, Path]) -> L.LightningModule:
         raise NotImplementedError
 
-    def loader(self, recipe: RecipeConfig, cfg: StageConfig, tok: TextTokenizer, rank: int, start_step: int,
+    def loader(self, enc: EncoderConfig, cfg: StageConfig, tok: AnyTokenizer, rank: int, start_step: int,
                num_workers: int) -> DataLoader:
-        enc = recipe.model.encoder
+        """The leg's batches, drawn on the canvas of the model it trains (``enc``: its encoder's config)."""
         return packed_loader(cfg, tok, enc.grid, enc.image_size, rank, start_step, num_workers)
 
-    def export(self, system: L.LightningModule, tok: TextTokenizer, folder: Path, origin: dict,
+    def export(self, system: L.LightningModule, tok: AnyTokenizer, folder: Path, origin: dict,
                state: dict | None = None) -> Path:
         """Write the leg's model folder; ``state`` is the system's full state dict when the live modules are
         sharded (FSDP: gathered on rank 0, ``train.run.full_state_dict``)."""
@@ -122,8 +122,8 @@ class DecoderStage(Stage):
             init = str(folders[init])
         return DecoderSystem(model, recipe.decoder, cfg, init_decoder=init)
 
-    def loader(self, recipe, cfg, tok, rank, start_step, num_workers):
-        stream = ImageStream(cfg, recipe.model.encoder.image_size, rank, start_step)
+    def loader(self, enc, cfg, tok, rank, start_step, num_workers):
+        stream = ImageStream(cfg, enc.image_size, rank, start_step)
         return DataLoader(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator())
 
     def export(self, system, tok, folder, origin, state=None):
