@@ -113,7 +113,8 @@ class LatentUM:
         for i, q in enumerate(questions):
             self._check_text(q, f"questions[{i}]")
         _check_count(max_new_tokens, "max_new_tokens")
-        prompts = [[self._image_item(im, f"images[{i}]"), q] for i, (im, q) in enumerate(zip(images, questions))]
+        prompts = [self.tokenizer.user_turn([self._image_item(im, f"images[{i}]"), q])
+                   for i, (im, q) in enumerate(zip(images, questions))]
         return interleaved.answer_rows(self.model, self.tokenizer, prompts, max_new_tokens, sampling,
                                        seeded_generator(seed))
 
@@ -144,7 +145,8 @@ class LatentUM:
                 raise ValueError(f"options[{i}] must be a non-empty list of non-empty strings, got {opts!r}")
             for j, o in enumerate(opts):
                 self._check_text(o, f"options[{i}][{j}]")
-        prompts = [[self._image_item(im, f"images[{i}]"), q] for i, (im, q) in enumerate(zip(images, questions))]
+        prompts = [self.tokenizer.user_turn([self._image_item(im, f"images[{i}]"), q])
+                   for i, (im, q) in enumerate(zip(images, questions))]
         return interleaved.option_logprobs(self.model, self.tokenizer, prompts, [list(o) for o in options])
 
     def _image_item(self, image, argument: str):
@@ -219,8 +221,8 @@ class LatentUM:
                 items.append(x)
             else:
                 items.append(self._image_item(x, f"inputs[{i}]"))
-        return interleaved.interleaved(self.model, self.tokenizer, items, max_images, max_new_tokens, sampling,
-                                       seeded_generator(seed), cfg_scale)
+        return interleaved.interleaved(self.model, self.tokenizer, self.tokenizer.user_turn(items), max_images,
+                                       max_new_tokens, sampling, seeded_generator(seed), cfg_scale)
 
     # --- rendering --------------------------------------------------------------------------------------
     @property

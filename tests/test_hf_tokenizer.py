@@ -135,3 +135,23 @@ def test_load_tokenizer_keeps_text_tokenizer_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_a_user_turn_is_wrapped_in_the_chat_template_and_packed_so(folder):
+    """Understanding rows read the user's turn in the model's chat format (at inference, ``user_turn``; in
+    training, packing); a text-to-image row is the raw caption, as LatentUM trains and samples it."""
+    import numpy as np
+
+    from latentum.data.packing import pack
+    from latentum.data.sample import Sample
+
+    tok = load_tokenizer(folder)
+    image = np.zeros((16, 16, 3), np.uint8)
+    turn = tok.user_turn([image, "Is it red?"])
+    assert turn[0] == "<|im_start|>user\n" and turn[1] is image and turn[2] == "Is it red?"
+    assert turn[3] == "<|im_end|>\n<|im_start|>assistant\n"
+    qa = Sample(user=[image, "Is it red?"], assistant=["Yes"], task="qa")
+    t2i = Sample(user=["a red circle"], assistant=[image], task="t2i")
+    p = pack([qa, t2i], tok, canvas_grid=2)
+    start = tok.token_to_id("<|im_start|>")
+    assert (p.ids[0] == start).sum() == 2 and (p.ids[1] == start).sum() == 0

@@ -132,6 +132,17 @@ class HFTokenizer:
         ``apply_chat_template(tokenize=True)`` returns a list in transformers 4 but a dict in 5."""
         return self.encode(self.chat_text(messages, add_generation_prompt))
 
+    def user_turn(self, items: list) -> list:
+        """A user's items (text and images) wrapped in the chat template as one user message, ready for the
+        assistant's reply (InternVL: ``<|im_start|>user\n`` ... ``<|im_end|>\n<|im_start|>assistant\n``, with the
+        template's system block if it has one); as they are when the tokenizer has no template. Images stay items:
+        the sequence builders frame them with the image tokens."""
+        if not self.tokenizer.chat_template:
+            return list(items)
+        mark = "\x00user-items\x00"
+        before, _, after = self.chat_text([{"role": "user", "content": mark}]).partition(mark)
+        return [x for x in (before, *items, after) if not (isinstance(x, str) and x == "")]
+
     def token_to_id(self, token: str) -> int | None:
         i = self.tokenizer.convert_tokens_to_ids(token)
         # HF maps a missing token to <unk> (or None); report it missing, like tokenizers.Tokenizer does.

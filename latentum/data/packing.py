@@ -85,7 +85,10 @@ class _Row:
 
 def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_prompt: bool) -> _Row:
     r = _Row([tok.bos_id], [IGNORE], [False], [-1], [], [], [])
-    for turn, items in (("user", sample.user), ("assistant", sample.assistant)):
+    # Understanding and interleaved rows read the user's turn in the tokenizer's chat format; text-to-image rows
+    # are the raw caption (LatentUM §4), so a dropped caption leaves nothing of the prompt behind.
+    user = sample.user if sample.is_text_to_image else tok.user_turn(sample.user)
+    for turn, items in (("user", user), ("assistant", sample.assistant)):
         for item in items:
             supervised = turn == "assistant"
             if isinstance(item, str):

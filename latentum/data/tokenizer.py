@@ -105,6 +105,11 @@ class TextTokenizer:
         """Canonical form for comparing answers: ``decode(encode(text))``."""
         return self.decode(self.encode(text))
 
+    def user_turn(self, items: list) -> list:
+        """A user's items (text and images) as the model reads a user turn: the built-in language has no chat
+        format, so as they are (``HFTokenizer.user_turn`` wraps them in a pretrained model's template)."""
+        return list(items)
+
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
