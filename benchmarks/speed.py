@@ -8,8 +8,9 @@ Figures (each ratio is latentum / peer, > 1 means latentum is faster):
   Qwen2 of the same dims and weights (``model.hf.backbone_from_hf``), at the shipped dims and at d=512 x 8;
 - MoME (half the tokens on each branch) against the same backbone dense;
 - bf16 autocast against fp32 for the dense step, with what ``precision: auto`` picks here;
-- cached greedy decoding at batch 1 and 16: the engine's ``Decoder`` against ``transformers`` ``generate``
-  on the same weights (the greedy tokens are compared too);
+- cached greedy decoding at batch 1 and 16: the backbone's cached forward against ``transformers``
+  ``generate`` on the same weights (the greedy tokens are compared too); with ``--compile`` also through the
+  compiled static decode step (``MoMEBackbone.compile_decode``), its compile time printed;
 - planning 16 8x8 maps in one batch against one at a time, with the shipped model.
 """
 
@@ -90,11 +91,13 @@ def train_steps(dim: int, depth: int, heads: int, ffn: int, batch: int, seq: int
 
 
 @torch.inference_mode()
-def decode(batch: int, new_tokens: int, repeats: int) -> dict:
+def decode(batch: int, new_tokens: int, repeats: int, compiled: bool = False) -> dict:
     api = LatentUM.from_pretrained("checkpoints/tiny")
     bb = api.config.backbone
     hf = peer(bb.dim, bb.depth, bb.heads, bb.ffn_hidden).eval()
     ours = backbone_from_hf(hf).eval()
+    if compiled:
+        ours.compile_decode()
     prompt = torch.randint(7, 111, (batch, 12), generator=torch.Generator().manual_seed(1))
 
     def ours_decode():
@@ -113,9 +116,12 @@ def decode(batch: int, new_tokens: int, repeats: int) -> dict:
         return hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=0)[:, 12:]
 
-    same = torch.equal(ours_decode(), hf_decode())
+    t0 = time.perf_counter()
+    same = torch.equal(ours_decode(), hf_decode())  # (the first call compiles the static step, when on)
+    first = time.perf_counter() - t0
     t_ours, t_hf = median_time(ours_decode, repeats), median_time(hf_decode, repeats)
-    return {"ours_tok_s": batch * new_tokens / t_ours, "hf_tok_s": batch * new_tokens / t_hf, "same_tokens": same}
+    return {"ours_tok_s": batch * new_tokens / t_ours, "hf_tok_s": batch * new_tokens / t_hf, "same_tokens": same,
+            "first_s": first}
 
 
 def planning(maps: int, repeats: int) -> dict:
@@ -129,6 +135,8 @@ def planning(maps: int, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches (a smoke run)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also decode with the compiled static step (MoMEBackbone.compile_decode; compiles first)")
     args = ap.parse_args()
     r = 1 if args.quick else 5
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; precision auto -> {auto_precision()[0]}")
@@ -141,10 +149,12 @@ def main() -> None:
               f"{t['mome_tok_s'] / t['dense_tok_s']:.2f}x |")
         print(f"| bf16 autocast vs fp32, {name}, tok/s | {t['bf16_tok_s']:.0f} | fp32 {t['dense_tok_s']:.0f} | "
               f"{t['bf16_tok_s'] / t['dense_tok_s']:.2f}x |")
-    for batch in (1, 16):
-        d = decode(batch, 16 if args.quick else 64, r)
-        print(f"| cached greedy decode, batch {batch}, tok/s | {d['ours_tok_s']:.0f} | HF generate "
-              f"{d['hf_tok_s']:.0f} | {d['ours_tok_s'] / d['hf_tok_s']:.2f}x (same tokens: {d['same_tokens']}) |")
+    for compiled in (False, True) if args.compile else (False,):
+        for batch in (1, 16):
+            d = decode(batch, 16 if args.quick else 64, r, compiled)
+            kind = "compiled static step (first call incl. compile " f"{d['first_s']:.0f} s)" if compiled else "eager"
+            print(f"| cached greedy decode, {kind}, batch {batch}, tok/s | {d['ours_tok_s']:.0f} | HF generate "
+                  f"{d['hf_tok_s']:.0f} | {d['ours_tok_s'] / d['hf_tok_s']:.2f}x (same tokens: {d['same_tokens']}) |")
     p = planning(4 if args.quick else 16, 1 if args.quick else 3)
     print(f"| plan_batch of 8x8 maps vs one at a time, plans/s | {p['batched_plans_s']:.2f} | "
           f"{p['single_plans_s']:.2f} | {p['batched_plans_s'] / p['single_plans_s']:.2f}x |")

@@ -93,6 +93,13 @@ class LatentUM:
         save_model_folder(self.model, self.tokenizer, path, decoder=dec)
 
     # --- understanding ----------------------------------------------------------------------------------
+    def compile_decode(self, enabled: bool = True) -> LatentUM:
+        """Decode one token per step through a fixed-shape step built by ``torch.compile`` (gpt-fast style;
+        ``MoMEBackbone.compile_decode``): faster per token once built, at a compile of tens of seconds per
+        (batch, cache size, branch) met. Off by default; ``enabled=False`` switches back. Returns self."""
+        self.model.backbone.compile_decode(enabled)
+        return self
+
     @torch.inference_mode()
     def answer(self, image, question: str, *, max_new_tokens: int = 16,
                sampling: SamplingParams = GREEDY, seed: int = 0) -> str:

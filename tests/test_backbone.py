@@ -307,3 +307,42 @@ def test_two_axis_rope_depends_only_on_the_2d_offset():
     below = [score((10 + r, 10 + c), (11 + r, 10 + c)) for r, c in [(0, 0), (2, 5), (6, 1)]]
     assert max(below) - min(below) < 1e-4
     assert abs(score((10, 10), (11, 10)) - score((10, 10), (10, 11))) > 1e-4  # below differs from right
+
+
+def _decode(model, ids, valid, pos, gen, prefill: int, truncate_to: int | None = None):
+    """Prefill, optionally roll back (stale keys stay in the slots), then one token per step on one branch."""
+    cache = model.new_cache(ids.size(0), max_len=24)
+    x = model.embed(ids)
+    model(x[:, :prefill], gen[:, :prefill], pos[:, :prefill], cache=cache, key_valid=valid[:, :prefill])
+    if truncate_to is not None:
+        cache.truncate(truncate_to)
+    start = cache.length
+    steps = []
+    for t in range(start, ids.size(1)):
+        s = slice(t, t + 1)
+        branch = torch.full_like(gen[:, s], t % 3 == 0)  # every row on one branch, switching between steps
+        steps.append(model(x[:, s], branch, pos[:, s], cache=cache).hidden)
+    return torch.cat(steps, 1)
+
+
+@pytest.mark.parametrize("truncate_to", [None, 3])
+@torch.no_grad()
+def test_the_static_decode_step_equals_the_general_path(model, truncate_to):
+    """The fixed-shape step (attention over the whole preallocated cache, slots past the length masked) gives
+    the general path's hidden states, with left padding, both branches and stale slots after a rollback."""
+    ids, valid, pos, gen = _left_padded(2, 11, [0, 2])
+    want = _decode(model, ids, valid, pos, gen, prefill=6, truncate_to=truncate_to)
+    model.compile_decode(True, compile=False)
+    got = _decode(model, ids, valid, pos, gen, prefill=6, truncate_to=truncate_to)
+    model.compile_decode(False)
+    assert _max_diff(got, want) < 1e-5
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_compiled_decode_step_equals_the_general_path(model):
+    ids, valid, pos, gen = _left_padded(2, 11, [0, 2])
+    want = _decode(model, ids, valid, pos, gen, prefill=6)
+    model.compile_decode(True)
+    got = _decode(model, ids, valid, pos, gen, prefill=6)
+    assert _max_diff(got, want) < 1e-4

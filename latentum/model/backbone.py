@@ -245,6 +245,29 @@ class MoMELayer(nn.Module):
         return x, mass
 
 
+def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                v_cache: Tensor, keys: Tensor, slot: Tensor, branch: int) -> Tensor:
+    """One decoding step of fixed shapes: x (B, 1, D) through ``branch`` of every layer, attending over the whole
+    preallocated cache k/v (L, B, K, S_max, d) under ``keys`` (B, S_max); this token's keys go to ``slot`` (1,).
+    Returns the final-normed hidden (B, 1, D). Plain tensor code without data-dependent control flow, so
+    ``torch.compile`` traces it as one graph."""
+    B = x.shape[0]
+    mask = keys[:, None, None, :]  # (B, 1, 1, S_max)
+    for i, layer in enumerate(layers):
+        b = layer.branches[branch]
+        H, K, d = layer.heads, layer.kv_heads, layer.head_dim
+        qkv = b.qkv(layer.input_norm(x).view(B, -1)).view(B, 1, H + 2 * K, d).transpose(1, 2)  # (B, H+2K, 1, d)
+        qk, v = qkv.split([H + K, K], dim=1)
+        q, k = apply_rope(qk, cos, sin).split([H, K], dim=1)  # (B, H, 1, d), (B, K, 1, d)
+        k_cache[i].index_copy_(2, slot, k.to(k_cache.dtype))
+        v_cache[i].index_copy_(2, slot, v.to(v_cache.dtype))
+        y = F.scaled_dot_product_attention(q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask,
+                                           enable_gqa=H != K)  # (B, H, 1, d)
+        x = x + b.o_proj(y.transpose(1, 2).reshape(B, H * d)).view(B, 1, -1)
+        x = x + b.ffn(layer.post_attn_norm(x).view(B, -1)).view(B, 1, -1)
+    return norm(x)
+
+
 class MoMEBackbone(nn.Module):
     """The shared-attention two-branch transformer. ``forward`` takes embeddings so callers can mix
     token embeddings with projected image codes; ``embed`` and ``logits`` are the shared text ends."""
@@ -257,6 +280,7 @@ class MoMEBackbone(nn.Module):
         self.layers = nn.ModuleList([MoMELayer(cfg) for _ in range(cfg.depth)])
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._step: Callable | None = None  # the static decode step, when switched on (compile_decode)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
@@ -341,12 +365,32 @@ class MoMEBackbone(nn.Module):
         self._check_inputs(x, gen_mask, positions, attn_mask, cache, key_valid, spans, past)
         if key_valid is None:
             key_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if self._step is not None and cache is not None and T == 1 and attn_mask is None and spans is None \
+                and bool(key_valid.all()) and bool((gen_mask == gen_mask[0, 0]).all()):
+            return self._decode_static(x, int(gen_mask[0, 0]), positions, cache, key_valid)
         route = Route.from_mask(gen_mask)
         rope = self.rope(positions)
         if cache is None:
             return self._run(x, route, rope, attn_mask, key_valid, None, spans)
         with cache.extend(key_valid) as valid_all:
             return self._run(x, route, rope, attn_mask, valid_all, cache, spans)
+
+    def compile_decode(self, enabled: bool = True, compile: bool = True) -> None:
+        """Switch the static decode step on (or off): a cached forward of one token per row, every row on one
+        branch, then runs ``static_step`` over the whole preallocated cache (slots past the written length
+        masked), so its shapes never change while decoding and ``torch.compile`` (``compile``) builds it once per
+        (batch, cache size, branch), gpt-fast style. Off by default; outputs equal the general path's to float
+        rounding (tests/test_backbone.py), the compile time is paid on the first step of each shape."""
+        self._step = None if not enabled else torch.compile(static_step, dynamic=False) if compile else static_step
+
+    def _decode_static(self, x: Tensor, branch: int, positions: Tensor, cache: KVCache, key_valid: Tensor):
+        with cache.extend(key_valid):
+            slots = torch.arange(cache.max_len, device=x.device)
+            keys = cache.key_valid & (slots <= cache.length)[None]  # (B, S_max): written, valid keys
+            slot = torch.tensor([cache.length], device=x.device)
+            cos, sin = self.rope(positions)
+            hidden = self._step(self.layers, self.norm, x, cos, sin, cache.k, cache.v, keys, slot, branch)
+        return BackboneOutput(hidden=hidden, attn_mass=None)
 
     def _run(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], attn_mask: Tensor | None,
              valid_all: Tensor, cache: KVCache | None, spans: AttentionSpans | None) -> BackboneOutput:
