@@ -135,11 +135,26 @@ def test_cache_overflow_and_failed_forward_leave_cache_unchanged(model):
     pos = torch.arange(3)[None]
     gen = torch.zeros(1, 3, dtype=torch.bool)
     model(x, gen, pos, cache=cache)
-    with pytest.raises(ValueError, match="max_len"):
+    with pytest.raises(ValueError, match="limit=4"):
         model(x, gen, pos, cache=cache)
     assert cache.length == 3
     with pytest.raises(ValueError, match="KVCache"):
         KVCache(depth=0, batch=1, kv_heads=1, head_dim=2, max_len=4)
+
+
+@torch.no_grad()
+def test_a_growing_cache_gives_what_a_preallocated_one_gives(model):
+    """A cache that starts small and doubles up to its limit decodes exactly as one allocated whole."""
+    ids, valid, pos, gen = _left_padded(2, 11, [0, 2])
+    x = model.embed(ids)
+    outs = []
+    for cache in (model.new_cache(2, max_len=16), KVCache(CFG.depth, 2, CFG.kv_heads, CFG.head_dim, 2, limit=16)):
+        steps = [model(x[:, :3], gen[:, :3], pos[:, :3], cache=cache, key_valid=valid[:, :3]).hidden]
+        for t in range(3, 11):
+            s = slice(t, t + 1)
+            steps.append(model(x[:, s], gen[:, s], pos[:, s], cache=cache, key_valid=valid[:, s]).hidden)
+        outs.append(torch.cat(steps, 1))
+    assert cache.max_len == 16 and torch.equal(outs[0], outs[1])
 
 
 def test_routing_isolates_branch_gradients(model):

@@ -44,7 +44,7 @@ def test_load_gives_hf_tokenizer_with_ids_from_the_tokenizer(folder):
     assert len({tok.img_start_id, tok.img_end_id, tok.image_id}) == 3
     assert tok.eos_id == hf.convert_tokens_to_ids("<|im_end|>")
     assert tok.pad_id == hf.convert_tokens_to_ids("<|endoftext|>")
-    assert tok.bos_id == tok.pad_id  # no BOS in a Qwen-style tokenizer: the builders put pad first
+    assert tok.bos_id is None  # no BOS in a Qwen-style tokenizer: sequences start with their first token
     assert tok.unk_id is None
     assert tok.vocab_size == len(tok) == len(hf) and tok.image_id < tok.vocab_size
     assert tok.token_to_id(IMAGE) == tok.image_id and tok.id_to_token(tok.image_id) == IMAGE
@@ -63,7 +63,7 @@ def test_encode_decode_round_trip_and_image_tokens_whole(folder):
     assert ids[ids.index(tok.img_start_id) + 1:ids.index(tok.img_end_id)] == [tok.image_id] * 2
     assert tok.decode(ids).split() == ["a", "b"]  # specials skipped
     assert IMG_START in tok.decode(ids, skip_special=False)
-    assert tok.decode([tok.bos_id] + tok.encode("Yes") + [tok.eos_id]) == "Yes"
+    assert tok.decode([tok.pad_id] + tok.encode("Yes") + [tok.eos_id]) == "Yes"
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([tok.vocab_size])
 
@@ -123,7 +123,7 @@ def test_unknown_words_with_an_unk_token():
     hf = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", eos_token="[SEP]")
     add_image_tokens(hf)
     tok = HFTokenizer(hf)
-    assert tok.unk_id == hf.unk_token_id and tok.pad_id == tok.bos_id == tok.eos_id
+    assert tok.unk_id == hf.unk_token_id and tok.pad_id == tok.eos_id and tok.bos_id is None
     assert tok.unknown_words("the red zebra Ωmega zebra") == ["zebra", "Ωmega"]
     assert tok.token_to_id("[UNK]") == tok.unk_id and tok.token_to_id("zebra") is None
     assert "[UNK]" in tok.decode(tok.encode("a zebra"))  # <unk> stays visible
@@ -148,8 +148,8 @@ def test_a_user_turn_is_wrapped_in_the_chat_template_and_packed_so(folder):
     tok = load_tokenizer(folder)
     image = np.zeros((16, 16, 3), np.uint8)
     turn = tok.user_turn([image, "Is it red?"])
-    assert turn[0] == "<|im_start|>user\n" and turn[1] is image and turn[2] == "Is it red?"
-    assert turn[3] == "<|im_end|>\n<|im_start|>assistant\n"
+    assert turn[0] == "<|im_start|>user\n" and turn[1] is image and turn[2:4] == ["\n", "Is it red?"]
+    assert turn[4] == "<|im_end|>\n<|im_start|>assistant\n"
     qa = Sample(user=[image, "Is it red?"], assistant=["Yes"], task="qa")
     t2i = Sample(user=["a red circle"], assistant=[image], task="t2i")
     p = pack([qa, t2i], tok, canvas_grid=2)

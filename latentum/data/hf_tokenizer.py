@@ -42,9 +42,9 @@ class HFTokenizer:
     """A ``transformers`` tokenizer with the ids the model needs as properties, like ``TextTokenizer``.
 
     ``encode`` adds no special tokens: the sequence builders (packing, generation) place ``bos_id`` first and
-    ``eos_id`` last themselves. Chat models have no BOS (Qwen), so ``bos_id`` then falls back to ``pad_id``:
-    one id at the start of every sequence that the backbone treats as padding-like context. ``eos_id`` is the
-    tokenizer's eos, which for chat models is the end-of-turn token (Qwen: ``<|im_end|>``).
+    ``eos_id`` last themselves. Chat models have no BOS (Qwen, InternVL): ``bos_id`` is then None and sequences
+    start with their first real token, as the pretrained model saw them. ``eos_id`` is the tokenizer's eos, which
+    for chat models is the end-of-turn token (Qwen: ``<|im_end|>``).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, img_start: str = IMG_START,
@@ -65,7 +65,7 @@ class HFTokenizer:
         if self._eos_id is None:
             raise ValueError(f"tokenizer {name!r} has no eos token: expected one to end a turn")
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos_id
-        self._bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self._pad_id
+        self._bos_id = tokenizer.bos_token_id  # None: no BOS (the builders then put nothing first)
         self._unk_id = tokenizer.unk_token_id
         # skip_special drops every special except <unk> (as TextTokenizer does); the image tokens may have
         # been added as non-special, so they are listed explicitly.
@@ -141,7 +141,12 @@ class HFTokenizer:
             return list(items)
         mark = "\x00user-items\x00"
         before, _, after = self.chat_text([{"role": "user", "content": mark}]).partition(mark)
-        return [x for x in (before, *items, after) if not (isinstance(x, str) and x == "")]
+        if not _:
+            raise ValueError(f"user_turn: the chat template of {self.tokenizer.name_or_path!r} drops the message "
+                             "content; expected it to render the user's content")
+        # InternVL writes a newline after each image (``<image>\n`` + question).
+        framed = [y for x in items for y in ((x,) if isinstance(x, str) else (x, "\n"))]
+        return [x for x in (before, *framed, after) if not (isinstance(x, str) and x == "")]
 
     def token_to_id(self, token: str) -> int | None:
         i = self.tokenizer.convert_tokens_to_ids(token)

@@ -84,7 +84,8 @@ class _Row:
 
 
 def _tokenize_row(sample: Sample, tok: TextTokenizer, canvas_grid: int, drop_prompt: bool) -> _Row:
-    r = _Row([tok.bos_id], [IGNORE], [False], [-1], [], [], [])
+    first = [] if tok.bos_id is None else [tok.bos_id]  # a pretrained chat model has no BOS
+    r = _Row(first, [IGNORE] * len(first), [False] * len(first), [-1] * len(first), [], [], [])
     # Understanding and interleaved rows read the user's turn in the tokenizer's chat format; text-to-image rows
     # are the raw caption (LatentUM §4), so a dropped caption leaves nothing of the prompt behind.
     user = sample.user if sample.is_text_to_image else tok.user_turn(sample.user)

@@ -27,10 +27,13 @@ from latentum.generation.sampling import sample_codes, sample_logits
 from latentum.model.cache import KVCache
 from latentum.types import GREEDY, SamplingParams
 
+INITIAL_CACHE = 1024
+"""Key slots a decoder allocates at first; its cache doubles as a sequence grows, up to the model's limit."""
+
 
 def new_decoder(model, tok, batch: int, max_len: int | None = None) -> Decoder:
     """A ``Decoder`` of ``batch`` empty rows over ``model`` (a ``LatentUMModel``) and its tokenizer, with room for
-    ``max_len`` tokens (default: the backbone's ``max_seq_len``)."""
+    ``max_len`` tokens (default: the backbone's ``max_seq_len``, allocated as needed)."""
     return Decoder(model, tok, batch, max_len or model.cfg.backbone.max_seq_len)
 
 
@@ -39,7 +42,8 @@ class Decoder:
         self.model, self.tok = model, tokenizer
         bb = model.cfg.backbone
         dtype = next(model.parameters()).dtype
-        self.cache = KVCache(bb.depth, batch, bb.kv_heads, bb.head_dim, max_len, model.device, dtype)
+        self.cache = KVCache(bb.depth, batch, bb.kv_heads, bb.head_dim, min(max_len, INITIAL_CACHE), model.device,
+                             dtype, limit=max_len)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=model.device)
         self.last = None  # (B, D) hidden state of the last fed token
 
@@ -273,7 +277,7 @@ def framed_offsets(g: int) -> torch.Tensor:
 def prompt_tokens(items: list[Item], tok, canvas_grid: int, drop_text: bool = False):
     """User items -> (token ids, the cell each names (``named_cells`` per text item, as packing does; -1
     elsewhere), [(start of image tokens, active grid, pixels)]) for ``<bos>`` + items."""
-    ids, cells, images = [tok.bos_id], [-1], []
+    ids, cells, images = ([tok.bos_id], [-1], []) if tok.bos_id is not None else ([], [], [])
     for i, item in enumerate(items):
         if isinstance(item, str):
             t = tok.encode(item)

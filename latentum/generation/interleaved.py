@@ -19,7 +19,8 @@ def _prefill(model, tok, prompts: list[list], drop_text: bool = False) -> Decode
         return dec
     if len(prompts) != 1:
         raise ValueError("prompts with LatentImage items are decoded one at a time; pass a single prompt")
-    dec.feed_ids(torch.tensor([[tok.bos_id]]))
+    if tok.bos_id is not None:
+        dec.feed_ids(torch.tensor([[tok.bos_id]]))
     for item in prompts[0]:
         if isinstance(item, LatentImage):
             dec.feed_latents(item.ids[None].to(model.device))
@@ -98,7 +99,8 @@ def answer_latents(model, tok, ids: torch.Tensor, questions: list[str], max_new_
     for idx in by_len.values():
         for chunk in _chunks(idx, 64):
             dec = new_decoder(model, tok, len(chunk))
-            dec.feed_ids(torch.full((len(chunk), 1), tok.bos_id))
+            if tok.bos_id is not None:
+                dec.feed_ids(torch.full((len(chunk), 1), tok.bos_id))
             dec.feed_latents(ids[chunk].to(model.device))
             dec.feed_prompt_ids(torch.tensor([encoded[i] for i in chunk]))
             rows = sample_text_until_eos(tok, dec, max_new_tokens, params or GREEDY, generator)

@@ -366,7 +366,7 @@ class MoMEBackbone(nn.Module):
         if key_valid is None:
             key_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         if self._step is not None and cache is not None and T == 1 and attn_mask is None and spans is None \
-                and bool(key_valid.all()) and bool((gen_mask == gen_mask[0, 0]).all()):
+                and not torch.is_grad_enabled() and bool(key_valid.all()) and bool((gen_mask == gen_mask[0, 0]).all()):
             return self._decode_static(x, int(gen_mask[0, 0]), positions, cache, key_valid)
         route = Route.from_mask(gen_mask)
         rope = self.rope(positions)
@@ -383,7 +383,9 @@ class MoMEBackbone(nn.Module):
         rounding (tests/test_backbone.py), the compile time is paid on the first step of each shape."""
         self._step = None if not enabled else torch.compile(static_step, dynamic=False) if compile else static_step
 
-    def _decode_static(self, x: Tensor, branch: int, positions: Tensor, cache: KVCache, key_valid: Tensor):
+    def _decode_static(self, x: Tensor, branch: int, positions: Tensor, cache: KVCache,
+                       key_valid: Tensor) -> BackboneOutput:
+        """x (B, 1, D), every row on ``branch`` and valid, through ``static_step`` into ``cache``."""
         with cache.extend(key_valid):
             slots = torch.arange(cache.max_len, device=x.device)
             keys = cache.key_valid & (slots <= cache.length)[None]  # (B, S_max): written, valid keys

@@ -31,11 +31,18 @@ class KVCache:
     """
 
     def __init__(self, depth: int, batch: int, kv_heads: int, head_dim: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 limit: int | None = None):
+        """``max_len`` slots are allocated now; a write past them doubles the allocation, up to ``limit`` tokens
+        (default ``max_len``: a fixed size), so a 40k-token model limit costs memory only when used."""
+        limit = max_len if limit is None else limit
         for name, val in (("depth", depth), ("batch", batch), ("kv_heads", kv_heads),
-                          ("head_dim", head_dim), ("max_len", max_len)):
+                          ("head_dim", head_dim), ("max_len", max_len), ("limit", limit)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"KVCache: {name} must be a positive int, got {val!r}")
+        if limit < max_len:
+            raise ValueError(f"KVCache: limit={limit} must be >= max_len={max_len}")
+        self.limit = limit
         self.k = torch.zeros(depth, batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.key_valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
@@ -73,9 +80,11 @@ class KVCache:
             raise ValueError(f"KVCache.extend: key_valid must be bool (B={self.batch}, T), "
                              f"got {key_valid.dtype} {tuple(key_valid.shape)}")
         T = key_valid.shape[1]
-        if self.length + T > self.max_len:
+        if self.length + T > self.limit:
             raise ValueError(f"KVCache.extend: {T} new tokens do not fit: length={self.length}, "
-                             f"max_len={self.max_len}; allocate a larger cache")
+                             f"limit={self.limit}; allocate a larger cache")
+        if self.length + T > self.max_len:
+            self._grow(min(self.limit, max(2 * self.max_len, self.length + T)))
         end = self.length + T
         self.key_valid[:, self.length : end] = key_valid
         self._pending = T
@@ -88,6 +97,13 @@ class KVCache:
             self.length = end
         finally:
             self._pending = 0
+
+    def _grow(self, size: int) -> None:
+        """Reallocate to ``size`` slots, keeping every slot's contents (the new ones empty and invalid)."""
+        pad = size - self.max_len
+        self.k = torch.cat([self.k, self.k.new_zeros(*self.k.shape[:3], pad, self.k.shape[4])], dim=3)
+        self.v = torch.cat([self.v, self.v.new_zeros(*self.v.shape[:3], pad, self.v.shape[4])], dim=3)
+        self.key_valid = torch.cat([self.key_valid, self.key_valid.new_zeros(self.batch, pad)], dim=1)
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this layer's new ``(B, K, T, d)`` keys/values; return all ``(B, K, length+T, d)`` so far."""
@@ -120,6 +136,7 @@ class KVCache:
         new.v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
         new.key_valid[:, : self.length] = self.key_valid[:, : self.length]
         new.length = self.length
+        new.limit = self.limit
         new._pending = 0
         return new
 

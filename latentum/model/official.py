@@ -62,7 +62,7 @@ def fresh_statistics(codebook: Tensor) -> dict[str, Tensor]:
 
 def _need(meta: Mapping, key: str, where: str):
     if not isinstance(meta, Mapping) or key not in meta:
-        raise ValueError(f"{where}: missing {key!r} (an official LatentUM config.json has it)")
+        raise ValueError(f"{where}: missing {key!r} (an official LatentUM folder has it)")
     return meta[key]
 
 
@@ -83,6 +83,10 @@ def official_model_config(meta: Mapping, state: Mapping[str, Tensor], where: str
     llm.pop("architectures", None)
     backbone = backbone_config_from_hf(Qwen3Config(**{k: v for k, v in llm.items() if k != "model_type"}))
     backbone.tie_embeddings = LLM + "lm_head.weight" not in state
+    for field, want in (("select_layer", -1), ("ps_version", "v2")):
+        if internvl.get(field, want) != want:
+            raise ValueError(f"{where}: internvl_config.{field} must be {want!r} (LatentUM-Base), "
+                             f"got {internvl[field]!r}")
     encoder = encoder_config_from_internvit(_need(internvl, "vision_config", f"{where} internvl_config"),
                                             float(internvl.get("downsample_ratio", 0.5)))
     head = _need(meta, "head", where)
@@ -94,15 +98,18 @@ def official_model_config(meta: Mapping, state: Mapping[str, Tensor], where: str
     head_cfg = HeadConfig(depth=int(_need(head, "num_layers", f"{where} head")),
                           heads=int(_need(head, "num_heads", f"{where} head")),
                           mlp_ratio=int(head.get("mlp_ratio", 4)), depth_rope=True, final_norm_eps=1e-5)
+    if meta.get("num_image_tokens", encoder.num_tokens) != encoder.num_tokens:
+        raise ValueError(f"{where}: num_image_tokens is {meta['num_image_tokens']}, the tower gives "
+                         f"{encoder.num_tokens}")
     return ModelConfig(encoder=encoder, quantizer=quantizer, backbone=backbone,
                        head=head_cfg, cell_positions=False)
 
 
 def _quantizer_config(state: Mapping[str, Tensor], where: str) -> QuantizerConfig:
-    shape = lambda key: tuple(_need(state, key, f"{where} weights").shape)  # noqa: E731
+    shape = lambda key: tuple(_need(state, key, "model.safetensors").shape)  # noqa: E731
     G = sum(1 for k in state if k.startswith("quantizer.codebooks.") and k.endswith(".weight"))
     if G == 0:
-        raise ValueError(f"{where} weights: no MBAQ codebooks (expected {CODEBOOK_KEY.format(g=0)!r} ...)")
+        raise ValueError(f"model.safetensors: no MBAQ codebooks (expected {CODEBOOK_KEY.format(g=0)!r} ...)")
     K, d = shape(CODEBOOK_KEY.format(g=0))
     return QuantizerConfig(codebooks=G, codebook_size=K, code_dim=d,
                            hidden_dim=shape("quantizer.down_proj.0.weight")[0],

@@ -93,8 +93,12 @@ class MoMEStage(Stage):
         model = super().build(recipe, cfg, start)
         if cfg.init_generation:
             model.backbone.init_generation_branch()  # LatentUM: the gen branch starts as a copy of und
-        if cfg.init_generation if cfg.init_projector is None else cfg.init_projector:
-            model.init_visual_projector()  # latents start out read like MBAQ's quantized features
+        q = model.cfg.quantizer
+        same_width = (q.projector_hidden_dim or q.hidden_dim) == (q.up_hidden_dim or q.hidden_dim)
+        if cfg.init_projector if cfg.init_projector is not None else cfg.init_generation and same_width:
+            # latents start out read like MBAQ's quantized features; a projector of another width (LatentUM-Base's
+            # is 2560 wide, MBAQ's up-projection 10240) starts new, as the reference's visual_projector does
+            model.init_visual_projector()
         if cfg.lora is not None:
             lora = cfg.lora
             add_lora(model, lora.branch, lora.rank, lora.alpha, lora.dropout, lora.targets)
