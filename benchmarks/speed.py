@@ -11,6 +11,7 @@ Figures (each ratio is latentum / peer, > 1 means latentum is faster):
 - cached greedy decoding at batch 1 and 16: the backbone's cached forward against ``transformers``
   ``generate`` on the same weights (the greedy tokens are compared too); with ``--compile`` also through the
   compiled static decode step (``MoMEBackbone.compile_decode``), its compile time printed;
+- text-to-image (``generate_images``) of 16 prompts in one batch against one at a time, with the shipped model;
 - planning 16 8x8 maps in one batch against one at a time, with the shipped model.
 """
 
@@ -132,6 +133,16 @@ def planning(maps: int, repeats: int) -> dict:
     return {"batched_plans_s": maps / t_batch, "single_plans_s": maps / t_single}
 
 
+def image_generation(batch: int, repeats: int) -> dict:
+    """Text-to-image with the shipped model (CFG 3, sampled): ``batch`` prompts in one call against one at a time."""
+    api = LatentUM.from_pretrained("checkpoints/tiny")
+    prompts = [f"a {c} circle" for c in ("red", "green", "blue", "yellow")] * (batch // 4 + 1)
+    prompts = prompts[:batch]
+    t_batch = median_time(lambda: api.generate_images(prompts, seed=0), repeats)
+    t_single = median_time(lambda: [api.generate_images([p], seed=0) for p in prompts], repeats)
+    return {"batched_images_s": batch / t_batch, "single_images_s": batch / t_single}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches (a smoke run)")
@@ -155,6 +166,10 @@ def main() -> None:
             kind = "compiled static step (first call incl. compile " f"{d['first_s']:.0f} s)" if compiled else "eager"
             print(f"| cached greedy decode, {kind}, batch {batch}, tok/s | {d['ours_tok_s']:.0f} | HF generate "
                   f"{d['hf_tok_s']:.0f} | {d['ours_tok_s'] / d['hf_tok_s']:.2f}x (same tokens: {d['same_tokens']}) |")
+    g = image_generation(4 if args.quick else 16, 1 if args.quick else 3)
+    print(f"| generate_images of {4 if args.quick else 16} prompts in one batch vs one at a time, images/s | "
+          f"{g['batched_images_s']:.2f} | {g['single_images_s']:.2f} | "
+          f"{g['batched_images_s'] / g['single_images_s']:.2f}x |")
     p = planning(4 if args.quick else 16, 1 if args.quick else 3)
     print(f"| plan_batch of 8x8 maps vs one at a time, plans/s | {p['batched_plans_s']:.2f} | "
           f"{p['single_plans_s']:.2f} | {p['batched_plans_s'] / p['single_plans_s']:.2f}x |")
