@@ -58,7 +58,8 @@ class EncoderConfig:
         _check(self.pixel_shuffle in (1.0, 0.5) and (patches * self.pixel_shuffle).is_integer(),
                f"encoder.pixel_shuffle must be 1.0 or 0.5 with an even patch grid, got {self.pixel_shuffle} "
                f"over {patches} x {patches} patches")
-        _check(self.kind != "vit" or self.pixel_shuffle == 1.0, "encoder.pixel_shuffle needs kind internvit")
+        _check(self.kind != "vit" or self.pixel_shuffle == 1.0,
+               "encoder.pixel_shuffle needs a pretrained tower (kind internvit or siglip)")
 
     @property
     def grid(self) -> int:

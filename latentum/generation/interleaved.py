@@ -77,7 +77,9 @@ def option_logprobs(model, tok, prompts: list[list], options: list[list[str]]) -
         logits = dec.text_logits()[:, None]  # (B, 1, V): predicts token 0
         if L > 1:
             hidden = dec.feed_ids(ids[:, :-1], valid=valid[:, :-1].to(model.device))  # (B, L - 1, D)
-            logits = torch.cat([logits, model.backbone.logits(hidden).float()], dim=1)  # (B, L, V)
+            later = model.backbone.logits(hidden).float()
+            later[..., len(tok):] = float("-inf")  # as text_logits: no row beyond the tokenizer
+            logits = torch.cat([logits, later], dim=1)  # (B, L, V)
         logp = logits.log_softmax(-1).gather(-1, ids[..., None].to(logits.device))[..., 0].cpu()  # (B, L)
         scores = [float(lp[v].sum()) for lp, v in zip(logp, valid)]
         for i in chunk:

@@ -105,7 +105,8 @@ def model_from_hf_vlm(hf_vlm: nn.Module, quantizer: QuantizerConfig, head: HeadC
     state = hf_vlm.state_dict()
     lm = {("model." + k[len("model.language_model."):]): v for k, v in state.items()
           if k.startswith("model.language_model.")}
-    lm["lm_head.weight"] = state["lm_head.weight"]
+    if "lm_head.weight" in state:  # absent when tied to the embedding
+        lm["lm_head.weight"] = state["lm_head.weight"]
     ours = {f"backbone.{k}": v for k, v in hf_state_to_backbone(lm, cfg.backbone).items()}
     ours.update({TOWER_PREFIX + k[len("model.vision_tower."):]: v for k, v in state.items()
                  if k.startswith("model.vision_tower.")})

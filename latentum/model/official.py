@@ -172,8 +172,12 @@ def official_state_to_ours(state: Mapping[str, Tensor], cfg: ModelConfig, ours: 
     pairs = _module_pairs(cfg)
     for src, dst in pairs.items():
         out[dst] = _need(state, src, where)
-    out[OURS_CODEBOOK] = torch.stack([_need(state, CODEBOOK_KEY.format(g=g), where)
-                                      for g in range(cfg.quantizer.codebooks)])
+    books = [_need(state, CODEBOOK_KEY.format(g=g), where) for g in range(cfg.quantizer.codebooks)]
+    for g, book in enumerate(books):
+        if book.shape != books[0].shape:
+            raise ValueError(f"{where}: {CODEBOOK_KEY.format(g=g)!r} has shape {tuple(book.shape)}, codebook 0 "
+                             f"has {tuple(books[0].shape)}; every codebook must have the same")
+    out[OURS_CODEBOOK] = torch.stack(books)
     vision = {k[len(VISION):]: v for k, v in state.items() if k.startswith(VISION)}
     out.update({TOWER_PREFIX + k: v for k, v in internvit_from_original(vision).items()})
     out.update(fresh_statistics(out[OURS_CODEBOOK]))
