@@ -361,3 +361,25 @@ def test_the_compiled_decode_step_equals_the_general_path(model):
     model.compile_decode(True)
     got = _decode(model, ids, valid, pos, gen, prefill=6)
     assert _max_diff(got, want) < 1e-4
+
+
+@torch.no_grad()
+def test_the_static_decode_step_takes_two_axis_positions_and_a_reordered_cache():
+    """2-D RoPE positions (B, 1, 2) and a cache whose rows were reordered (CFG doubling) decode alike."""
+    torch.manual_seed(0)
+    model = MoMEBackbone(BackboneConfig(vocab_size=50, dim=32, depth=2, heads=4, kv_heads=2, ffn_hidden=64,
+                                        max_seq_len=64, image_rope="2d"))
+    ids, valid, pos, gen = _left_padded(2, 9, [0, 1])
+    pos2 = torch.stack([pos, pos * 2 % 5], -1)  # (B, T, 2)
+    x = model.embed(ids)
+    outs = []
+    for static in (False, True):
+        model.compile_decode(static, compile=False)
+        cache = model.new_cache(2, max_len=24)
+        model(x[:, :4], gen[:, :4], pos2[:, :4], cache=cache, key_valid=valid[:, :4])
+        cache.reorder(torch.tensor([1, 0, 1]))
+        rows = torch.tensor([1, 0, 1])
+        steps = [model(x[rows, t:t + 1], torch.ones(3, 1, dtype=torch.bool), pos2[rows, t:t + 1], cache=cache).hidden
+                 for t in range(4, 9)]
+        outs.append(torch.cat(steps, 1))
+    assert _max_diff(outs[0], outs[1]) < 1e-5

@@ -246,26 +246,40 @@ class MoMELayer(nn.Module):
 
 
 def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                v_cache: Tensor, keys: Tensor, slot: Tensor, branch: int) -> Tensor:
+                v_cache: Tensor, keys: Tensor, branch: int) -> tuple[Tensor, Tensor, Tensor]:
     """One decoding step of fixed shapes: x (B, 1, D) through ``branch`` of every layer, attending over the whole
-    preallocated cache k/v (L, B, K, S_max, d) under ``keys`` (B, S_max); this token's keys go to ``slot`` (1,).
-    Returns the final-normed hidden (B, 1, D). Plain tensor code without data-dependent control flow, so
-    ``torch.compile`` traces it as one graph."""
+    preallocated cache k/v (L, B, K, S_max, d) under ``keys`` (B, S_max) and over its own new key. The cache is
+    only read: the new keys and values come back, (L, B, K, 1, d) each, for the caller to write (an in-place
+    write inside a compiled graph copies the whole cache). Returns (final-normed hidden (B, 1, D), k, v). Plain
+    tensor code without data-dependent control flow, so ``torch.compile`` traces it as one graph."""
     B = x.shape[0]
-    mask = keys[:, None, None, :]  # (B, 1, 1, S_max)
+    new_k, new_v = [], []
     for i, layer in enumerate(layers):
         b = layer.branches[branch]
         H, K, d = layer.heads, layer.kv_heads, layer.head_dim
         qkv = b.qkv(layer.input_norm(x).view(B, -1)).view(B, 1, H + 2 * K, d).transpose(1, 2)  # (B, H+2K, 1, d)
         qk, v = qkv.split([H + K, K], dim=1)
         q, k = apply_rope(qk, cos, sin).split([H, K], dim=1)  # (B, H, 1, d), (B, K, 1, d)
-        k_cache[i].index_copy_(2, slot, k.to(k_cache.dtype))
-        v_cache[i].index_copy_(2, slot, v.to(v_cache.dtype))
-        y = F.scaled_dot_product_attention(q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask,
-                                           enable_gqa=H != K)  # (B, H, 1, d)
+        k, v = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)  # as the cache stores them
+        new_k.append(k)
+        new_v.append(v)
+        y = _attend_cache_and_self(q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), k, v, keys)  # (B, H, 1, d)
         x = x + b.o_proj(y.transpose(1, 2).reshape(B, H * d)).view(B, 1, -1)
         x = x + b.ffn(layer.post_attn_norm(x).view(B, -1)).view(B, 1, -1)
-    return norm(x)
+    return norm(x), torch.stack(new_k), torch.stack(new_v)
+
+
+def _attend_cache_and_self(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, keys: Tensor):
+    """Softmax attention of q (B, H, 1, d) over the cached keys (B, K, S, d) allowed by ``keys`` (B, S) plus its
+    own key k (B, K, 1, d), without writing it into the cache; grouped queries share their kv head."""
+    B, H, _, d = q.shape
+    K = k.shape[1]
+    qg = q.view(B, K, H // K, d) * d**-0.5  # (B, K, r, d)
+    past = (qg @ k_cache.transpose(-1, -2)).masked_fill(~keys[:, None, None, :], float("-inf"))  # (B, K, r, S)
+    own = (qg * k).sum(-1, keepdim=True)  # (B, K, r, 1)
+    p = torch.cat([past, own], dim=-1).softmax(-1)  # (B, K, r, S + 1)
+    y = p[..., :-1] @ v_cache + p[..., -1:] * v  # (B, K, r, d)
+    return y.reshape(B, H, 1, d)
 
 
 class MoMEBackbone(nn.Module):
@@ -388,10 +402,10 @@ class MoMEBackbone(nn.Module):
         """x (B, 1, D), every row on ``branch`` and valid, through ``static_step`` into ``cache``."""
         with cache.extend(key_valid):
             slots = torch.arange(cache.max_len, device=x.device)
-            keys = cache.key_valid & (slots <= cache.length)[None]  # (B, S_max): written, valid keys
-            slot = torch.tensor([cache.length], device=x.device)
+            keys = cache.key_valid & (slots < cache.length)[None]  # (B, S_max): the valid keys written before
             cos, sin = self.rope(positions)
-            hidden = self._step(self.layers, self.norm, x, cos, sin, cache.k, cache.v, keys, slot, branch)
+            hidden, k, v = self._step(self.layers, self.norm, x, cos, sin, cache.k, cache.v, keys, branch)
+            cache.write(k, v)
         return BackboneOutput(hidden=hidden, attn_mass=None)
 
     def _run(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], attn_mask: Tensor | None,

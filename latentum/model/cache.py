@@ -98,6 +98,18 @@ class KVCache:
         finally:
             self._pending = 0
 
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """Write the new ``(L, B, K, T, d)`` keys/values of every layer at once (a forward that computed all layers
+        before writing, e.g. the static decode step)."""
+        if not self._pending:
+            raise RuntimeError("KVCache.write must be called inside `with cache.extend(...)`")
+        expected = (self.depth, self.batch, self.k.shape[2], self._pending, self.k.shape[4])
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"KVCache.write: k and v must have shape (L, B, K, T, d)={expected}, "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        self.k[:, :, :, self.length : self.length + self._pending] = k.detach()
+        self.v[:, :, :, self.length : self.length + self._pending] = v.detach()
+
     def _grow(self, size: int) -> None:
         """Reallocate to ``size`` slots, keeping every slot's contents (the new ones empty and invalid)."""
         pad = size - self.max_len
