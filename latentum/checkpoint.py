@@ -171,6 +171,8 @@ def _fill_computed_buffers(model: LatentUMModel, device) -> None:
                 value = torch.arange(buf.shape[-1]).expand(buf.shape)
             elif leaf == "zero":  # vector-quantize-pytorch's constant
                 value = torch.zeros(buf.shape)
+            elif leaf == "last_seen":  # MBAQ's run statistic: no code seen yet
+                value = torch.full(buf.shape, -1)
             else:
                 raise ValueError(f"official model: buffer {name}.{leaf} has no value to load or compute")
             setattr(module, leaf, value.to(device=device, dtype=buf.dtype))

@@ -184,3 +184,17 @@ def test_mbaq_loss_adds_weighted_vq_term():
 def test_kl_rejects_bad_mask():
     with pytest.raises(ValueError, match="answer_mask"):
         behaviour_kl(_logits(0), _logits(1), MASK.float())
+
+
+def test_used_recently_counts_the_codes_assigned_in_the_window():
+    """The honest usage figure: a code counts only if some token took it in the last SEEN_WINDOW steps, however
+    high its EMA still is (the EMA threshold keeps calling a code in use long after its last token)."""
+    from latentum.model.quantizer import SEEN_WINDOW
+
+    q = make().train()
+    first = q.encode(feats()).ids  # step 0
+    seen0 = [first[..., g].unique().numel() for g in range(CFG.codebooks)]
+    stats = q.usage()
+    assert [stats[f"cb{g}/used_recently"] for g in range(CFG.codebooks)] == seen0
+    q.steps += SEEN_WINDOW + 1  # as if the window passed without these codes
+    assert q.usage()["used_recently_frac"] == 0.0 and q.usage()["dead"] == 0  # the EMA still says all alive

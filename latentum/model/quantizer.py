@@ -32,6 +32,8 @@ from latentum.config import QuantizerConfig
 from latentum.types import LossBreakdown
 
 USAGE_DECAY = 0.99
+SEEN_WINDOW = 100
+"""Steps over which ``usage()``'s ``used_recently`` counts the codes assigned at least once."""
 """EMA decay of code usage (LatentUM keeps usage statistics with decay 0.99)."""
 
 
@@ -75,6 +77,10 @@ class MBAQ(nn.Module):
         self.up = _mlp(G * d, cfg.up_hidden_dim or cfg.hidden_dim, out_dim)
         # (G, K) EMA of per-codebook code frequencies (rows sum to 1), for logging only.
         self.register_buffer("usage_ema", torch.full((G, K), 1.0 / K))
+        # (G, K) training step each code was last assigned at (-1: not yet), and the step count: the honest
+        # "codes in use" of the log. Not saved (a statistic of the run, not of the model).
+        self.register_buffer("last_seen", torch.full((G, K), -1, dtype=torch.long), persistent=False)
+        self.steps = 0
 
     # -- API -----------------------------------------------------------------------------------------
 
@@ -150,6 +156,12 @@ class MBAQ(nn.Module):
         stats["used_frac"] = 1.0 - dead.float().mean().item()
         stats["perplexity"] = perplexity.mean().item()
         stats["dead"] = float(dead.sum().item())
+        # Codes assigned at least once in the last SEEN_WINDOW steps: the EMA threshold above (3% of uniform)
+        # calls a code alive long after it stopped being used, so this is the figure to read for collapse.
+        recent = (self.last_seen >= 0) & (self.last_seen >= self.steps - SEEN_WINDOW)  # (G, K)
+        for g in range(p.size(0)):
+            stats[f"cb{g}/used_recently"] = float(recent[g].sum().item())
+        stats["used_recently_frac"] = recent.float().mean().item()
         return stats
 
     # -- internals -----------------------------------------------------------------------------------
@@ -200,6 +212,8 @@ class MBAQ(nn.Module):
         ones = torch.ones_like(flat, dtype=torch.float)
         counts = torch.zeros(G, K, device=ids.device).scatter_add_(1, flat, ones)  # (G, K)
         counts = self._all_processes_sum(counts)
+        self.last_seen.masked_fill_(counts > 0, self.steps)
+        self.steps += 1
         freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)  # (G, K)
         self.usage_ema.lerp_(freq, 1.0 - USAGE_DECAY)
 
