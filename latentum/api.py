@@ -82,10 +82,15 @@ class LatentUM:
 
     # --- persistence ------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> LatentUM:
-        """Load a model folder (``config.json``, ``model.safetensors``, ``tokenizer.json``, optional ``decoder/``)."""
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> LatentUM:
+        """Load a model folder (``config.json``, ``model.safetensors``, ``tokenizer.json``, optional ``decoder/``),
+        or an official LatentUM folder (``docs/pretrained.md``). ``dtype`` casts every weight (e.g.
+        ``torch.bfloat16`` on a GPU); default: as saved."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
         model, tok = load_model_folder(path, device)
-        return cls(model, tok, decoder_folder(path))
+        return cls(model if dtype is None else model.to(dtype), tok, decoder_folder(path))
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a model folder (atomically), with the pixel decoder if this model has one."""

@@ -204,6 +204,13 @@ def test_it_generates_and_answers(official):
     assert isinstance(api.answer(image, "what is this ?", seed=0), str)
 
 
+def test_it_loads_in_another_dtype(official):
+    api = LatentUM.from_pretrained(official[0], dtype=torch.bfloat16)
+    assert {p.dtype for p in api.model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        LatentUM.from_pretrained(official[0], dtype="bf16")
+
+
 def test_convert_writes_a_latentum_folder_with_the_same_weights(official, tmp_path, capsys):
     folder = official[0]
     assert main(["convert", str(folder), str(tmp_path / "ours")]) == 0
