@@ -383,3 +383,16 @@ def test_the_static_decode_step_takes_two_axis_positions_and_a_reordered_cache()
                  for t in range(4, 9)]
         outs.append(torch.cat(steps, 1))
     assert _max_diff(outs[0], outs[1]) < 1e-5
+
+
+@torch.no_grad()
+def test_the_static_step_sees_weights_changed_after_it_was_switched_on(model):
+    """The fused projections are rebuilt when a weight changes in place (a training step, a loaded state)."""
+    ids, valid, pos, gen = _left_padded(2, 9, [0, 1])
+    model.compile_decode(True, compile=False)
+    _decode(model, ids, valid, pos, gen, prefill=5)  # builds the fused weights
+    for p in model.branch_parameters("und"):
+        p.mul_(1.1)
+    got = _decode(model, ids, valid, pos, gen, prefill=5)
+    model.compile_decode(False)
+    assert _max_diff(got, _decode(model, ids, valid, pos, gen, prefill=5)) < 1e-5

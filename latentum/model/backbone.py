@@ -245,19 +245,54 @@ class MoMELayer(nn.Module):
         return x, mass
 
 
+class Fused(NamedTuple):
+    """One branch's projections of a layer concatenated for decoding: fewer, larger matmuls per step."""
+
+    qkv_weight: Tensor  # ((H + 2K) * d, D)
+    qkv_bias: Tensor | None  # ((H + 2K) * d,)
+    gate_up_weight: Tensor  # (2 * F, D)
+
+
+def fuse(branch: Branch) -> Fused | None:
+    """The branch's q/k/v and gate/up weights concatenated, or None when a projection is not a plain Linear
+    (e.g. wrapped by LoRA adapters, whose own forward must run)."""
+    linears = (branch.q_proj, branch.k_proj, branch.v_proj, branch.ffn.gate, branch.ffn.up)
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    bias = None if branch.q_proj.bias is None else torch.cat([m.bias for m in linears[:3]])
+    return Fused(torch.cat([m.weight for m in linears[:3]]), bias, torch.cat([m.weight for m in linears[3:]]))
+
+
+def _qkv(b: Branch, f: Fused | None, h: Tensor) -> Tensor:
+    """(n, D) -> (n, (H + 2K) * d) normed q, normed k and v, as ``Branch.qkv``, through the fused weights."""
+    if f is None:
+        return b.qkv(h)
+    n, d = h.shape[0], b.head_dim
+    q, k, v = F.linear(h, f.qkv_weight, f.qkv_bias).view(n, -1, d).split([b.heads, b.kv_heads, b.kv_heads], dim=1)
+    return torch.cat([b.q_norm(q), b.k_norm(k), v], dim=1).view(n, -1)
+
+
+def _ffn(b: Branch, f: Fused | None, h: Tensor) -> Tensor:
+    if f is None:
+        return b.ffn(h)
+    gate, up = F.linear(h, f.gate_up_weight).chunk(2, dim=-1)
+    return b.ffn.down(F.silu(gate) * up)
+
+
 def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                v_cache: Tensor, keys: Tensor, branch: int) -> tuple[Tensor, Tensor, Tensor]:
+                v_cache: Tensor, keys: Tensor, branch: int, fused: list[Fused | None]) -> tuple[Tensor, Tensor, Tensor]:
     """One decoding step of fixed shapes: x (B, 1, D) through ``branch`` of every layer, attending over the whole
     preallocated cache k/v (L, B, K, S_max, d) under ``keys`` (B, S_max) and over its own new key. The cache is
     only read: the new keys and values come back, (L, B, K, 1, d) each, for the caller to write (an in-place
     write inside a compiled graph copies the whole cache). Returns (final-normed hidden (B, 1, D), k, v). Plain
-    tensor code without data-dependent control flow, so ``torch.compile`` traces it as one graph."""
+    tensor code without data-dependent control flow, so ``torch.compile`` traces it as one graph. ``fused[i]``:
+    layer i's projections of ``branch`` concatenated (``fuse``), or None for its modules."""
     B = x.shape[0]
     new_k, new_v = [], []
     for i, layer in enumerate(layers):
         b = layer.branches[branch]
         H, K, d = layer.heads, layer.kv_heads, layer.head_dim
-        qkv = b.qkv(layer.input_norm(x).view(B, -1)).view(B, 1, H + 2 * K, d).transpose(1, 2)  # (B, H+2K, 1, d)
+        qkv = _qkv(b, fused[i], layer.input_norm(x).view(B, -1)).view(B, 1, H + 2 * K, d).transpose(1, 2)
         qk, v = qkv.split([H + K, K], dim=1)
         q, k = apply_rope(qk, cos, sin).split([H, K], dim=1)  # (B, H, 1, d), (B, K, 1, d)
         k, v = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)  # as the cache stores them
@@ -265,7 +300,7 @@ def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, 
         new_v.append(v)
         y = _attend_cache_and_self(q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), k, v, keys)  # (B, H, 1, d)
         x = x + b.o_proj(y.transpose(1, 2).reshape(B, H * d)).view(B, 1, -1)
-        x = x + b.ffn(layer.post_attn_norm(x).view(B, -1)).view(B, 1, -1)
+        x = x + _ffn(b, fused[i], layer.post_attn_norm(x).view(B, -1)).view(B, 1, -1)
     return norm(x), torch.stack(new_k), torch.stack(new_v)
 
 
@@ -392,10 +427,23 @@ class MoMEBackbone(nn.Module):
     def compile_decode(self, enabled: bool = True, compile: bool = True) -> None:
         """Switch the static decode step on (or off): a cached forward of one token per row, every row on one
         branch, then runs ``static_step`` over the whole preallocated cache (slots past the written length
-        masked), so its shapes never change while decoding and ``torch.compile`` (``compile``) builds it once per
-        (batch, cache size, branch), gpt-fast style. Off by default; outputs equal the general path's to float
-        rounding (tests/test_backbone.py), the compile time is paid on the first step of each shape."""
+        masked) with each branch's projections fused, so its shapes never change while decoding and
+        ``torch.compile`` (``compile``) builds it once per (batch, cache size, branch), gpt-fast style. Off by
+        default; outputs equal the general path's to float rounding (tests/test_backbone.py), the compile time is
+        paid on the first step of each shape."""
         self._step = None if not enabled else torch.compile(static_step, dynamic=False) if compile else static_step
+        self._fused: dict[int, tuple[list, list[Fused | None]]] = {}
+        self._branch_params = [[p for layer in self.layers for p in layer.branches[b].parameters()] for b in (0, 1)]
+
+    def _fused_weights(self, branch: int) -> list[Fused | None]:
+        """``fuse`` of every layer's ``branch``, rebuilt whenever one of its weights changed in place (version
+        counters: optimizer steps, ``load_state_dict``). Parameters replaced by new tensors (``assign=True``) need
+        ``compile_decode`` again."""
+        key = [p._version for p in self._branch_params[branch]]
+        if branch not in self._fused or self._fused[branch][0] != key:
+            with torch.no_grad():
+                self._fused[branch] = (key, [fuse(layer.branches[branch]) for layer in self.layers])
+        return self._fused[branch][1]
 
     def _decode_static(self, x: Tensor, branch: int, positions: Tensor, cache: KVCache,
                        key_valid: Tensor) -> BackboneOutput:
@@ -404,7 +452,8 @@ class MoMEBackbone(nn.Module):
             slots = torch.arange(cache.max_len, device=x.device)
             keys = cache.key_valid & (slots < cache.length)[None]  # (B, S_max): the valid keys written before
             cos, sin = self.rope(positions)
-            hidden, k, v = self._step(self.layers, self.norm, x, cos, sin, cache.k, cache.v, keys, branch)
+            hidden, k, v = self._step(self.layers, self.norm, x, cos, sin, cache.k, cache.v, keys, branch,
+                                      self._fused_weights(branch))
             cache.write(k, v)
         return BackboneOutput(hidden=hidden, attn_mass=None)
 
