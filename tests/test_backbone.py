@@ -396,3 +396,14 @@ def test_the_static_step_sees_weights_changed_after_it_was_switched_on(model):
     got = _decode(model, ids, valid, pos, gen, prefill=5)
     model.compile_decode(False)
     assert _max_diff(got, _decode(model, ids, valid, pos, gen, prefill=5)) < 1e-5
+
+
+def test_the_static_step_runs_on_a_model_built_in_inference_mode():
+    """Inference tensors keep no version counter: their fused projections are built once."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        m = MoMEBackbone(CFG)
+        ids, valid, pos, gen = _left_padded(2, 8, [0, 1])
+        want = _decode(m, ids, valid, pos, gen, prefill=4)
+        m.compile_decode(True, compile=False)
+        assert _max_diff(_decode(m, ids, valid, pos, gen, prefill=4), want) < 1e-5

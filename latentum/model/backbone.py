@@ -439,7 +439,7 @@ class MoMEBackbone(nn.Module):
         """``fuse`` of every layer's ``branch``, rebuilt whenever one of its weights changed in place (version
         counters: optimizer steps, ``load_state_dict``). Parameters replaced by new tensors (``assign=True``) need
         ``compile_decode`` again."""
-        key = [p._version for p in self._branch_params[branch]]
+        key = [0 if p.is_inference() else p._version for p in self._branch_params[branch]]  # inference: constant
         if branch not in self._fused or self._fused[branch][0] != key:
             with torch.no_grad():
                 self._fused[branch] = (key, [fuse(layer.branches[branch]) for layer in self.layers])
