@@ -187,11 +187,11 @@ class Branch(nn.Module):
 class AttendMask(NamedTuple):
     """Who may attend whom, as SDPA takes it; built once per forward, shared by every layer."""
 
-    allowed: Tensor
-    """(B, T, S) True where a query may attend a key."""
-    sdpa: Tensor
+    allowed: Tensor | None
+    """(B, T, S) True where a query may attend a key; None: plain causal over T == S keys, all valid."""
+    sdpa: Tensor | None
     """(B, 1, T, S) ``allowed``, except that a query with no key (a padding query) sees every key: a softmax
-    over nothing would be NaN."""
+    over nothing would be NaN. None with ``allowed`` None: SDPA's own causal kernel (``is_causal``)."""
     has_key: Tensor | None
     """(B, 1, T, 1) 1 where the query has a key, 0 where not (its output is zeroed); None if all have one."""
 
@@ -209,7 +209,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttendMask) -> Tensor:
     r = q.shape[1] // k.shape[1]
     if r > 1:  # GQA: each kv head serves r query heads
         k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (B, H, S, d)
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.sdpa)  # (B, H, T, d)
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.sdpa,
+                                         is_causal=mask.sdpa is None)  # (B, H, T, d)
     return out if mask.has_key is None else out * mask.has_key.to(out.dtype)
 
 
@@ -462,10 +463,13 @@ class MoMEBackbone(nn.Module):
         """The layer loop; ``valid_all`` (B, S) is the validity of every key this forward sees."""
         B, T, _ = x.shape
         S = valid_all.shape[1]
-        if attn_mask is None:
-            q_pos = torch.arange(S - T, S, device=x.device)  # absolute slot of each new query
-            attn_mask = (torch.arange(S, device=x.device)[None, :] <= q_pos[:, None])[None]  # (1, T, S)
-        mask = AttendMask.from_allowed(attn_mask & valid_all[:, None, :])  # allowed (B, T, S)
+        if attn_mask is None and S == T and spans is None and bool(valid_all.all()):
+            mask = AttendMask(None, None, None)  # plain causal: SDPA's causal kernel, no (B, 1, T, S) mask
+        else:
+            if attn_mask is None:
+                q_pos = torch.arange(S - T, S, device=x.device)  # absolute slot of each new query
+                attn_mask = (torch.arange(S, device=x.device)[None, :] <= q_pos[:, None])[None]  # (1, T, S)
+            mask = AttendMask.from_allowed(attn_mask & valid_all[:, None, :])  # allowed (B, T, S)
         masses = []
         for i, layer in enumerate(self.layers):
             if cache is None:
