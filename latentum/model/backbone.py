@@ -153,8 +153,12 @@ class SwiGLU(nn.Module):
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))  # (n, F) -> (n, D)
+    def forward(self, x: Tensor, gate_up: Tensor | None = None) -> Tensor:
+        """(n, D) -> (n, D); ``gate_up`` (2 * F, D): the gate and up weights in one matmul (``fuse``)."""
+        if gate_up is None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # each (n, F)
+        return self.down(F.silu(gate) * up)
 
 
 class Branch(nn.Module):
@@ -173,15 +177,18 @@ class Branch(nn.Module):
         self.k_norm = RMSNorm(d, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def qkv(self, x_nD: Tensor) -> Tensor:
-        """(n, D) -> (n, (H + 2K) * d): normed q, normed k and v, concatenated so one scatter routes all.
-        Plain views rather than einops here and in ``MoMELayer``: they run once per layer per decoded token,
-        where each einops call costs about as much as a small matmul."""
+    def qkv(self, x_nD: Tensor, fused: Fused | None = None) -> Tensor:
+        """(n, D) -> (n, (H + 2K) * d): normed q, normed k and v, concatenated so one scatter routes all;
+        ``fused`` (``fuse``): the three projections in one matmul. Plain views rather than einops here and in
+        ``MoMELayer``: they run once per layer per decoded token, where each einops call costs about as much as
+        a small matmul."""
         n, d = x_nD.shape[0], self.head_dim
-        q = self.q_norm(self.q_proj(x_nD).view(n, -1, d))  # (n, H, d)
-        k = self.k_norm(self.k_proj(x_nD).view(n, -1, d))  # (n, K, d)
-        v = self.v_proj(x_nD).view(n, -1, d)  # (n, K, d)
-        return torch.cat([q, k, v], dim=1).view(n, -1)
+        if fused is None:
+            q, k, v = (proj(x_nD).view(n, -1, d) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = F.linear(x_nD, fused.qkv_weight, fused.qkv_bias).view(n, -1, d).split(
+                [self.heads, self.kv_heads, self.kv_heads], dim=1)  # (n, H, d), (n, K, d), (n, K, d)
+        return torch.cat([self.q_norm(q), self.k_norm(k), v], dim=1).view(n, -1)
 
 
 class AttendMask(NamedTuple):
@@ -264,22 +271,6 @@ def fuse(branch: Branch) -> Fused | None:
     return Fused(torch.cat([m.weight for m in linears[:3]]), bias, torch.cat([m.weight for m in linears[3:]]))
 
 
-def _qkv(b: Branch, f: Fused | None, h: Tensor) -> Tensor:
-    """(n, D) -> (n, (H + 2K) * d) normed q, normed k and v, as ``Branch.qkv``, through the fused weights."""
-    if f is None:
-        return b.qkv(h)
-    n, d = h.shape[0], b.head_dim
-    q, k, v = F.linear(h, f.qkv_weight, f.qkv_bias).view(n, -1, d).split([b.heads, b.kv_heads, b.kv_heads], dim=1)
-    return torch.cat([b.q_norm(q), b.k_norm(k), v], dim=1).view(n, -1)
-
-
-def _ffn(b: Branch, f: Fused | None, h: Tensor) -> Tensor:
-    if f is None:
-        return b.ffn(h)
-    gate, up = F.linear(h, f.gate_up_weight).chunk(2, dim=-1)
-    return b.ffn.down(F.silu(gate) * up)
-
-
 def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
                 v_cache: Tensor, keys: Tensor, branch: int, fused: list[Fused | None]) -> tuple[Tensor, Tensor, Tensor]:
     """One decoding step of fixed shapes: x (B, 1, D) through ``branch`` of every layer, attending over the whole
@@ -293,7 +284,8 @@ def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, 
     for i, layer in enumerate(layers):
         b = layer.branches[branch]
         H, K, d = layer.heads, layer.kv_heads, layer.head_dim
-        qkv = _qkv(b, fused[i], layer.input_norm(x).view(B, -1)).view(B, 1, H + 2 * K, d).transpose(1, 2)
+        f = fused[i]
+        qkv = b.qkv(layer.input_norm(x).view(B, -1), f).view(B, 1, H + 2 * K, d).transpose(1, 2)
         qk, v = qkv.split([H + K, K], dim=1)
         q, k = apply_rope(qk, cos, sin).split([H, K], dim=1)  # (B, H, 1, d), (B, K, 1, d)
         k, v = k.to(k_cache.dtype).to(q.dtype), v.to(v_cache.dtype).to(q.dtype)  # as the cache stores them
@@ -301,7 +293,7 @@ def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, 
         new_v.append(v)
         y = _attend_cache_and_self(q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), k, v, keys)  # (B, H, 1, d)
         x = x + b.o_proj(y.transpose(1, 2).reshape(B, H * d)).view(B, 1, -1)
-        x = x + _ffn(b, fused[i], layer.post_attn_norm(x).view(B, -1)).view(B, 1, -1)
+        x = x + b.ffn(layer.post_attn_norm(x).view(B, -1), None if f is None else f.gate_up_weight).view(B, 1, -1)
     return norm(x), torch.stack(new_k), torch.stack(new_v)
 
 
