@@ -17,13 +17,14 @@ from latentum.checkpoint import decoder_folder, load_decoder_folder, load_model_
 from latentum.config import ModelConfig
 from latentum.data.canvas import active_grid, active_index
 from latentum.data.hf_tokenizer import AnyTokenizer
-from latentum.generation import interleaved
+from latentum.data.refine import words as refine_words
+from latentum.generation import interleaved, refine
 from latentum.generation.engine import Decoder, new_decoder
 from latentum.generation.render import render_ids
 from latentum.generation.sampling import seeded_generator
 from latentum.model.decoder import PixelDecoder
 from latentum.model.latentum import LatentUMModel
-from latentum.types import GREEDY, LatentImage, SamplingParams
+from latentum.types import GREEDY, Judged, LatentImage, SamplingParams
 
 INTERLEAVED_SAMPLING = SamplingParams(temperature=0.7, top_k=50, top_p=0.95)
 """LatentUM's interleaved-generation defaults (reference §6)."""
@@ -214,6 +215,53 @@ class LatentUM:
         ids = interleaved.text_to_latents(self.model, self.tokenizer, prompts,
                                           SamplingParams(temperature, top_k, top_p), cfg_scale, seeded_generator(seed))
         return [LatentImage(x) for x in ids.cpu()]
+
+    @torch.inference_mode()
+    def refine(self, prompts: list[str] | str, *, rounds: int = 3, cfg_scale: float = 3.0, seed: int = 0,
+               temperature: float = 0.9, top_k: int = 50, top_p: float = 0.95) -> Judged | list[Judged]:
+        """Reason, reflect, refine: generate a latent image, read it back and say what should change against the
+        prompt, regenerate from the prompt, that image and the instruction; up to ``rounds`` times, stopping
+        early once the model says no further edit. ``Judged.image`` is the round the model judges best (never
+        one it judges worse than round 0); ``images`` / ``reflections`` / ``scores`` hold every round."""
+        prompts, single = self._prompts(prompts)
+        _check_count(rounds, "rounds", minimum=0)
+        self._check_protocol("refine")
+        _check_cfg_scale(cfg_scale)
+        out = refine.refine(self.model, self.tokenizer, prompts, rounds, SamplingParams(temperature, top_k, top_p),
+                            cfg_scale, seeded_generator(seed))
+        return out[0] if single else out
+
+    @torch.inference_mode()
+    def best_of(self, prompts: list[str] | str, *, k: int = 4, cfg_scale: float = 3.0, seed: int = 0,
+                temperature: float = 0.9, top_k: int = 50, top_p: float = 0.95) -> Judged | list[Judged]:
+        """``k`` sampled latent images per prompt; ``Judged.image`` is the one the model, reading each back,
+        judges to need no further edit most (LatentUM's self-reflection). Same compute as ``refine`` with
+        ``rounds = k - 1``, at most."""
+        prompts, single = self._prompts(prompts)
+        _check_count(k, "k")
+        self._check_protocol("best_of")
+        _check_cfg_scale(cfg_scale)
+        out = refine.best_of(self.model, self.tokenizer, prompts, k, SamplingParams(temperature, top_k, top_p),
+                             cfg_scale, seeded_generator(seed))
+        return out[0] if single else out
+
+    def _prompts(self, prompts) -> tuple[list[str], bool]:
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else prompts
+        _check_list(prompts, "prompts")
+        if not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        for i, p in enumerate(prompts):
+            self._check_text(p, f"prompts[{i}]")
+        return list(prompts), single
+
+    def _check_protocol(self, method: str) -> None:
+        """The model can say the reflection protocol's words (``data.refine``): it was trained for it."""
+        missing = sorted(w for w in refine_words() if self.tokenizer.unknown_words(w))
+        if missing:
+            raise ValueError(f"{method}: this model was not trained to reflect on its images (its vocabulary lacks "
+                             f"{', '.join(map(repr, missing))}); train it with the shapes_reflect and "
+                             f"shapes_refine tasks")
 
     @torch.inference_mode()
     def generate(self, inputs: list, *, max_images: int = 16, max_new_tokens: int = 256,

@@ -63,3 +63,25 @@ class LatentImage:
 
     def __repr__(self) -> str:
         return f"LatentImage(tokens={self.ids.size(0)}, codebooks={self.ids.size(1)})"
+
+
+@dataclass
+class Judged:
+    """Latent images made for one ``prompt`` and the model's own verdict on each: ``refine``'s rounds (round 0
+    first) or ``best_of``'s samples. ``scores[i]`` is the log-probability that the model, reading
+    ``images[i]`` back, says no further edit is needed; ``reflections[i]`` what it says (refine only)."""
+
+    prompt: str
+    images: list[LatentImage]
+    scores: list[float]
+    reflections: list[str]
+
+    @property
+    def best(self) -> int:
+        """Index of the image the model judges best (the earliest among equals)."""
+        return max(range(len(self.scores)), key=lambda i: (self.scores[i], -i))
+
+    @property
+    def image(self) -> LatentImage:
+        """The image the model judges best."""
+        return self.images[self.best]

@@ -272,7 +272,7 @@ def test_pixel_mediated_plans_draw_each_thought_given_its_own_input_map(pixel_ap
     monkeypatch.setattr(LatentUM, "render_ids", spy)
     plans = entry.plan_batch(api, images, thoughts="pixel", max_steps=4)
     _well_formed(plans, [4, 4, 4], api.config.quantizer.codebooks)
-    thoughts = [[t.ids for t in p.thoughts] + [t for _, _, t in p.retracted] for p in plans]
+    thoughts = [[t.ids for t in p.thoughts] + [t.ids for _, _, t in p.retracted] for p in plans]
     assert calls and sum(len(ids) for ids, _, _ in calls) == sum(len(t) for t in thoughts)
     for ids, style, refs in calls:
         for x, s, ref in zip(ids, style, refs):

@@ -25,7 +25,7 @@ from latentum.data.canvas import active_grid, active_index, named_cells, rope_of
 from latentum.data.sample import Item
 from latentum.generation.sampling import sample_codes, sample_logits
 from latentum.model.cache import KVCache
-from latentum.types import GREEDY, SamplingParams
+from latentum.types import GREEDY, LatentImage, SamplingParams
 
 INITIAL_CACHE = 1024
 """Key slots a decoder allocates at first; its cache doubles as a sequence grows, up to the model's limit."""
@@ -109,8 +109,9 @@ class Decoder:
         emb = self.model.input_embeddings(pixels)[:, index].to(open_.dtype)
         return self.feed(torch.cat([open_, emb, close], dim=1), offsets=framed_offsets(g), span=framed_span(g))
 
-    def prefill(self, prompts: list[list[Item]], drop_text: bool = False):
-        """Left-pad and feed ``<bos>`` + each row's user items (text and input images)."""
+    def prefill(self, prompts: list[list[Item | LatentImage]], drop_text: bool = False):
+        """Left-pad and feed ``<bos>`` + each row's user items: text, input images (continuous features) and
+        latent images (read through the visual projector, as a generated image is read back)."""
         grid = self.model.cfg.encoder.grid
         rows = [prompt_tokens(p, self.tok, grid, drop_text) for p in prompts]
         T = max(len(ids) for ids, _, _ in rows)
@@ -119,26 +120,34 @@ class Decoder:
         valid = torch.zeros(len(rows), T, dtype=torch.bool)
         offsets = torch.zeros(len(rows), T, 2, dtype=torch.long)
         span = torch.full((len(rows), T), -1, dtype=torch.long)
-        dst, src, pixels = [], [], []
+        pixel_dst, src, pixels, latent_dst, latents = [], [], [], [], []
         for b, (row, row_cells, images) in enumerate(rows):
             off = T - len(row)
             ids[b, off:] = torch.tensor(row)
             cells[b, off:] = torch.tensor(row_cells)
             valid[b, off:] = True
-            for start, g, px in images:
-                offsets[b, off + start:off + start + g * g] = torch.tensor(rope_offsets(g))
-                span[b, off + start:off + start + g * g] = len(pixels)
-                dst += range(b * T + off + start, b * T + off + start + g * g)
-                src += [len(pixels) * grid**2 + i for i in active_index(g, grid)]
-                pixels.append(px)
+            for k, (start, g, image) in enumerate(images):
+                at = off + start
+                offsets[b, at:at + g * g] = torch.tensor(rope_offsets(g))
+                span[b, at:at + g * g] = k
+                if isinstance(image, LatentImage):
+                    latent_dst += range(b * T + at, b * T + at + g * g)
+                    latents.append(image.ids)
+                else:
+                    pixel_dst += range(b * T + at, b * T + at + g * g)
+                    src += [len(pixels) * grid**2 + i for i in active_index(g, grid)]
+                    pixels.append(image)
         dev = self.model.device
         x = self.model.ground(self.model.backbone.embed(ids.to(dev)), cells)
+        D = x.size(-1)
+        x = x.reshape(-1, D)
         if pixels:
-            D = x.size(-1)
             emb = self.model.input_embeddings(np.stack(pixels)).reshape(-1, D)  # (I*C, D)
-            emb = emb[torch.tensor(src, device=dev)].to(x.dtype)
-            x = x.reshape(-1, D).index_copy(0, torch.tensor(dst, device=dev), emb).view(len(rows), T, D)
-        return self.feed(x, valid=valid.to(dev), offsets=offsets, span=span)
+            x = x.index_copy(0, torch.tensor(pixel_dst, device=dev), emb[torch.tensor(src, device=dev)].to(x.dtype))
+        if latents:  # each its own grid: (N_i, D) per latent, in row order
+            emb = torch.cat([self.model.latent_embeddings(z[None].to(dev))[0] for z in latents])
+            x = x.index_copy(0, torch.tensor(latent_dst, device=dev), emb.to(x.dtype))
+        return self.feed(x.view(len(rows), T, D), valid=valid.to(dev), offsets=offsets, span=span)
 
     def _token_embeddings(self, ids: list[int], B: int) -> list[torch.Tensor]:
         t = torch.tensor(ids, device=self.model.device)
@@ -274,9 +283,9 @@ def framed_offsets(g: int) -> torch.Tensor:
     return torch.cat([inner.new_zeros(1, 2), inner, inner.new_zeros(1, 2)])
 
 
-def prompt_tokens(items: list[Item], tok, canvas_grid: int, drop_text: bool = False):
+def prompt_tokens(items: list[Item | LatentImage], tok, canvas_grid: int, drop_text: bool = False):
     """User items -> (token ids, the cell each names (``named_cells`` per text item, as packing does; -1
-    elsewhere), [(start of image tokens, active grid, pixels)]) for ``<bos>`` + items."""
+    elsewhere), [(start of image tokens, active grid, pixels or LatentImage)]) for ``<bos>`` + items."""
     ids, cells, images = ([tok.bos_id], [-1], []) if tok.bos_id is not None else ([], [], [])
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -284,12 +293,12 @@ def prompt_tokens(items: list[Item], tok, canvas_grid: int, drop_text: bool = Fa
             t = [tok.pad_id] * len(t) if drop_text else t
             ids += t
             cells += named_cells(t, tok, canvas_grid)
-        elif isinstance(item, np.ndarray):
-            g = active_grid(item, canvas_grid)
+        elif isinstance(item, (np.ndarray, LatentImage)):
+            g = math.isqrt(item.ids.size(0)) if isinstance(item, LatentImage) else active_grid(item, canvas_grid)
             ids.append(tok.img_start_id)
             images.append((len(ids), g, item))
             ids += [tok.image_id] * g * g + [tok.img_end_id]
             cells += [-1] * (g * g + 2)
         else:
-            raise TypeError(f"prompt item {i} must be str or an image array, got {type(item).__name__}")
+            raise TypeError(f"prompt item {i} must be str, an image array or a LatentImage, got {type(item).__name__}")
     return ids, cells, images

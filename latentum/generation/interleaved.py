@@ -10,25 +10,11 @@ from latentum.generation.engine import Decoder, new_decoder
 from latentum.types import GREEDY, LatentImage, SamplingParams
 
 
-def _prefill(model, tok, prompts: list[list], drop_text: bool = False) -> Decoder:
-    """Batch prefill; rows holding a LatentImage are fed item by item (latents go through the und branch).
-    ``drop_text``: prompt words become <pad> (the unconditional stream of classifier-free guidance)."""
+def prefill_rows(model, tok, prompts: list[list], drop_text: bool = False) -> Decoder:
+    """Batch prefill of user items (text, images, LatentImage). ``drop_text``: prompt words become <pad> (the
+    unconditional stream of classifier-free guidance)."""
     dec = new_decoder(model, tok, len(prompts))
-    if not any(isinstance(x, LatentImage) for p in prompts for x in p):
-        dec.prefill(prompts, drop_text=drop_text)
-        return dec
-    if len(prompts) != 1:
-        raise ValueError("prompts with LatentImage items are decoded one at a time; pass a single prompt")
-    if tok.bos_id is not None:
-        dec.feed_ids(torch.tensor([[tok.bos_id]]))
-    for item in prompts[0]:
-        if isinstance(item, LatentImage):
-            dec.feed_latents(item.ids[None].to(model.device))
-        elif isinstance(item, str):
-            ids = tok.encode(item)
-            dec.feed_prompt_ids(torch.tensor([[tok.pad_id] * len(ids) if drop_text else ids]))
-        else:
-            dec.feed_input_images(np.asarray(item)[None])
+    dec.prefill(prompts, drop_text=drop_text)
     return dec
 
 
@@ -52,7 +38,7 @@ def sample_text_until_eos(tok, dec: Decoder, max_new_tokens: int, params: Sampli
 def answer_rows(model, tok, prompts: list[list], max_new_tokens: int, params: SamplingParams, generator) -> list[str]:
     rows = []
     for chunk in _chunks(prompts, 64):
-        dec = _prefill(model, tok, chunk)
+        dec = prefill_rows(model, tok, chunk)
         ids = sample_text_until_eos(tok, dec, max_new_tokens, params, generator)
         rows += [tok.decode(r) for r in ids]
     return rows
@@ -62,12 +48,11 @@ def option_logprobs(model, tok, prompts: list[list], options: list[list[str]]) -
     """Log-probability of each option as the whole answer to its prompt: its words, then <eos> (the cloze
     form of a multiple-choice question). Each prompt is prefilled once, in chunks, and its cache repeated
     once per option (``Decoder.keep_rows``); options are right-padded and scored by teacher forcing, with no
-    sampling. Prompts holding a LatentImage are prefilled one at a time (``_prefill``)."""
+    sampling."""
 
     out: list[list[float]] = []
-    latent = any(isinstance(x, LatentImage) for p in prompts for x in p)
-    for chunk in _chunks(list(range(len(prompts))), 1 if latent else 16):
-        dec = _prefill(model, tok, [prompts[i] for i in chunk])
+    for chunk in _chunks(list(range(len(prompts))), 16):
+        dec = prefill_rows(model, tok, [prompts[i] for i in chunk])
         rows = [(k, j) for k, i in enumerate(chunk) for j in range(len(options[i]))]  # (prompt in chunk, option)
         dec.keep_rows(torch.tensor([k for k, _ in rows], device=model.device))  # a prompt's rows share its cache
         conts = [tok.encode(options[chunk[k]][j]) + [tok.eos_id] for k, j in rows]
@@ -129,8 +114,8 @@ def interleaved(model, tok, items: list, max_images: int, max_new_tokens: int, p
     -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` text tokens. With ``cfg_scale``
     != 1 every image's codes are guided against a second stream whose prompt words are dropped (the same
     generated text and images fed to both, LatentUM §4); the text itself is sampled from the prompted stream."""
-    dec = _prefill(model, tok, [items])
-    uncond = _prefill(model, tok, [items], drop_text=True) if cfg_scale != 1.0 else None
+    dec = prefill_rows(model, tok, [items])
+    uncond = prefill_rows(model, tok, [items], drop_text=True) if cfg_scale != 1.0 else None
     # A thought keeps the layout of the last input image (a 4x4 input imagines 4x4 images); else full canvas.
     images = [x for x in items if isinstance(x, np.ndarray)]
     grid = active_grid(images[-1], model.cfg.encoder.grid) if images else None

@@ -25,7 +25,7 @@ from latentum.worlds import shapes
 from latentum.worlds.registry import make_sample
 
 EVAL_NAMESPACE = 90_210_778
-GENEVAL_TEMPLATE = "a photo of {}"
+GENEVAL_TEMPLATE = shapes.GENEVAL_TEMPLATE
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:

@@ -1,9 +1,12 @@
 """Shapes: flat-colour shapes on a plain canvas (``scene``) with GenEval-style prompts (``prompts``), an exact
 pixel oracle (``oracle``) and the task samples (``tasks``)."""
 
+from latentum.worlds.shapes import flaws, tasks
+from latentum.worlds.shapes.flaws import inject_flaw, refine_sample, reflect_sample
 from latentum.worlds.shapes.oracle import Detected, oracle, oracle_report, parse, relations, satisfies, scene_detections
 from latentum.worlds.shapes.prompts import (
     CATEGORIES,
+    GENEVAL_TEMPLATE,
     NUMBERS,
     OPPOSITE,
     PromptSpec,
@@ -12,10 +15,24 @@ from latentum.worlds.shapes.prompts import (
     sample_prompt,
 )
 from latentum.worlds.shapes.scene import COLORS, MIN_CANVAS, PLURALS, Obj, Scene, render
-from latentum.worlds.shapes.tasks import MAX_SIZE, MIN_SIZE, QA_TYPES, qa_sample, scene_for, t2i_sample, vocabulary
+from latentum.worlds.shapes.tasks import (
+    MAX_SIZE,
+    MIN_SIZE,
+    QA_TYPES,
+    qa_sample,
+    scene_for,
+    t2i_photo_sample,
+    t2i_sample,
+)
 
-__all__ = ["CATEGORIES", "COLORS", "MAX_SIZE", "MIN_CANVAS", "MIN_SIZE", "NUMBERS", "OPPOSITE", "PLURALS", "QA_TYPES",
-           "Detected",
-           "Obj", "PromptSpec", "Requirement", "Scene", "corrupt", "oracle", "oracle_report", "parse", "qa_sample",
-           "relations", "render", "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_sample",
+
+def vocabulary() -> set[str]:
+    """Every word of the Shapes prompts (both phrasings), questions, answers and R3 instructions."""
+    return tasks.vocabulary() | flaws.vocabulary()
+
+
+__all__ = ["CATEGORIES", "COLORS", "GENEVAL_TEMPLATE", "MAX_SIZE", "MIN_CANVAS", "MIN_SIZE", "NUMBERS", "OPPOSITE",
+           "PLURALS", "QA_TYPES", "Detected", "Obj", "PromptSpec", "Requirement", "Scene", "corrupt", "inject_flaw",
+           "oracle", "oracle_report", "parse", "qa_sample", "reflect_sample", "refine_sample", "relations", "render",
+           "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_photo_sample", "t2i_sample",
            "vocabulary"]

@@ -13,6 +13,8 @@ RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
+GENEVAL_TEMPLATE = "a photo of {}"
+"""GenEval's own phrasing of a prompt (reference §4.1): ``GENEVAL_TEMPLATE.format(spec.text)``."""
 
 
 @dataclass(frozen=True)

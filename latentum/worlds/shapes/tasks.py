@@ -9,7 +9,16 @@ import numpy as np
 
 from latentum.data.sample import Sample
 from latentum.worlds.shapes.oracle import CONE, _direction_components, satisfies, scene_detections
-from latentum.worlds.shapes.prompts import NUMBERS, RELATIONS, PromptSpec, _pick, _rng, corrupt, sample_prompt
+from latentum.worlds.shapes.prompts import (
+    GENEVAL_TEMPLATE,
+    NUMBERS,
+    RELATIONS,
+    PromptSpec,
+    _pick,
+    _rng,
+    corrupt,
+    sample_prompt,
+)
 from latentum.worlds.shapes.scene import COLORS, PLURALS, SHAPES, Obj, Scene, render
 
 QA_TYPES = ("count", "color", "relation", "match")
@@ -87,6 +96,12 @@ def t2i_sample(rng, canvas: int = 128) -> Sample:
     return Sample([spec.text], [render(scene, canvas)], "shapes_t2i", {"spec": spec, "scene": scene})
 
 
+def t2i_photo_sample(rng, canvas: int = 128) -> Sample:
+    """Text to image with the prompt in GenEval's template ("a photo of a red circle")."""
+    s = t2i_sample(rng, canvas)
+    return Sample([GENEVAL_TEMPLATE.format(s.user[0])], s.assistant, "shapes_t2i_photo", s.meta)
+
+
 def _count_question(rng: np.random.Generator) -> tuple[Scene, str, str, PromptSpec | None]:
     shape = _pick(rng, SHAPES)[0]
     k = int(rng.integers(0, 5))
@@ -157,4 +172,4 @@ def vocabulary() -> set[str]:
     words = set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(NUMBERS)
     words |= {w for r in RELATIONS for w in r.split()}
     words |= set("a an and the ? How many are there What colour is Is Does image show Yes No".split())
-    return words
+    return words | set(GENEVAL_TEMPLATE.replace("{}", "").split())
