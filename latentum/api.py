@@ -260,8 +260,8 @@ class LatentUM:
         missing = sorted(w for w in refine_words() if self.tokenizer.unknown_words(w))
         if missing:
             raise ValueError(f"{method}: this model was not trained to reflect on its images (its vocabulary lacks "
-                             f"{', '.join(map(repr, missing))}); train it with the shapes_reflect and "
-                             f"shapes_refine tasks")
+                             f"{', '.join(map(repr, missing))}); train it on reflection and refine samples "
+                             f"(latentum.data.refine)")
 
     @torch.inference_mode()
     def generate(self, inputs: list, *, max_images: int = 16, max_new_tokens: int = 256,

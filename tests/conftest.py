@@ -53,3 +53,22 @@ def untrained_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("untrained") / "model"
     save_model_folder(LatentUMModel(cfg), tok, out)
     return out
+
+
+@pytest.fixture
+def moves_first(monkeypatch):
+    """The debug model is barely trained and may say "Done" before any move: make every FrozenLake move its
+    first choice wherever a move is allowed, so tests of what happens after moves have moves to check."""
+    import torch
+
+    from latentum.generation.engine import Decoder
+    from latentum.worlds.frozenlake import ACTIONS
+
+    logits = Decoder.text_logits
+
+    def prefer_moves(self):
+        out = logits(self)
+        ids = torch.tensor([self.tok.encode(a)[0] for a in ACTIONS], device=out.device)
+        return out.index_add(-1, ids, torch.full((out.size(0), len(ids)), 1e4, device=out.device))
+
+    monkeypatch.setattr(Decoder, "text_logits", prefer_moves)

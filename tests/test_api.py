@@ -34,9 +34,9 @@ def test_answer_accepts_array_pil_and_path(api, lake, tmp_path):
 
 def _stepwise_logprob(api, image, question: str, option: str) -> float:
     """Feed the option one token at a time and add up each token's log-probability (the reference)."""
-    from latentum.generation.interleaved import _prefill
+    from latentum.generation.interleaved import prefill_rows
 
-    dec = _prefill(api.model, api.tokenizer, [[api._image_item(image, "image"), question]])
+    dec = prefill_rows(api.model, api.tokenizer, [[api._image_item(image, "image"), question]])
     total = 0.0
     for t in api.tokenizer.encode(option) + [api.tokenizer.eos_id]:
         total += float(dec.text_logits().log_softmax(-1)[0, t])
@@ -149,7 +149,7 @@ def test_latent_fidelity_is_exact_match_with_the_encoded_true_board(api):
     assert latent_match(api, ids, truth, "classic") == pytest.approx(1 - 1 / len(truth))
 
 
-def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch):
+def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch, moves_first):
     """The oracle planner reads exactly the encoded simulated board after each of its own moves (and keeps
     them as its thoughts, so a move it takes back drops its board too)."""
     from latentum.apps.vsp.evaluate import eval_maps, oracle_plans
@@ -158,10 +158,6 @@ def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch):
 
     seen, feed = [], Decoder.feed_latents
     monkeypatch.setattr(Decoder, "feed_latents", lambda self, ids: (seen.append(ids.clone()), feed(self, ids))[1])
-    # the debug model is barely trained and may never move: make moves its first choice (the reads are tested)
-    moves, logits = [api.tokenizer.encode(a)[0] for a in fl.ACTIONS], Decoder.text_logits
-    monkeypatch.setattr(Decoder, "text_logits", lambda self: logits(self).index_add(
-        -1, torch.tensor(moves), torch.full((len(self.next_pos), len(moves)), 1e4)))
     maps = eval_maps(3, 3, seed=5)
     plans = oracle_plans(api, maps, "classic")
     assert all(len(p.thoughts) == len(p.actions) for p in plans) and sum(len(p.actions) for p in plans) > 0

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_readme_python_example_runs(debug_run):
+def test_readme_python_example_runs(debug_run, moves_first):
     block = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     assert "LatentUM.from_pretrained" in block
     code = block.replace('"checkpoints/tiny"', repr(str(debug_run / "model")))

@@ -16,7 +16,7 @@ def test_the_report_holds_every_figure(debug_run):
     for name in ("t2i", "t2i_geneval"):
         assert set(shapes.CATEGORIES) | {"overall"} <= set(report[name])
         assert all(0 <= report[name][c] <= 1 for c in shapes.CATEGORIES)
-    assert "photo" in report["t2i_geneval"].get("refused_words", [])  # the built-in vocabulary lacks it
+    assert "refused_words" not in report["t2i_geneval"]  # the built-in vocabulary has GenEval's template
     assert report["reconstruction"]["real_at_decoder_resolution"] >= 0.5  # the oracle reads the real pictures
     assert set(report["understanding"]) == set(shapes.QA_TYPES)
 
@@ -35,3 +35,11 @@ def test_cli_eval_shapes_writes_json(debug_run, tmp_path, capsys):
     code = main(["eval", "shapes", "--model", str(debug_run / "model"), "--per-category", "1", "--out", str(out)])
     assert code == 0 and "reconstruction" in capsys.readouterr().out
     assert json.loads(out.read_text())["per_category"] == 1
+
+
+def test_prompts_with_words_a_model_lacks_are_reported_not_guessed():
+    from latentum.apps.shapes.evaluate import GENEVAL_TEMPLATE, text_to_image
+
+    old = LatentUM.from_pretrained("checkpoints/tiny")  # its vocabulary predates GenEval's template
+    report = text_to_image(old, per_category=1, seed=0, cfg_scale=3.0, template=GENEVAL_TEMPLATE)
+    assert report["refused_words"] == ["photo"] and report["overall"] == 0.0

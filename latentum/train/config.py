@@ -91,6 +91,10 @@ class PackedStageConfig(StageConfig):
 class VLMConfig(PackedStageConfig):
     """Stage 0 (the tiny model only): the base VLM learns understanding with continuous image features."""
 
+    train_encoder: bool = True
+    """Also train the vision encoder. False keeps it (and so every image's features and codes) as loaded, e.g.
+    to teach a trained model a new world as the teacher a quantizer is aligned on (``MBAQConfig.teacher``)."""
+
 
 @dataclass
 class MBAQConfig(PackedStageConfig):

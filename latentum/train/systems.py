@@ -117,8 +117,8 @@ class VLMSystem(StageSystem):
         super().__init__(cfg)
         self.model = model
         bb = model.backbone
-        set_trainable(model, [model.encoder, model.feature_projector, model.cell_pos,
-                              *bb.branch_parameters("und"), *bb.shared_parameters()])
+        set_trainable(model, [*([model.encoder] if cfg.train_encoder else []), model.feature_projector,
+                              model.cell_pos, *bb.branch_parameters("und"), *bb.shared_parameters()])
 
     def losses(self, p: Packed) -> LossBreakdown:
         fwd = self.model.forward_packed(p)
