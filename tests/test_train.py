@@ -475,3 +475,57 @@ def test_an_export_from_a_gathered_state_dict_equals_the_live_model(debug_run, t
     gathered = STAGES["mome"].export(system, tok, tmp_path / "gathered", {}, state=system.state_dict())
     a, b = load_model_folder(live)[0].state_dict(), load_model_folder(gathered)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- (f) a quantizer taught a new world by a teacher, old codes kept ----------------------------------------
+
+def _teacher_recipe(tmp_path: Path, debug_model: Path, train_encoder: bool = False) -> Path:
+    import yaml
+
+    data = yaml.safe_load(DEBUG.read_text())
+    common = {"batch_size": 2, "log_every": 1, "precision": "32-true", "worlds": {"frozenlake": {"map_sizes": [3, 4]}}}
+    data.pop("stages")
+    data["legs"] = [
+        {"name": "teacher", "stage": "vlm", "init_from": str(debug_model), "train_encoder": train_encoder,
+         "steps": 2, "lr": 1e-2, "tasks": {"shapes_qa": 1}, **common},
+        {"name": "keep", "stage": "mbaq", "init_from": str(debug_model), "teacher": "teacher", "steps": 3,
+         "lr": 1e-2, "tasks": {"shapes_qa": 1},
+         "keep_codes": {"tasks": {"vsp_hole": 1}, "images": 4, "probe_images": 32}, **common}]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_teacher_aligns_the_quantizer_and_kept_codes_stay(debug_run, tmp_path):
+    from latentum.train.run import train_leg
+    from latentum.worlds.registry import make_sample
+
+    recipe = load_recipe(str(_teacher_recipe(tmp_path, debug_run / "model")))
+    teacher = load_model_folder(train_leg(recipe, "teacher", tmp_path / "run", progress=False))[0]
+    old = load_model_folder(debug_run / "model")[0]
+    new = load_model_folder(train_leg(recipe, "keep", tmp_path / "run", progress=False))[0]
+    t, o, n = teacher.state_dict(), old.state_dict(), new.state_dict()
+    assert all(torch.equal(t[k], o[k]) for k in o if k.startswith("encoder."))  # train_encoder: false
+    assert not all(torch.equal(t[k], o[k]) for k in o if k.startswith("backbone."))  # the teacher learnt
+    changed = {k for k in o if not torch.equal(o[k], n[k])}
+    assert changed and all(k.startswith("quantizer.") for k in changed)  # the model keeps its own backbone
+    # every codebook row the kept task's images use is exactly as it was
+    rng = np.random.default_rng(0)
+    images = np.stack([x for _ in range(16) for x in make_sample("vsp_hole", rng, map_sizes=[3, 4], canvas=64).images])
+    ids = old.image_ids(images)
+    key = "quantizer.vq._codebook.embed"
+    for g in range(ids.size(-1)):
+        rows = ids[..., g].unique()
+        assert torch.equal(n[key][g, rows], o[key][g, rows])
+    assert not torch.equal(n[key], o[key])  # the other rows trained
+    with open(next((tmp_path / "run" / "keep" / "logs").glob("version_*")) / "metrics.csv") as f:
+        assert any(row.get("train/keep/same_ids") for row in csv.DictReader(f))
+
+
+def test_a_teacher_with_another_encoder_is_refused(debug_run, tmp_path):
+    from latentum.train.run import train_leg
+
+    recipe = load_recipe(str(_teacher_recipe(tmp_path, debug_run / "model", train_encoder=True)))
+    train_leg(recipe, "teacher", tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="teacher must have the trained model's vision encoder"):
+        train_leg(recipe, "keep", tmp_path / "run", progress=False)

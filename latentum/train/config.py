@@ -97,6 +97,26 @@ class VLMConfig(PackedStageConfig):
 
 
 @dataclass
+class KeepCodesConfig:
+    """A quantizer aligned on new images without changing the codes of old ones: the codebook rows the old images
+    use stay exactly as loaded, and their latents are pulled to where they were (MSE, ``weight``)."""
+
+    tasks: dict[str, float] = field(default_factory=dict)
+    """The tasks whose images keep their codes (every image of a sample: inputs and targets)."""
+    images: int = 16
+    """Images of those tasks drawn per step for the latent loss."""
+    weight: float = 10.0
+    probe_images: int = 512
+    """Images drawn when the leg starts to find the codebook rows they use (those rows are frozen)."""
+
+    def __post_init__(self):
+        _check(bool(self.tasks), "keep_codes.tasks must name at least one task")
+        check_mixture(self.tasks)
+        _check(self.images >= 1 and self.probe_images >= 1, "keep_codes.images and probe_images must be >= 1")
+        _check(self.weight >= 0, f"keep_codes.weight must be >= 0, got {self.weight}")
+
+
+@dataclass
 class MBAQConfig(PackedStageConfig):
     """Stage 1: the quantizer learns to make the frozen VLM behave the same on its codes."""
 
@@ -105,6 +125,19 @@ class MBAQConfig(PackedStageConfig):
     mixture with a trained model as the teacher."""
     quantizer: QuantizerConfig | None = None
     """The fresh quantizer's config (same code shapes as the model's); None: the recipe's ``model.quantizer``."""
+    teacher: str | None = None
+    """Align on this model's behaviour (a leg name or a model folder; same encoder) instead of the trained model's
+    own: its feature projector gives the teacher's view, its backbone reads both views. The trained model keeps
+    its backbone; only its quantizer changes (e.g. a teacher taught a new world with ``train_encoder: false``)."""
+    keep_codes: KeepCodesConfig | None = None
+    """Keep the codes of some tasks' images as they were when the leg started (None: no constraint)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.keep_codes, dict):
+            self.keep_codes = from_dict(KeepCodesConfig, self.keep_codes, "keep_codes")
+        _check(not (self.fresh_quantizer and self.keep_codes), "keep_codes needs the loaded quantizer, not "
+               "fresh_quantizer: true")
 
 
 @dataclass

@@ -85,7 +85,13 @@ class MBAQStage(Stage):
         return model
 
     def system(self, model, recipe, cfg, folders):
-        return MBAQSystem(model, cfg)
+        teacher = None
+        if cfg.teacher is not None:
+            path = folders.get(cfg.teacher, Path(cfg.teacher))
+            if not (path / "config.json").is_file():
+                raise ValueError(f"teacher: {cfg.teacher!r} is neither a trained leg of this recipe nor a model folder")
+            teacher = load_model_folder(path)[0]
+        return MBAQSystem(model, cfg, teacher)
 
 
 class MoMEStage(Stage):

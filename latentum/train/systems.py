@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,7 @@ from latentum.model.latentum import LatentUMModel
 from latentum.train.config import DecoderStageConfig, MBAQConfig, MoMEConfig, StageConfig, VLMConfig
 from latentum.train.lora import train_adapters_only
 from latentum.types import LossBreakdown
+from latentum.worlds.registry import make_sample
 
 
 def set_trainable(model: torch.nn.Module, trainable: list[torch.nn.Module | torch.nn.Parameter]) -> None:
@@ -126,29 +129,115 @@ class VLMSystem(StageSystem):
 
 
 class MBAQSystem(StageSystem):
-    """Stage 1: the quantizer learns to make the frozen VLM behave the same on quantized features."""
+    """Stage 1: the quantizer learns to make the frozen VLM behave the same on quantized features. The VLM is the
+    model itself, or a ``teacher`` with the same encoder (``MBAQConfig.teacher``); with ``keep_codes`` the images
+    of some tasks keep the codes they had (``KeepCodesConfig``)."""
 
-    def __init__(self, model: LatentUMModel, cfg: MBAQConfig):
+    def __init__(self, model: LatentUMModel, cfg: MBAQConfig, teacher: LatentUMModel | None = None):
         super().__init__(cfg)
         self.model = model
         set_trainable(model, [model.quantizer])
+        if teacher is not None:
+            _check_same_encoder(model, teacher)
+        # Held in lists, out of the module tree: neither is trained, checkpointed nor exported.
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        self._keep: list = []  # [reference quantizer, (G, K) bool rows frozen], set when fitting starts
+
+    @property
+    def vlm(self) -> LatentUMModel:
+        return self._teacher[0] if self._teacher else self.model
 
     def on_fit_start(self):
         if self.trainer.world_size > 1:  # every process keeps the same codebook
             self.model.quantizer.sync_across_processes()
+        for t in self._teacher:
+            t.to(self.device)
+        if self.cfg.keep_codes is not None and not self._keep:
+            self._start_keeping()
 
     def losses(self, p: Packed) -> LossBreakdown:
-        m = self.model
+        m, vlm = self.model, self.vlm
         feats = m.image_features(p.inputs.pixels).detach()
-        pos = m.canvas_positions().detach()  # (C, D), added to both views as input_embeddings does
+        pos = vlm.canvas_positions().detach()  # (C, D), added to both views as input_embeddings does
         with torch.no_grad():
-            teacher = m.backbone.logits(m.forward_packed(p, input_embeddings=m.feature_projector(feats) + pos).hidden)
+            seen = vlm.forward_packed(p, input_embeddings=vlm.feature_projector(feats) + pos).hidden
+            teacher = vlm.backbone.logits(seen)
         q = m.quantizer.encode(feats)
-        student = m.backbone.logits(m.forward_packed(p, input_embeddings=m.quantizer.project(q.codes) + pos).hidden)
+        student = vlm.backbone.logits(vlm.forward_packed(p, input_embeddings=m.quantizer.project(q.codes) + pos).hidden)
         out = mbaq_loss(teacher, student, p.text_targets != IGNORE, q.loss)
-        usage = m.quantizer.usage()
-        extra = {f"usage/{k}": torch.as_tensor(v, dtype=torch.float32).mean() for k, v in usage.items()}
-        return LossBreakdown(out.total, {**out.parts, **extra})
+        usage = {f"usage/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in m.quantizer.usage().items()}
+        parts = {**out.parts, **usage}
+        total = out.total
+        if self._keep:
+            keep = self._keep_loss()
+            total = total + self.cfg.keep_codes.weight * keep.total
+            parts.update(keep.parts)
+        return LossBreakdown(total, parts)
+
+    # -- keep_codes ------------------------------------------------------------------------------------------
+
+    def _keep_images(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n, H, W, 3) images of the kept tasks, drawn by weight on the model's canvas."""
+        kc, canvas = self.cfg.keep_codes, self.model.cfg.encoder.image_size
+        names = list(kc.tasks)
+        weights = np.array([kc.tasks[t] for t in names], dtype=float)
+        sizes = self.cfg.worlds.get("frozenlake", {}).get("map_sizes")
+        images: list[np.ndarray] = []
+        while len(images) < n:
+            task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+            sample = make_sample(task, rng, canvas=canvas, **({"map_sizes": sizes} if sizes else {}))
+            images += [np.asarray(x) for x in sample.images]
+        return np.stack(images[:n])
+
+    @torch.no_grad()
+    def _start_keeping(self) -> None:
+        """Snapshot the loaded quantizer and freeze the codebook rows the kept tasks' images use."""
+        m, kc = self.model, self.cfg.keep_codes
+        ref = copy.deepcopy(m.quantizer).eval().requires_grad_(False)
+        images = self._keep_images(np.random.default_rng([self.cfg.seed, 7]), kc.probe_images)
+        ids = torch.cat([ref.encode(m.image_features(images[i:i + 64])).ids for i in range(0, len(images), 64)])
+        G, K = ref.cfg.codebooks, ref.cfg.codebook_size
+        frozen = torch.zeros(G, K, dtype=torch.bool, device=ids.device)
+        for g in range(G):
+            frozen[g, ids[..., g].unique()] = True
+        self._keep = [ref, frozen]
+
+    def _keep_loss(self) -> LossBreakdown:
+        """MSE between the kept tasks' latents now and as loaded; logs the share of their ids unchanged."""
+        m, (ref, _) = self.model, self._keep
+        rng = np.random.default_rng([self.cfg.seed, 8, self.global_step, self.global_rank])
+        feats = m.image_features(self._keep_images(rng, self.cfg.keep_codes.images)).detach()
+        q = m.quantizer
+        z = q.norm(q.down(feats))
+        with torch.no_grad():
+            z_ref = ref.norm(ref.down(feats))
+            same = (_nearest(q.vq.codebook, z) == _nearest(ref.vq.codebook, z_ref)).float().mean()
+        mse = F.mse_loss(z.float(), z_ref.float())
+        return LossBreakdown(mse, {"keep/latent_mse": mse.detach(), "keep/same_ids": same})
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._keep:  # frozen rows never count as dead (the library would replace them)
+            cb = self.model.quantizer.vq._codebook
+            cb.cluster_size.data[self._keep[1]] = 1e9
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._keep:  # the rows the kept images use stay exactly as loaded (no gradient, no weight decay)
+            ref, frozen = self._keep
+            embed = self.model.quantizer.vq._codebook.embed
+            embed.data[frozen] = ref.vq._codebook.embed.data[frozen]
+
+
+def _nearest(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Nearest code ids (..., G) of latents z (..., G * d) in a product codebook (G, K, d); no side effects."""
+    zg = z.float().unflatten(-1, (codebook.size(0), -1))  # (..., G, d)
+    return ((zg[..., None, :] - codebook.float()) ** 2).sum(-1).argmin(-1)
+
+
+def _check_same_encoder(model: LatentUMModel, teacher: LatentUMModel) -> None:
+    a, b = model.encoder.state_dict(), teacher.encoder.state_dict()
+    if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
+        raise ValueError("mbaq teacher: the teacher must have the trained model's vision encoder (train it with "
+                         "train_encoder: false), so both see the same features")
 
 
 class MoMESystem(StageSystem):
