@@ -529,3 +529,22 @@ def test_a_teacher_with_another_encoder_is_refused(debug_run, tmp_path):
     train_leg(recipe, "teacher", tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="teacher must have the trained model's vision encoder"):
         train_leg(recipe, "keep", tmp_path / "run", progress=False)
+
+
+def test_grow_vocabulary_adds_new_words_after_the_old_and_keeps_old_logits():
+    from latentum.data.tokenizer import TextTokenizer
+    from latentum.train.run import grow_vocabulary
+
+    model, tok = load_model_folder(ROOT / "checkpoints" / "tiny")[:2]
+    assert tok.unknown_words("a photo of a red circle") == ["photo"]  # it predates the GenEval template
+    ids = torch.tensor([tok.encode("How many circles are there ?")])
+    before = model.backbone.logits(model.backbone.embed(ids))
+    grown = grow_vocabulary(model, tok)
+    assert isinstance(grown, TextTokenizer) and grown.vocab_size > tok.vocab_size
+    assert grown.encode("How many circles are there ?") == ids[0].tolist()  # old ids unchanged
+    assert not grown.unknown_words("a photo of a red circle")
+    assert model.backbone.embedding.num_embeddings == grown.vocab_size == model.cfg.backbone.vocab_size
+    after = model.backbone.logits(model.backbone.embed(ids))
+    torch.testing.assert_close(after[..., :tok.vocab_size], before)
+    new = model.backbone.embedding.weight[tok.vocab_size:]
+    torch.testing.assert_close(new, model.backbone.embedding.weight[:tok.vocab_size].mean(0).expand_as(new))

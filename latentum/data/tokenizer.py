@@ -110,6 +110,19 @@ class TextTokenizer:
         format, so as they are (``HFTokenizer.user_turn`` wraps them in a pretrained model's template)."""
         return list(items)
 
+    def extended(self, words: Iterable[str]) -> TextTokenizer:
+        """This tokenizer plus the words of ``words`` it lacks, after its own: every known word keeps its id, so a
+        trained model reads its old texts the same (``LatentUMModel.grow_vocabulary`` adds the rows)."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        pre = _pre_tokenizer()
+        new = sorted({piece for w in words for piece, _ in pre.pre_tokenize_str(w)} - set(vocab))
+        for w in new:
+            vocab[w] = len(vocab)
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre
+        tok.add_special_tokens(SPECIALS)
+        return TextTokenizer(tok)
+
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 

@@ -355,6 +355,25 @@ class MoMEBackbone(nn.Module):
         nn.init.ones_(self.norm.weight)
 
     @torch.no_grad()
+    def grow_vocabulary(self, vocab_size: int) -> None:
+        """Grow the embedding and lm_head to ``vocab_size`` rows; the old rows stay, each new one starts at the
+        mean of the old (embedding and head alike), so a new word begins as an average word."""
+        old = self.embedding.num_embeddings
+        if vocab_size < old:
+            raise ValueError(f"vocab_size must be >= the current {old}, got {vocab_size}")
+        if vocab_size == old:
+            return
+
+        def grown(w: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)]))
+
+        self.embedding.weight = grown(self.embedding.weight)
+        self.embedding.num_embeddings = vocab_size
+        self.lm_head.weight = self.embedding.weight if self.cfg.tie_embeddings else grown(self.lm_head.weight)
+        self.lm_head.out_features = vocab_size
+        self.cfg.vocab_size = vocab_size
+
+    @torch.no_grad()
     def init_generation_branch(self) -> None:
         """Copy every und-branch parameter into the gen branch (LatentUM §3 initialisation)."""
         for layer in self.layers:

@@ -41,6 +41,9 @@ class StageConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
+    grow_vocabulary: bool = False
+    """Add the built-in worlds' words that the loaded model's word-level tokenizer lacks (new tasks' words), after
+    its own ids; the new embedding rows start at the mean (``TextTokenizer.extended``)."""
     init_from: str | None = None
     """Start from this leg's export (a leg name) or exported model folder (a path) instead of the default: the
     previous leg that exports a model."""

@@ -26,7 +26,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from latentum.checkpoint import write_folder_atomically
-from latentum.data.hf_tokenizer import load_tokenizer
+from latentum.data.hf_tokenizer import AnyTokenizer, load_tokenizer
+from latentum.data.tokenizer import SPECIALS, TextTokenizer
 from latentum.model.backbone import MoMELayer
 from latentum.train.config import Leg, RecipeConfig, StageConfig, recipe_to_data
 from latentum.train.precision import resolve_precision
@@ -85,6 +86,8 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
     start = existing_start(recipe, leg, out)
     model = stage.build(recipe, cfg, start)
     tok = load_tokenizer(start) if start else default_tokenizer()
+    if cfg.grow_vocabulary:
+        tok = grow_vocabulary(model, tok)
     system = stage.system(model, recipe, cfg, {x.name: out / x.name / "export" for x in recipe.legs})
     ckpt_path = str(ckpt) if resume and ckpt.is_file() else None
     start_step = _checkpoint_step(ckpt) if ckpt_path else 0
@@ -108,6 +111,16 @@ def train_leg(recipe: RecipeConfig, leg_name: str, out: str | Path, *, resume: b
     if trainer.world_size > 1:
         trainer.strategy.barrier("export")  # every rank waits until the export the next leg starts from exists
     return folder / "export"
+
+
+def grow_vocabulary(model, tok: AnyTokenizer) -> AnyTokenizer:
+    """``tok`` with the built-in worlds' words it lacks, and ``model``'s embedding grown to match."""
+    if not isinstance(tok, TextTokenizer):
+        raise ValueError("grow_vocabulary: only the built-in word-level tokenizer grows; a pretrained model's "
+                         "tokenizer already has its words")
+    tok = tok.extended(w for w in default_tokenizer().tokenizer.get_vocab() if w not in SPECIALS)
+    model.backbone.grow_vocabulary(max(tok.vocab_size, model.backbone.embedding.num_embeddings))
+    return tok
 
 
 def strategy(cfg: StageConfig):
