@@ -19,6 +19,10 @@ def test_the_report_holds_every_figure(debug_run):
     assert "refused_words" not in report["t2i_geneval"]  # the built-in vocabulary has GenEval's template
     assert report["reconstruction"]["real_at_decoder_resolution"] >= 0.5  # the oracle reads the real pictures
     assert set(report["understanding"]) == set(shapes.QA_TYPES)
+    assert 0 <= report["read_back"]["count"] <= 1 and report["read_back"]["questions"] >= 6 * 2 * 3
+    judged = report["self_judged"]  # the debug model's vocabulary has the reflection protocol's words
+    assert {"plain", "best_of", "refine_0", "refine_3"} <= set(judged)
+    assert all(1 <= judged["refine_images"][c] <= 4 for c in shapes.CATEGORIES)
 
 
 def test_codebook_usage_counts_the_codes(debug_run):

@@ -9,6 +9,10 @@
 - **understanding**: Shapes QA (count, colour, relation, match) on real images, answered greedily.
 - **codebook usage** on fresh images of both worlds: codes used, perplexity and dead codes (never used) per
   codebook, counted from the codes themselves.
+- **read back**: count and colour questions about the model's own generated latents (no pixels in the loop),
+  answered through the understanding branch, against the oracle's parse of the same latents rendered.
+- **self-judged** (models trained to reflect, ``latentum.data.refine``): at equal compute, plain sampling, best-of-k
+  where the model's own reading picks, and refine (reason, reflect, refine) after each round, per category.
 
 Prompts and scenes come from their own seed namespace, disjoint from the training streams.
 """
@@ -21,6 +25,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from latentum.api import LatentUM
+from latentum.data.refine import words as refine_words
+from latentum.types import Judged, LatentImage
 from latentum.worlds import shapes
 from latentum.worlds.registry import make_sample
 
@@ -112,13 +118,72 @@ def codebook_usage(api: LatentUM, images: int, seed: int) -> dict:
     return out
 
 
+def _specs(seed: int, key: int, k: int, n: int) -> list:
+    rng = _rng(seed, key, k)
+    return [shapes.sample_prompt(rng, shapes.CATEGORIES[k]) for _ in range(n)]
+
+
+def _passes(api: LatentUM, latents: list[LatentImage], specs: list, seed: int) -> list[bool]:
+    return [shapes.oracle(_for_oracle(im), s) for im, s in zip(api.render(latents, seed=seed), specs)]
+
+
+def read_back(api: LatentUM, per_category: int, seed: int, cfg_scale: float) -> dict:
+    """Agreement of the model's answers about its own generated latents with the oracle's parse of them rendered:
+    the count of each shape, and the colour of each shape the parse finds exactly once."""
+    counts, colours = [], []
+    for k in range(len(shapes.CATEGORIES)):
+        specs = _specs(seed, 5, k, per_category)
+        latents = api.generate_images([s.text for s in specs], cfg_scale=cfg_scale, seed=seed)
+        images, questions, truths = [], [], []
+        for latent, im in zip(latents, api.render(latents, seed=seed)):
+            found = shapes.parse(_for_oracle(im))
+            for shape in shapes.SHAPES:
+                n = sum(d.shape == shape for d in found)
+                images.append(latent)
+                questions.append(f"How many {shapes.PLURALS[shape]} are there ?")
+                truths.append(("count", shapes.NUMBERS[min(n, 5)]))
+                if n == 1:
+                    images.append(latent)
+                    questions.append(f"What colour is the {shape} ?")
+                    truths.append(("color", next(d.color for d in found if d.shape == shape)))
+        said = api.answer_batch(images, questions)
+        for a, (kind, t) in zip(said, truths):
+            (counts if kind == "count" else colours).append(api.tokenizer.normalize(a) == t)
+    return {"count": float(np.mean(counts)), "color": float(np.mean(colours)) if colours else float("nan"),
+            "questions": len(counts) + len(colours)}
+
+
+def self_judged(api: LatentUM, per_category: int, seed: int, cfg_scale: float, rounds: int = 3) -> dict:
+    """Oracle pass rate per category of plain sampling, of best-of-(rounds + 1) picked by the model's own reading,
+    and of refine after each round (the round the model judges best so far), at most rounds + 1 images each."""
+    out = {"plain": {}, "best_of": {}, **{f"refine_{r}": {} for r in range(rounds + 1)}, "refine_images": {}}
+    for k, category in enumerate(shapes.CATEGORIES):
+        specs = _specs(seed, 6, k, per_category)
+        texts = [s.text for s in specs]
+        plain = api.generate_images(texts, cfg_scale=cfg_scale, seed=seed)
+        out["plain"][category] = float(np.mean(_passes(api, plain, specs, seed)))
+        best = api.best_of(texts, k=rounds + 1, cfg_scale=cfg_scale, seed=seed)
+        out["best_of"][category] = float(np.mean(_passes(api, [j.image for j in best], specs, seed)))
+        refined = api.refine(texts, rounds=rounds, cfg_scale=cfg_scale, seed=seed)
+        for r in range(rounds + 1):
+            upto = [Judged(j.prompt, j.images[:r + 1], j.scores[:r + 1], j.reflections[:r + 1]) for j in refined]
+            out[f"refine_{r}"][category] = float(np.mean(_passes(api, [j.image for j in upto], specs, seed)))
+        out["refine_images"][category] = float(np.mean([len(j.images) for j in refined]))
+    for row in out.values():
+        row["overall"] = float(np.mean([row[c] for c in shapes.CATEGORIES]))
+    return out
+
+
 def evaluate_shapes(api: LatentUM, *, per_category: int = 30, per_type: int = 30, seed: int = 0,
                     cfg_scale: float = 3.0, usage_images: int = 64, progress: bool = True) -> dict:
     parts = [("t2i", lambda: text_to_image(api, per_category, seed, cfg_scale, None)),
              ("t2i_geneval", lambda: text_to_image(api, per_category, seed, cfg_scale, GENEVAL_TEMPLATE)),
              ("reconstruction", lambda: reconstruction(api, per_category, seed)),
              ("understanding", lambda: understanding(api, per_type, seed)),
+             ("read_back", lambda: read_back(api, per_category, seed, cfg_scale)),
              ("codebook_usage", lambda: codebook_usage(api, usage_images, seed))]
+    if not any(api.tokenizer.unknown_words(w) for w in refine_words()):  # a model trained to reflect
+        parts.append(("self_judged", lambda: self_judged(api, per_category, seed, cfg_scale)))
     report = {"per_category": per_category, "per_type": per_type, "seed": seed, "cfg_scale": cfg_scale}
     for name, run in tqdm(parts, desc="eval shapes", disable=not progress):
         report[name] = run()
@@ -135,5 +200,15 @@ def print_report(report: dict) -> None:
     print(f"reconstruction: decoded {rec['decoded']:.3f} (real pictures at the decoder's resolution "
           f"{rec['real_at_decoder_resolution']:.3f})")
     print("understanding: " + "  ".join(f"{k} {v:.2f}" for k, v in report["understanding"].items()))
+    rb = report["read_back"]
+    print(f"read back from its own latents: count {rb['count']:.2f}  colour {rb['color']:.2f}  "
+          f"({rb['questions']} questions)")
+    if "self_judged" in report:
+        for name, row in report["self_judged"].items():
+            if name != "refine_images":
+                print(f"{name:12s} overall {row['overall']:.3f}  "
+                      + "  ".join(f"{c} {row[c]:.2f}" for c in shapes.CATEGORIES))
+        images = report["self_judged"]["refine_images"]
+        print("refine, images per prompt: " + "  ".join(f"{c} {v:.2f}" for c, v in images.items()))
     print("codebook usage: " + "  ".join(f"{g}: {u['used']}/{u['of']} used, perplexity {u['perplexity']:.1f}, "
                                          f"{u['dead']} dead" for g, u in report["codebook_usage"].items()))

@@ -14,7 +14,7 @@ from latentum.worlds.shapes.prompts import (
     corrupt,
     sample_prompt,
 )
-from latentum.worlds.shapes.scene import COLORS, MIN_CANVAS, PLURALS, Obj, Scene, render
+from latentum.worlds.shapes.scene import COLORS, MIN_CANVAS, PLURALS, SHAPES, Obj, Scene, render
 from latentum.worlds.shapes.tasks import (
     MAX_SIZE,
     MIN_SIZE,
@@ -32,7 +32,7 @@ def vocabulary() -> set[str]:
 
 
 __all__ = ["CATEGORIES", "COLORS", "GENEVAL_TEMPLATE", "MAX_SIZE", "MIN_CANVAS", "MIN_SIZE", "NUMBERS", "OPPOSITE",
-           "PLURALS", "QA_TYPES", "Detected", "Obj", "PromptSpec", "Requirement", "Scene", "corrupt", "inject_flaw",
-           "oracle", "oracle_report", "parse", "qa_sample", "reflect_sample", "refine_sample", "relations", "render",
-           "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_photo_sample", "t2i_sample",
-           "vocabulary"]
+           "PLURALS", "QA_TYPES", "SHAPES", "Detected", "Obj", "PromptSpec", "Requirement", "Scene", "corrupt",
+           "inject_flaw", "oracle", "oracle_report", "parse", "qa_sample", "reflect_sample", "refine_sample",
+           "relations", "render", "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_photo_sample",
+           "t2i_sample", "vocabulary"]
