@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+", help="one or more prompts, e.g. 'a red circle'")
     _add_model(p)
     p.add_argument("--cfg-scale", type=float, default=3.0)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--refine", type=int, metavar="ROUNDS", help="reason, reflect, refine: up to ROUNDS edits, each "
+                     "from the model's own reading of its last image; writes every round (NN_rR.png)")
+    how.add_argument("--best-of", type=int, metavar="K", help="sample K images per prompt and keep the one the "
+                     "model's own reading judges best")
     p.add_argument("--out", default="outputs/generate", help="folder for the PNGs")
 
     p = sub.add_parser("answer", help="answer a question about an image",
@@ -199,7 +204,19 @@ def cmd_generate(args) -> int:
     api = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    latents = api.generate_images(args.prompt, cfg_scale=args.cfg_scale, seed=args.seed)
+    if args.refine is not None:
+        refined = api.refine(args.prompt, rounds=args.refine, cfg_scale=args.cfg_scale, seed=args.seed)
+        for i, judged in enumerate(refined):
+            for r, (image, said) in enumerate(zip(api.render(judged.images, seed=args.seed), judged.reflections)):
+                image.save(out / f"{i:02d}_r{r}.png")
+                print(f"{out / f'{i:02d}_r{r}.png'}: {judged.prompt} | round {r}, the model says: {said}")
+            api.render(judged.image, seed=args.seed).save(out / f"{i:02d}.png")
+            print(f"{out / f'{i:02d}.png'}: {judged.prompt} (round {judged.best}, the one it judges best)")
+        return 0
+    if args.best_of is not None:
+        latents = [j.image for j in api.best_of(args.prompt, k=args.best_of, cfg_scale=args.cfg_scale, seed=args.seed)]
+    else:
+        latents = api.generate_images(args.prompt, cfg_scale=args.cfg_scale, seed=args.seed)
     for i, (prompt, image) in enumerate(zip(args.prompt, api.render(latents, seed=args.seed))):
         path = out / f"{i:02d}.png"
         image.save(path)

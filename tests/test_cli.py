@@ -143,3 +143,21 @@ def test_generate_writes_one_png_per_prompt(debug_run, tmp_path, capsys):
     side = load_recipe(str(ROOT / "configs" / "recipes" / "debug.yaml")).decoder.resolution  # what debug_run trained
     assert all(Image.open(f).size == (side, side) for f in files)
     assert all(p in out for p in prompts)
+
+
+def test_generate_refine_writes_every_round_and_the_pick(debug_run, tmp_path, capsys):
+    code, out, err = run(["generate", "a red circle", "--refine", "2", "--model", debug_run / "model", "--out",
+                          tmp_path], capsys)
+    assert code == 0, err
+    names = sorted(f.name for f in tmp_path.glob("*.png"))
+    assert "00.png" in names and 2 <= len(names) <= 4 and "00_r0.png" in names
+    assert "the model says:" in out and "the one it judges best" in out
+    code, out, err = run(["generate", "a red circle", "--best-of", "3", "--model", debug_run / "model", "--out",
+                          tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert [f.name for f in (tmp_path / "b").glob("*.png")] == ["00.png"]
+
+
+def test_generate_refine_on_a_model_not_trained_to_reflect_is_a_one_line_error(tmp_path, capsys):
+    code, out, err = run(["generate", "a red circle", "--refine", "1", "--out", tmp_path], capsys)
+    assert code == 2 and "not trained to reflect" in err and len(err.strip().splitlines()) == 1
