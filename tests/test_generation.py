@@ -306,3 +306,33 @@ def test_interleaved_guidance_changes_the_images(model, monkeypatch):
     assert not torch.equal(images[0].ids, images[1].ids)
     with pytest.raises(ValueError, match="cfg_scale"):
         api.generate(["two blue squares"], cfg_scale=float("nan"))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_a_batch_of_interleaved_prompts_equals_each_alone(model, monkeypatch, cfg_scale):
+    """generate on a batch (rows of different lengths, one holding a latent image, images at different steps, a
+    row that ends at once): each row's text and greedy images equal the row decoded alone; a row's image is read
+    back by that row only."""
+    api = LatentUM(model, TOK)
+    board = vsp.plan_sample(np.random.default_rng(3), 3, "classic", canvas=64).user[1]
+    prompts = [["a red circle left of a blue square"], [vsp.PLAN_PROMPT, api.image_latent(board), "R"],
+               ["two blue squares"]]
+    w = TOK.token_to_id
+    scripts = [[TOK.img_start_id, w("circle"), TOK.img_start_id, TOK.eos_id],
+               [w("R"), w("D"), TOK.img_start_id, w("R"), TOK.img_start_id, TOK.eos_id],
+               [TOK.eos_id]]
+
+    def script(rows):
+        said = [iter(s + [TOK.eos_id] * 8) for s in rows]
+        monkeypatch.setattr(Decoder, "sample_text", lambda self, *a, **k: torch.tensor([next(s) for s in said]))
+
+    script(scripts)
+    both = api.generate(prompts, max_images=4, sampling=GREEDY, cfg_scale=cfg_scale)
+    assert [[type(x).__name__ for x in row] for row in both] == [
+        ["LatentImage", "str", "LatentImage"], ["str", "LatentImage", "str", "LatentImage"], []]
+    for prompt, s, row in zip(prompts, scripts, both):
+        script([s])
+        alone = api.generate(prompt, max_images=4, sampling=GREEDY, cfg_scale=cfg_scale)
+        assert len(alone) == len(row)
+        for a, b in zip(alone, row):
+            assert (torch.equal(a.ids, b.ids) if isinstance(a, LatentImage) else a == b)

@@ -67,7 +67,8 @@ class Decoder:
         out = self.model.backbone(x, gen_mask, positions, attn_mask=self._mask(B, T, span), cache=self.cache,
                                   key_valid=valid)
         self.next_pos = self.next_pos + valid.long().sum(1)
-        self.last = out.hidden[:, -1]
+        last = out.hidden[:, -1]  # a row whose last token here is not valid (a row left out) keeps its state
+        self.last = last if self.last is None or valid[:, -1].all() else torch.where(valid[:, -1:], last, self.last)
         return out.hidden
 
     def _mask(self, B: int, T: int, span: torch.Tensor | None) -> torch.Tensor | None:
@@ -90,13 +91,16 @@ class Decoder:
         cells = torch.tensor([named_cells(row, self.tok, grid) for row in ids.tolist()], dtype=torch.long)
         return self.feed(self.model.ground(self.model.backbone.embed(ids.to(self.model.device)), cells))
 
-    def feed_latents(self, ids: torch.Tensor):
-        """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read)."""
+    def feed_latents(self, ids: torch.Tensor, rows: torch.Tensor | None = None):
+        """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read). ``rows``
+        (B,) bool: only these rows read theirs (the others' tokens are masked out and take no position)."""
         B = ids.size(0)
         emb = self.model.latent_embeddings(ids)
         open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
         g = math.isqrt(ids.size(1))
-        return self.feed(torch.cat([open_, emb, close], dim=1), offsets=framed_offsets(g), span=framed_span(g))
+        valid = None if rows is None else rows.to(emb.device)[:, None].expand(B, ids.size(1) + 2)
+        return self.feed(torch.cat([open_, emb, close], dim=1), valid=valid, offsets=framed_offsets(g),
+                         span=framed_span(g))
 
     def feed_input_images(self, pixels: np.ndarray):
         """Feed observed images (B, H, W, 3), all with the same active grid, as <img> + continuous features
@@ -246,21 +250,22 @@ class Decoder:
 
     def think(self, params: SamplingParams, generator=None, reread=None, grid: int | None = None,
               draft: torch.Tensor | None = None, window: int | None = None, uncond: Decoder | None = None,
-              cfg_scale: float = 1.0) -> torch.Tensor:
+              cfg_scale: float = 1.0, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Fork, generate a latent image on the fork, discard it, replay the image through the und branch.
         ``reread`` (ids -> ids) may transform the image before it is read (e.g. a pixel round trip);
         ``draft`` / ``window`` as in ``generate_latent``; ``uncond`` (the same stream with its prompt dropped)
-        and ``cfg_scale`` guide the image's codes, and the image is replayed into ``uncond`` too.
+        and ``cfg_scale`` guide the image's codes, and the image is replayed into ``uncond`` too. ``rows`` (B,)
+        bool: only these rows take their image (the others' streams are left as they were).
         Returns the generated ids (B, N, G); afterwards ``last`` predicts the text after ``</img>``."""
         forks = [self] if uncond is None else [self, uncond]
-        marks = [(d.cache.length, d.next_pos.clone()) for d in forks]
+        marks = [(d.cache.length, d.next_pos.clone(), d.last) for d in forks]
         ids = self.generate_latent(params, generator, grid=grid, draft=draft, window=window, uncond=uncond,
                                    cfg_scale=cfg_scale)
         read = ids if reread is None else reread(ids)
-        for d, (mark, pos) in zip(forks, marks):
+        for d, (mark, pos, last) in zip(forks, marks):
             d.cache.truncate(mark)
-            d.next_pos = pos
-            d.feed_latents(read)
+            d.next_pos, d.last = pos, last
+            d.feed_latents(read, rows)
         return ids
 
     def keep_rows(self, index: torch.Tensor) -> None:

@@ -108,37 +108,64 @@ def text_to_latents(model, tok, prompts: list[str], params: SamplingParams, cfg_
     return cond.generate_latent(params, generator, uncond=uncond, cfg_scale=cfg_scale)
 
 
-def interleaved(model, tok, items: list, max_images: int, max_new_tokens: int, params: SamplingParams, generator,
-                cfg_scale: float = 1.0):
-    """Free interleaved decoding (batch 1): text until ``<img>`` -> a latent thought (fork, generate, replay)
-    -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` text tokens. With ``cfg_scale``
-    != 1 every image's codes are guided against a second stream whose prompt words are dropped (the same
-    generated text and images fed to both, LatentUM §4); the text itself is sampled from the prompted stream."""
-    dec = prefill_rows(model, tok, [items])
-    uncond = prefill_rows(model, tok, [items], drop_text=True) if cfg_scale != 1.0 else None
-    # A thought keeps the layout of the last input image (a 4x4 input imagines 4x4 images); else full canvas.
-    images = [x for x in items if isinstance(x, np.ndarray)]
-    grid = active_grid(images[-1], model.cfg.encoder.grid) if images else None
-    out, text, n_text = [], [], 0
-    while n_text < max_new_tokens:
-        nxt = dec.sample_text(params, generator)
-        t = int(nxt[0])
-        n_text += 1
-        if t == tok.eos_id:
+def interleaved(model, tok, prompts: list[list], max_images: int, max_new_tokens: int, params: SamplingParams,
+                generator, cfg_scale: float = 1.0) -> list[list]:
+    """Free interleaved decoding of a batch of prompts: per row, text until ``<img>`` -> a latent thought (fork,
+    generate, replay) -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` text tokens.
+    Rows advance in lockstep; a row's image is read back by that row alone (``think(rows=...)``), so greedy rows
+    come out as they would one at a time. With ``cfg_scale`` != 1 every image's codes are guided against a second
+    stream whose prompt words are dropped (the same generated text and images fed to both, LatentUM §4); the text
+    itself is sampled from the prompted stream. A thought keeps the layout of its row's last input image (a 4x4
+    input imagines 4x4 images; else the full canvas): rows of different layouts are decoded as separate groups."""
+    out: list[list] = [[] for _ in prompts]
+    groups: dict[int | None, list[int]] = {}
+    for i, items in enumerate(prompts):
+        images = [x for x in items if isinstance(x, np.ndarray)]
+        groups.setdefault(active_grid(images[-1], model.cfg.encoder.grid) if images else None, []).append(i)
+    for grid, idx in groups.items():
+        rows = _interleaved_rows(model, tok, [prompts[i] for i in idx], grid, max_images, max_new_tokens, params,
+                                 generator, cfg_scale)
+        for i, r in zip(idx, rows):
+            out[i] = r
+    return out
+
+
+def _interleaved_rows(model, tok, prompts: list[list], grid: int | None, max_images: int, max_new_tokens: int,
+                      params: SamplingParams, generator, cfg_scale: float) -> list[list]:
+    dec = prefill_rows(model, tok, prompts)
+    streams = (dec, prefill_rows(model, tok, prompts, drop_text=True)) if cfg_scale != 1.0 else (dec,)
+    B = len(prompts)
+    out: list[list] = [[] for _ in range(B)]
+    text: list[list[int]] = [[] for _ in range(B)]
+    images = [0] * B
+    live = torch.ones(B, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        nxt = dec.sample_text(params, generator).cpu()  # (B,)
+        live &= nxt != tok.eos_id
+        wants = live & (nxt == tok.img_start_id)
+        for b in torch.nonzero(wants).flatten().tolist():
+            if text[b]:
+                out[b].append(tok.decode(text[b]))
+                text[b] = []
+            if images[b] >= max_images:
+                live[b] = wants[b] = False
+        words = live & ~wants
+        for b in torch.nonzero(words).flatten().tolist():
+            text[b].append(int(nxt[b]))
+        if not live.any():
             break
-        if t != tok.img_start_id:
-            text.append(t)
-            for d in (dec, uncond) if uncond is not None else (dec,):
-                d.feed_ids(nxt[:, None])
-            continue
-        if text:
-            out.append(tok.decode(text))
-            text = []
-        if sum(isinstance(x, LatentImage) for x in out) >= max_images:
-            break
-        out.append(LatentImage(dec.think(params, generator, grid=grid, uncond=uncond, cfg_scale=cfg_scale)[0].cpu()))
-    if text:
-        out.append(tok.decode(text))
+        if words.any():
+            for d in streams:
+                d.feed_ids(nxt[:, None].to(model.device), valid=words[:, None].to(model.device))
+        if wants.any():
+            ids = dec.think(params, generator, grid=grid, uncond=streams[-1] if cfg_scale != 1.0 else None,
+                            cfg_scale=cfg_scale, rows=wants).cpu()
+            for b in torch.nonzero(wants).flatten().tolist():
+                out[b].append(LatentImage(ids[b]))
+                images[b] += 1
+    for b in range(B):
+        if text[b]:
+            out[b].append(tok.decode(text[b]))
     return out
 
 
