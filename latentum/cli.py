@@ -91,9 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "lay it out cell by cell as the planner does, instead of resizing it")
     _add_model(p)
 
-    p = sub.add_parser("demo", help="plan a few maps with the shipped checkpoint and write GIFs",
+    p = sub.add_parser("demo", help="plan a few maps with the shipped checkpoint and write GIFs (or: demo shapes)",
                        description="Plan a few maps of each size in both render styles with the shipped model, "
-                       "print a results table and write GIFs (map | rendered thoughts | simulated states).")
+                       "print a results table and write GIFs (map | rendered thoughts | simulated states). "
+                       "'demo shapes': one prompt per GenEval category, generated, judged by the oracle and read "
+                       "back by the model (and refined, for a model trained to reflect), as a grid PNG.")
+    p.add_argument("world", nargs="?", choices=["vsp", "shapes"], default="vsp", help="vsp (default) or shapes")
     _add_model(p)
     p.add_argument("--per-size", type=int, default=2, help="maps per size and style (default: 2)")
     p.add_argument("--out", default="outputs/demo", help="folder for the GIFs")
@@ -234,6 +237,11 @@ def cmd_answer(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.world == "shapes":
+        from latentum.apps.shapes.demo import run_shapes_demo
+
+        run_shapes_demo(_load(args), out=args.out, seed=args.seed)
+        return 0
     from latentum.apps.vsp.demo import run_demo
 
     run_demo(_load(args), per_size=args.per_size, out=args.out, seed=args.seed)

@@ -161,3 +161,12 @@ def test_generate_refine_writes_every_round_and_the_pick(debug_run, tmp_path, ca
 def test_generate_refine_on_a_model_not_trained_to_reflect_is_a_one_line_error(tmp_path, capsys):
     code, out, err = run(["generate", "a red circle", "--refine", "1", "--out", tmp_path], capsys)
     assert code == 2 and "not trained to reflect" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_shapes_writes_the_grid(debug_run, tmp_path, capsys):
+    code, out, err = run(["demo", "shapes", "--model", debug_run / "model", "--out", tmp_path], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 7 and all("oracle" in x and "reads:" in x and "refine:" in x for x in lines[:6])
+    sheet = Image.open(tmp_path / "shapes.png")
+    assert sheet.size[1] > 6 * 128 and sheet.size[0] >= 2 * 128  # six rows; the refine rounds beside the image
