@@ -479,7 +479,7 @@ def test_an_export_from_a_gathered_state_dict_equals_the_live_model(debug_run, t
 
 # --- (f) a quantizer taught a new world by a teacher, old codes kept ----------------------------------------
 
-def _teacher_recipe(tmp_path: Path, debug_model: Path, train_encoder: bool = False) -> Path:
+def _teacher_recipe(tmp_path: Path, debug_model: Path, train_encoder: bool = False, take_encoder: bool = False) -> Path:
     import yaml
 
     data = yaml.safe_load(DEBUG.read_text())
@@ -487,9 +487,10 @@ def _teacher_recipe(tmp_path: Path, debug_model: Path, train_encoder: bool = Fal
     data.pop("stages")
     data["legs"] = [
         {"name": "teacher", "stage": "vlm", "init_from": str(debug_model), "train_encoder": train_encoder,
-         "steps": 2, "lr": 1e-2, "tasks": {"shapes_qa": 1}, **common},
+         "steps": 2, "lr": 1e-2, "tasks": {"shapes_qa": 1}, **common,
+         **({"keep_features": {"tasks": {"vsp_hole": 1}, "images": 4}} if take_encoder else {})},
         {"name": "keep", "stage": "mbaq", "init_from": str(debug_model), "teacher": "teacher", "steps": 3,
-         "lr": 1e-2, "tasks": {"shapes_qa": 1},
+         "lr": 1e-2, "tasks": {"shapes_qa": 1}, "teacher_encoder": take_encoder,
          "keep_codes": {"tasks": {"vsp_hole": 1}, "images": 4, "probe_images": 32}, **common}]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -548,3 +549,28 @@ def test_grow_vocabulary_adds_new_words_after_the_old_and_keeps_old_logits():
     torch.testing.assert_close(after[..., :tok.vocab_size], before)
     new = model.backbone.embedding.weight[tok.vocab_size:]
     torch.testing.assert_close(new, model.backbone.embedding.weight[:tok.vocab_size].mean(0).expand_as(new))
+
+
+def test_a_taught_encoder_is_taken_with_the_old_codes_kept(debug_run, tmp_path):
+    """A teacher whose encoder learnt (features of the kept task pulled to where they were) hands its encoder to
+    the trained model; the codebook rows the old encoder's codes of the kept task use stay as they were."""
+    from latentum.train.run import train_leg
+    from latentum.worlds.registry import make_sample
+
+    recipe = load_recipe(str(_teacher_recipe(tmp_path, debug_run / "model", train_encoder=True, take_encoder=True)))
+    teacher = load_model_folder(train_leg(recipe, "teacher", tmp_path / "run", progress=False))[0]
+    old = load_model_folder(debug_run / "model")[0]
+    new = load_model_folder(train_leg(recipe, "keep", tmp_path / "run", progress=False))[0]
+    t, o, n = teacher.state_dict(), old.state_dict(), new.state_dict()
+    enc = [k for k in o if k.startswith("encoder.")]
+    assert not all(torch.equal(t[k], o[k]) for k in enc) and all(torch.equal(t[k], n[k]) for k in enc)
+    changed = {k for k in o if not torch.equal(o[k], n[k])}
+    assert all(k.startswith(("quantizer.", "encoder.")) for k in changed)
+    rng = np.random.default_rng(0)
+    images = np.stack([x for _ in range(16) for x in make_sample("vsp_hole", rng, map_sizes=[3, 4], canvas=64).images])
+    ids, key = old.image_ids(images), "quantizer.vq._codebook.embed"
+    for g in range(ids.size(-1)):
+        rows = ids[..., g].unique()
+        assert torch.equal(n[key][g, rows], o[key][g, rows])
+    with open(next((tmp_path / "run" / "teacher" / "logs").glob("version_*")) / "metrics.csv") as f:
+        assert any(row.get("train/keep/feature_mse") for row in csv.DictReader(f))

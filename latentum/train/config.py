@@ -91,12 +91,38 @@ class PackedStageConfig(StageConfig):
 
 
 @dataclass
+class KeepFeaturesConfig:
+    """An encoder taught new images without moving its features of old ones: MSE to the features as loaded."""
+
+    tasks: dict[str, float] = field(default_factory=dict)
+    """The tasks whose images keep their features (every image of a sample)."""
+    images: int = 16
+    """Images drawn per step."""
+    weight: float = 10.0
+
+    def __post_init__(self):
+        _check(bool(self.tasks), "keep_features.tasks must name at least one task")
+        check_mixture(self.tasks)
+        _check(self.images >= 1, f"keep_features.images must be >= 1, got {self.images}")
+        _check(self.weight >= 0, f"keep_features.weight must be >= 0, got {self.weight}")
+
+
+@dataclass
 class VLMConfig(PackedStageConfig):
     """Stage 0 (the tiny model only): the base VLM learns understanding with continuous image features."""
 
     train_encoder: bool = True
     """Also train the vision encoder. False keeps it (and so every image's features and codes) as loaded, e.g.
     to teach a trained model a new world as the teacher a quantizer is aligned on (``MBAQConfig.teacher``)."""
+    keep_features: KeepFeaturesConfig | None = None
+    """With ``train_encoder``: keep the encoder's features of some tasks' images where they were when the leg
+    started (MSE), so a model that reads them keeps reading them the same."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.keep_features, dict):
+            self.keep_features = from_dict(KeepFeaturesConfig, self.keep_features, "keep_features")
+        _check(self.keep_features is None or self.train_encoder, "keep_features needs train_encoder: true")
 
 
 @dataclass
@@ -132,6 +158,9 @@ class MBAQConfig(PackedStageConfig):
     """Align on this model's behaviour (a leg name or a model folder; same encoder) instead of the trained model's
     own: its feature projector gives the teacher's view, its backbone reads both views. The trained model keeps
     its backbone; only its quantizer changes (e.g. a teacher taught a new world with ``train_encoder: false``)."""
+    teacher_encoder: bool = False
+    """The trained model takes the teacher's vision encoder (one taught a new world with ``keep_features``)
+    instead of requiring the same one; ``keep_codes`` then keeps the codes the old encoder and quantizer gave."""
     keep_codes: KeepCodesConfig | None = None
     """Keep the codes of some tasks' images as they were when the leg started (None: no constraint)."""
 
@@ -141,6 +170,7 @@ class MBAQConfig(PackedStageConfig):
             self.keep_codes = from_dict(KeepCodesConfig, self.keep_codes, "keep_codes")
         _check(not (self.fresh_quantizer and self.keep_codes), "keep_codes needs the loaded quantizer, not "
                "fresh_quantizer: true")
+        _check(self.teacher is not None or not self.teacher_encoder, "teacher_encoder needs a teacher")
 
 
 @dataclass

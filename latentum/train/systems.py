@@ -122,10 +122,26 @@ class VLMSystem(StageSystem):
         bb = model.backbone
         set_trainable(model, [*([model.encoder] if cfg.train_encoder else []), model.feature_projector,
                               model.cell_pos, *bb.branch_parameters("und"), *bb.shared_parameters()])
+        self._reference: list = []  # the encoder as loaded (keep_features), out of the module tree
+
+    def on_fit_start(self):
+        if self.cfg.keep_features is not None and not self._reference:
+            self._reference = [copy.deepcopy(self.model.encoder).eval().requires_grad_(False)]
 
     def losses(self, p: Packed) -> LossBreakdown:
         fwd = self.model.forward_packed(p)
-        return text_loss(self.model, fwd.hidden, p.text_targets)
+        out = text_loss(self.model, fwd.hidden, p.text_targets)
+        if not self._reference:
+            return out
+        kf, m = self.cfg.keep_features, self.model
+        rng = np.random.default_rng([self.cfg.seed, 9, self.global_step, self.global_rank])
+        pixels = kept_images(self.cfg, kf.tasks, m.cfg.encoder.image_size, rng, kf.images)
+        feats = m.image_features(pixels)
+        with torch.no_grad():
+            enc = self._reference[0]
+            ref = enc(enc.preprocess(pixels).to(m.device))
+        mse = F.mse_loss(feats.float(), ref.float())
+        return LossBreakdown(out.total + kf.weight * mse, {**out.parts, "keep/feature_mse": mse.detach()})
 
 
 class MBAQSystem(StageSystem):
@@ -136,10 +152,13 @@ class MBAQSystem(StageSystem):
     def __init__(self, model: LatentUMModel, cfg: MBAQConfig, teacher: LatentUMModel | None = None):
         super().__init__(cfg)
         self.model = model
-        set_trainable(model, [model.quantizer])
-        if teacher is not None:
+        # Held in lists, out of the module tree: none is trained, checkpointed nor exported.
+        self._old_encoder = [copy.deepcopy(model.encoder).eval().requires_grad_(False)]  # keep_codes' reference
+        if teacher is not None and cfg.teacher_encoder:
+            model.encoder.load_state_dict(teacher.encoder.state_dict())
+        elif teacher is not None:
             _check_same_encoder(model, teacher)
-        # Held in lists, out of the module tree: neither is trained, checkpointed nor exported.
+        set_trainable(model, [model.quantizer])
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self._keep: list = []  # [reference quantizer, (G, K) bool rows frozen], set when fitting starts
 
@@ -177,25 +196,16 @@ class MBAQSystem(StageSystem):
     # -- keep_codes ------------------------------------------------------------------------------------------
 
     def _keep_images(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """(n, H, W, 3) images of the kept tasks, drawn by weight on the model's canvas."""
-        kc, canvas = self.cfg.keep_codes, self.model.cfg.encoder.image_size
-        names = list(kc.tasks)
-        weights = np.array([kc.tasks[t] for t in names], dtype=float)
-        sizes = self.cfg.worlds.get("frozenlake", {}).get("map_sizes")
-        images: list[np.ndarray] = []
-        while len(images) < n:
-            task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-            sample = make_sample(task, rng, canvas=canvas, **({"map_sizes": sizes} if sizes else {}))
-            images += [np.asarray(x) for x in sample.images]
-        return np.stack(images[:n])
+        return kept_images(self.cfg, self.cfg.keep_codes.tasks, self.model.cfg.encoder.image_size, rng, n)
 
     @torch.no_grad()
     def _start_keeping(self) -> None:
         """Snapshot the loaded quantizer and freeze the codebook rows the kept tasks' images use."""
         m, kc = self.model, self.cfg.keep_codes
         ref = copy.deepcopy(m.quantizer).eval().requires_grad_(False)
+        self._old_encoder[0].to(self.device)
         images = self._keep_images(np.random.default_rng([self.cfg.seed, 7]), kc.probe_images)
-        ids = torch.cat([ref.encode(m.image_features(images[i:i + 64])).ids for i in range(0, len(images), 64)])
+        ids = torch.cat([ref.encode(self._old_features(images[i:i + 64])).ids for i in range(0, len(images), 64)])
         G, K = ref.cfg.codebooks, ref.cfg.codebook_size
         frozen = torch.zeros(G, K, dtype=torch.bool, device=ids.device)
         for g in range(G):
@@ -206,14 +216,20 @@ class MBAQSystem(StageSystem):
         """MSE between the kept tasks' latents now and as loaded; logs the share of their ids unchanged."""
         m, (ref, _) = self.model, self._keep
         rng = np.random.default_rng([self.cfg.seed, 8, self.global_step, self.global_rank])
-        feats = m.image_features(self._keep_images(rng, self.cfg.keep_codes.images)).detach()
+        images = self._keep_images(rng, self.cfg.keep_codes.images)
         q = m.quantizer
-        z = q.norm(q.down(feats))
+        z = q.norm(q.down(m.image_features(images).detach()))
         with torch.no_grad():
-            z_ref = ref.norm(ref.down(feats))
+            z_ref = ref.norm(ref.down(self._old_features(images)))
             same = (_nearest(q.vq.codebook, z) == _nearest(ref.vq.codebook, z_ref)).float().mean()
         mse = F.mse_loss(z.float(), z_ref.float())
         return LossBreakdown(mse, {"keep/latent_mse": mse.detach(), "keep/same_ids": same})
+
+    @torch.no_grad()
+    def _old_features(self, pixels: np.ndarray) -> torch.Tensor:
+        """Features of the encoder the leg started with (the teacher's may have replaced it)."""
+        enc = self._old_encoder[0]
+        return enc(enc.preprocess(pixels).to(self.device))
 
     def on_train_batch_start(self, batch, batch_idx):
         if self._keep:  # frozen rows never count as dead (the library would replace them)
@@ -225,6 +241,21 @@ class MBAQSystem(StageSystem):
             ref, frozen = self._keep
             embed = self.model.quantizer.vq._codebook.embed
             embed.data[frozen] = ref.vq._codebook.embed.data[frozen]
+
+
+def kept_images(cfg: StageConfig, tasks: dict[str, float], canvas: int, rng: np.random.Generator,
+                n: int) -> np.ndarray:
+    """(n, H, W, 3) images of samples of ``tasks`` drawn by weight (every image of a sample, inputs and targets),
+    with the leg's FrozenLake map sizes."""
+    names = list(tasks)
+    weights = np.array([tasks[t] for t in names], dtype=float)
+    sizes = cfg.worlds.get("frozenlake", {}).get("map_sizes")
+    images: list[np.ndarray] = []
+    while len(images) < n:
+        task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        sample = make_sample(task, rng, canvas=canvas, **({"map_sizes": sizes} if sizes else {}))
+        images += [np.asarray(x) for x in sample.images]
+    return np.stack(images[:n])
 
 
 def _nearest(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
