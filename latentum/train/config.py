@@ -135,6 +135,9 @@ class KeepCodesConfig:
     images: int = 16
     """Images of those tasks drawn per step for the latent loss."""
     weight: float = 10.0
+    margin: float = 0.25
+    """Every code the kept images do not use must stay at least this much (squared distance) farther from a kept
+    latent than its own code."""
     probe_images: int = 512
     """Images drawn when the leg starts to find the codebook rows they use (those rows are frozen)."""
 
@@ -143,6 +146,7 @@ class KeepCodesConfig:
         check_mixture(self.tasks)
         _check(self.images >= 1 and self.probe_images >= 1, "keep_codes.images and probe_images must be >= 1")
         _check(self.weight >= 0, f"keep_codes.weight must be >= 0, got {self.weight}")
+        _check(self.margin >= 0, f"keep_codes.margin must be >= 0, got {self.margin}")
 
 
 @dataclass

@@ -213,17 +213,25 @@ class MBAQSystem(StageSystem):
         self._keep = [ref, frozen]
 
     def _keep_loss(self) -> LossBreakdown:
-        """MSE between the kept tasks' latents now and as loaded; logs the share of their ids unchanged."""
-        m, (ref, _) = self.model, self._keep
+        """The kept tasks' latents: MSE to where they were, plus a margin that keeps every code they did not use
+        (the rows free to train) at least ``keep_codes.margin`` (squared distance) farther than the code they had,
+        so no new code takes them over. Logs the share of their ids unchanged."""
+        m, (ref, frozen), kc = self.model, self._keep, self.cfg.keep_codes
         rng = np.random.default_rng([self.cfg.seed, 8, self.global_step, self.global_rank])
-        images = self._keep_images(rng, self.cfg.keep_codes.images)
+        images = self._keep_images(rng, kc.images)
         q = m.quantizer
-        z = q.norm(q.down(m.image_features(images).detach()))
+        z = q.norm(q.down(m.image_features(images).detach())).float()  # (I, N, D)
         with torch.no_grad():
-            z_ref = ref.norm(ref.down(self._old_features(images)))
-            same = (_nearest(q.vq.codebook, z) == _nearest(ref.vq.codebook, z_ref)).float().mean()
-        mse = F.mse_loss(z.float(), z_ref.float())
-        return LossBreakdown(mse, {"keep/latent_mse": mse.detach(), "keep/same_ids": same})
+            z_ref = ref.norm(ref.down(self._old_features(images))).float()
+            ids = _nearest(ref.vq.codebook, z_ref)  # (I, N, G): the codes to keep
+            same = (_nearest(q.vq.codebook, z) == ids).float().mean()
+        d2 = _sq_distances(q.vq.codebook, z)  # (I, N, G, K)
+        own = d2.gather(-1, ids[..., None])  # (I, N, G, 1)
+        new = (~frozen).expand_as(d2)  # the rows free to move: the kept latents' neighbours among the frozen stay
+        margin = F.relu(own + kc.margin - d2)[new].mean() if new.any() else d2.new_zeros(())
+        mse = F.mse_loss(z, z_ref)
+        return LossBreakdown(mse + margin, {"keep/latent_mse": mse.detach(), "keep/margin": margin.detach(),
+                                            "keep/same_ids": same})
 
     @torch.no_grad()
     def _old_features(self, pixels: np.ndarray) -> torch.Tensor:
@@ -258,10 +266,15 @@ def kept_images(cfg: StageConfig, tasks: dict[str, float], canvas: int, rng: np.
     return np.stack(images[:n])
 
 
+def _sq_distances(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Squared distances (..., G, K) of latents z (..., G * d) to every code of a product codebook (G, K, d)."""
+    zg = z.float().unflatten(-1, (codebook.size(0), -1))  # (..., G, d)
+    return ((zg[..., None, :] - codebook.float()) ** 2).sum(-1)
+
+
 def _nearest(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Nearest code ids (..., G) of latents z (..., G * d) in a product codebook (G, K, d); no side effects."""
-    zg = z.float().unflatten(-1, (codebook.size(0), -1))  # (..., G, d)
-    return ((zg[..., None, :] - codebook.float()) ** 2).sum(-1).argmin(-1)
+    return _sq_distances(codebook, z).argmin(-1)
 
 
 def _check_same_encoder(model: LatentUMModel, teacher: LatentUMModel) -> None:
