@@ -23,3 +23,14 @@ def test_readme_setup_commands_match_ci():
     assert "bash tools/bootstrap.sh && .venv/bin/python -m pytest" in README
     ci = (ROOT / ".ci" / "run").read_text()
     assert "tools/bootstrap.sh" in ci and ".venv/bin/python -m pytest" in ci
+
+
+def test_the_shapes_docs_examples_run(debug_run):
+    """docs/shapes.md's examples, on the debug model (whose vocabulary has the reflection protocol's words)."""
+    text = (ROOT / "docs" / "shapes.md").read_text()
+    scope: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        code = block.replace('"checkpoints/tiny"', repr(str(debug_run / "model")))
+        exec(compile(code, "docs/shapes.md", "exec"), scope)  # noqa: S102
+    assert len(scope["rows"]) == 2 and scope["judged"].best < len(scope["judged"].images) <= 4
+    assert type(scope["best"]).__name__ == "LatentImage" and len(scope["pictures"]) == 2
