@@ -336,3 +336,30 @@ def test_a_batch_of_interleaved_prompts_equals_each_alone(model, monkeypatch, cf
         assert len(alone) == len(row)
         for a, b in zip(alone, row):
             assert (torch.equal(a.ids, b.ids) if isinstance(a, LatentImage) else a == b)
+
+
+def test_a_batch_too_long_to_share_one_cache_is_decoded_in_chunks(model, monkeypatch):
+    """Every row's cache holds every row's image steps, so rows that each fit alone may not fit together: the batch
+    is split so the worst case fits the model's length, and each row still equals itself decoded alone."""
+    small = copy.deepcopy(model)
+    api = LatentUM(small, TOK)
+    image = small.cfg.encoder.grid ** 2 + 2
+    prompts = [["a red circle"], ["two blue squares"], ["a green triangle"], ["three circles"], ["a red square"]]
+    longest = max(len(TOK.encode(p[0])) for p in prompts) + 1 + 8 + image
+    small.cfg.backbone.max_seq_len = longest + 2 * 2 * image  # two rows of two images each at most
+    script = [TOK.img_start_id, TOK.token_to_id("circle"), TOK.img_start_id] + [TOK.eos_id] * 8
+    sizes = []
+
+    def said(self, *a, **k):  # each decoder says the script, every row alike
+        if not hasattr(self, "script"):
+            self.script = iter(script)
+            sizes.append(self.batch)
+        return torch.tensor([next(self.script)] * self.batch)
+
+    monkeypatch.setattr(Decoder, "sample_text", said)
+    out = api.generate(prompts, max_images=2, max_new_tokens=8, sampling=GREEDY)
+    assert sizes == [2, 2, 1]
+    for prompt, row in zip(prompts, out):
+        alone = api.generate(prompt, max_images=2, max_new_tokens=8, sampling=GREEDY)
+        assert [type(x).__name__ for x in row] == ["LatentImage", "str", "LatentImage"]
+        assert all(torch.equal(a.ids, b.ids) if isinstance(a, LatentImage) else a == b for a, b in zip(alone, row))

@@ -574,3 +574,31 @@ def test_a_taught_encoder_is_taken_with_the_old_codes_kept(debug_run, tmp_path):
         assert torch.equal(n[key][g, rows], o[key][g, rows])
     with open(next((tmp_path / "run" / "teacher" / "logs").glob("version_*")) / "metrics.csv") as f:
         assert any(row.get("train/keep/feature_mse") for row in csv.DictReader(f))
+
+
+def test_the_kept_reference_is_the_model_as_loaded_not_a_resumed_checkpoint(debug_run, tmp_path):
+    """Lightning restores a resumed leg's weights after the system is built: the references keep_codes and
+    keep_features hold are taken when it is built, so a resumed leg keeps what the leg started from."""
+    from latentum.train.systems import MBAQSystem, VLMSystem
+
+    recipe = load_recipe(str(_teacher_recipe(tmp_path, debug_run / "model", train_encoder=True, take_encoder=True)))
+    model = load_model_folder(debug_run / "model")[0]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    mbaq = MBAQSystem(model, recipe.leg("keep").config)
+    vlm = VLMSystem(model, recipe.leg("teacher").config)
+    with torch.no_grad():  # what restoring a checkpoint does
+        for p in model.parameters():
+            p.add_(1.0)
+    ref = mbaq._keep[0].state_dict()
+    assert all(torch.equal(v, start[f"quantizer.{k}"]) for k, v in ref.items() if f"quantizer.{k}" in start)
+    enc = vlm._reference[0].state_dict()
+    assert all(torch.equal(v, start[f"encoder.{k}"]) for k, v in enc.items())
+
+
+def test_teacher_and_kept_codes_are_refused_under_fsdp():
+    from latentum.train.config import MBAQConfig, VLMConfig
+
+    with pytest.raises(ValueError, match="fsdp"):
+        MBAQConfig(tasks={"shapes_qa": 1}, strategy="fsdp", teacher="t")
+    with pytest.raises(ValueError, match="fsdp"):
+        VLMConfig(tasks={"shapes_qa": 1}, strategy="fsdp", keep_features={"tasks": {"vsp_hole": 1}})

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from latentum.data.canvas import active_grid
-from latentum.generation.engine import Decoder, new_decoder
+from latentum.generation.engine import Decoder, new_decoder, prompt_tokens
 from latentum.types import GREEDY, LatentImage, SamplingParams
 
 
@@ -122,11 +122,18 @@ def interleaved(model, tok, prompts: list[list], max_images: int, max_new_tokens
     for i, items in enumerate(prompts):
         images = [x for x in items if isinstance(x, np.ndarray)]
         groups.setdefault(active_grid(images[-1], model.cfg.encoder.grid) if images else None, []).append(i)
+    canvas = model.cfg.encoder.grid
     for grid, idx in groups.items():
-        rows = _interleaved_rows(model, tok, [prompts[i] for i in idx], grid, max_images, max_new_tokens, params,
-                                 generator, cfg_scale)
-        for i, r in zip(idx, rows):
-            out[i] = r
+        # Every row's cache holds every row's image steps (masked where not its own): rows per chunk so that the
+        # worst case fits the model's length.
+        image = (grid or canvas) ** 2 + 2
+        longest = max(len(prompt_tokens(prompts[i], tok, canvas)[0]) for i in idx) + max_new_tokens + image
+        per = max(1, (model.cfg.backbone.max_seq_len - longest) // max(1, max_images * image))
+        for chunk in _chunks(idx, per):
+            rows = _interleaved_rows(model, tok, [prompts[i] for i in chunk], grid, max_images, max_new_tokens,
+                                     params, generator, cfg_scale)
+            for i, r in zip(chunk, rows):
+                out[i] = r
     return out
 
 

@@ -123,6 +123,8 @@ class VLMConfig(PackedStageConfig):
         if isinstance(self.keep_features, dict):
             self.keep_features = from_dict(KeepFeaturesConfig, self.keep_features, "keep_features")
         _check(self.keep_features is None or self.train_encoder, "keep_features needs train_encoder: true")
+        _check(self.strategy != "fsdp" or self.keep_features is None,
+               "keep_features is not supported with strategy: fsdp (the encoder is sharded)")
 
 
 @dataclass
@@ -175,6 +177,8 @@ class MBAQConfig(PackedStageConfig):
         _check(not (self.fresh_quantizer and self.keep_codes), "keep_codes needs the loaded quantizer, not "
                "fresh_quantizer: true")
         _check(self.teacher is not None or not self.teacher_encoder, "teacher_encoder needs a teacher")
+        _check(self.strategy != "fsdp" or (self.teacher is None and self.keep_codes is None),
+               "teacher and keep_codes are not supported with strategy: fsdp (the quantizer is sharded)")
 
 
 @dataclass

@@ -91,6 +91,9 @@ class MBAQStage(Stage):
             if not (path / "config.json").is_file():
                 raise ValueError(f"teacher: {cfg.teacher!r} is neither a trained leg of this recipe nor a model folder")
             teacher = load_model_folder(path)[0]
+            if teacher.cfg.backbone.vocab_size != model.cfg.backbone.vocab_size:
+                raise ValueError(f"teacher: {cfg.teacher!r} has a vocabulary of {teacher.cfg.backbone.vocab_size}, the "
+                                 f"trained model {model.cfg.backbone.vocab_size}; both must read the same tokens")
         return MBAQSystem(model, cfg, teacher)
 
 

@@ -122,11 +122,14 @@ class VLMSystem(StageSystem):
         bb = model.backbone
         set_trainable(model, [*([model.encoder] if cfg.train_encoder else []), model.feature_projector,
                               model.cell_pos, *bb.branch_parameters("und"), *bb.shared_parameters()])
-        self._reference: list = []  # the encoder as loaded (keep_features), out of the module tree
+        # The encoder as loaded (keep_features), out of the module tree, taken here: a resumed leg's checkpoint is
+        # restored before on_fit_start, and the reference must stay the weights the leg started from.
+        self._reference = ([copy.deepcopy(model.encoder).eval().requires_grad_(False)]
+                           if cfg.keep_features is not None else [])
 
     def on_fit_start(self):
-        if self.cfg.keep_features is not None and not self._reference:
-            self._reference = [copy.deepcopy(self.model.encoder).eval().requires_grad_(False)]
+        for r in self._reference:
+            r.to(self.device)
 
     def losses(self, p: Packed) -> LossBreakdown:
         fwd = self.model.forward_packed(p)
@@ -160,7 +163,9 @@ class MBAQSystem(StageSystem):
             _check_same_encoder(model, teacher)
         set_trainable(model, [model.quantizer])
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
-        self._keep: list = []  # [reference quantizer, (G, K) bool rows frozen], set when fitting starts
+        # [reference quantizer, (G, K) bool rows frozen]: taken from the weights the leg starts from (a resumed
+        # leg's checkpoint is restored later, before on_fit_start)
+        self._keep: list = self._start_keeping() if cfg.keep_codes is not None else []
 
     @property
     def vlm(self) -> LatentUMModel:
@@ -169,10 +174,10 @@ class MBAQSystem(StageSystem):
     def on_fit_start(self):
         if self.trainer.world_size > 1:  # every process keeps the same codebook
             self.model.quantizer.sync_across_processes()
-        for t in self._teacher:
-            t.to(self.device)
-        if self.cfg.keep_codes is not None and not self._keep:
-            self._start_keeping()
+        for module in [*self._teacher, *self._old_encoder, *self._keep[:1]]:
+            module.to(self.device)
+        if self._keep:
+            self._keep[1] = self._keep[1].to(self.device)
 
     def losses(self, p: Packed) -> LossBreakdown:
         m, vlm = self.model, self.vlm
@@ -199,18 +204,17 @@ class MBAQSystem(StageSystem):
         return kept_images(self.cfg, self.cfg.keep_codes.tasks, self.model.cfg.encoder.image_size, rng, n)
 
     @torch.no_grad()
-    def _start_keeping(self) -> None:
-        """Snapshot the loaded quantizer and freeze the codebook rows the kept tasks' images use."""
+    def _start_keeping(self) -> list:
+        """Snapshot the loaded quantizer and find the codebook rows the kept tasks' images use (to freeze)."""
         m, kc = self.model, self.cfg.keep_codes
         ref = copy.deepcopy(m.quantizer).eval().requires_grad_(False)
-        self._old_encoder[0].to(self.device)
         images = self._keep_images(np.random.default_rng([self.cfg.seed, 7]), kc.probe_images)
         ids = torch.cat([ref.encode(self._old_features(images[i:i + 64])).ids for i in range(0, len(images), 64)])
         G, K = ref.cfg.codebooks, ref.cfg.codebook_size
         frozen = torch.zeros(G, K, dtype=torch.bool, device=ids.device)
         for g in range(G):
             frozen[g, ids[..., g].unique()] = True
-        self._keep = [ref, frozen]
+        return [ref, frozen]
 
     def _keep_loss(self) -> LossBreakdown:
         """The kept tasks' latents: MSE to where they were, plus a margin that keeps every code they did not use
@@ -237,12 +241,13 @@ class MBAQSystem(StageSystem):
     def _old_features(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of the encoder the leg started with (the teacher's may have replaced it)."""
         enc = self._old_encoder[0]
-        return enc(enc.preprocess(pixels).to(self.device))
+        return enc(enc.preprocess(pixels).to(next(enc.parameters()).device))
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self._keep:  # frozen rows never count as dead (the library would replace them)
-            cb = self.model.quantizer.vq._codebook
-            cb.cluster_size.data[self._keep[1]] = 1e9
+        if self._keep:  # frozen rows never count as dead (the library would replace them): usage just above the bar
+            cb, frozen = self.model.quantizer.vq._codebook, self._keep[1]
+            bar = 2.0 * max(float(cb.threshold_ema_dead_code), 1.0)
+            cb.cluster_size.data[frozen] = cb.cluster_size.data[frozen].clamp_min(bar)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._keep:  # the rows the kept images use stay exactly as loaded (no gradient, no weight decay)
@@ -269,7 +274,10 @@ def kept_images(cfg: StageConfig, tasks: dict[str, float], canvas: int, rng: np.
 def _sq_distances(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Squared distances (..., G, K) of latents z (..., G * d) to every code of a product codebook (G, K, d)."""
     zg = z.float().unflatten(-1, (codebook.size(0), -1))  # (..., G, d)
-    return ((zg[..., None, :] - codebook.float()) ** 2).sum(-1)
+    e = codebook.float()
+    # |z|^2 - 2 z.e + |e|^2: no (..., G, K, d) difference tensor
+    return (zg.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("...gd,gkd->...gk", zg, e)
+            + e.pow(2).sum(-1)).clamp_min(0)
 
 
 def _nearest(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

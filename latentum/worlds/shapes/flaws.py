@@ -71,7 +71,8 @@ def _add(scene: Scene, spec: PromptSpec, rng, tries: int = 200) -> tuple[Scene, 
 def _swap(scene: Scene, spec: PromptSpec, rng) -> tuple[Scene, str] | None:
     a, b = scene.objects[:2]
     moved = Scene((replace(a, x=b.x, y=b.y), replace(b, x=a.x, y=a.y), *scene.objects[2:]))
-    if not _apart(*moved.objects[:2]):
+    inside = all(BORDER <= v <= 1 - BORDER for o in moved.objects[:2] for v in o.box)
+    if not inside or not _apart(*moved.objects[:2]):
         return None
     return moved, f"move {_subject(a, spec)} {spec.relation} {_subject(b, spec)}"
 
@@ -102,15 +103,16 @@ def inject_flaw(scene: Scene, spec: PromptSpec, rng, tries: int = 20) -> tuple[S
 
 
 def reflect_sample(rng, canvas: int = 128) -> Sample:
-    """Reflection: user [image, reflect question about a prompt], assistant [the edit instruction, or NO_EDIT
-    when the image shows the prompt] (half each)."""
+    """Reflection: user [image (read as its latent), reflect question about a prompt], assistant [the edit
+    instruction, or NO_EDIT when the image shows the prompt] (half each)."""
     rng = _rng(rng)
     spec = sample_prompt(rng)
     scene = scene_for(spec, rng)
     instruction = NO_EDIT
     if rng.random() < 0.5:
         scene, instruction = inject_flaw(scene, spec, rng)
-    return Sample([render(scene, canvas), reflect_question(spec.text)], [instruction], "shapes_reflect",
+    image = render(scene, canvas).view(LatentView)  # read as its latent, as refine reads its own image back
+    return Sample([image, reflect_question(spec.text)], [instruction], "shapes_reflect",
                   {"spec": spec, "scene": scene, "answer": instruction})
 
 
