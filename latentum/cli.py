@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "text-to-image by the pixel oracle per GenEval category, reconstruction through the codes, "
                        "Shapes QA and codebook usage.")
     p.add_argument("suite", choices=["vsp", "shapes"], help="vsp: planning and perception on FrozenLake maps; "
-                   "shapes: text-to-image by the pixel oracle per GenEval category, reconstruction, QA, codebook use")
+                   "shapes: text-to-image by the pixel oracle per GenEval category, reconstruction, QA, reading its "
+                   "own latents back, codebook use; plain vs best-of-k vs refine for a model trained to reflect")
     _add_model(p)
     p.add_argument("--per-level", type=int, default=100, help="vsp: maps per level and style (default: 100)")
     p.add_argument("--per-category", type=int, default=30,
