@@ -205,12 +205,7 @@ class LatentUM:
     def generate_images(self, prompts: list[str] | str, *, cfg_scale: float = 3.0, seed: int = 0,
                         temperature: float = 0.9, top_k: int = 50, top_p: float = 0.95) -> list[LatentImage]:
         """Text -> latent images (batched, classifier-free guidance on the AR-head logits)."""
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        _check_list(prompts, "prompts")
-        if not prompts:
-            raise ValueError("prompts must be a non-empty list of strings")
-        for i, p in enumerate(prompts):
-            self._check_text(p, f"prompts[{i}]")
+        prompts = self._prompts(prompts)[0]
         _check_cfg_scale(cfg_scale)
         ids = interleaved.text_to_latents(self.model, self.tokenizer, prompts,
                                           SamplingParams(temperature, top_k, top_p), cfg_scale, seeded_generator(seed))

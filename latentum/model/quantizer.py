@@ -32,9 +32,17 @@ from latentum.config import QuantizerConfig
 from latentum.types import LossBreakdown
 
 USAGE_DECAY = 0.99
+"""EMA decay of code usage (LatentUM keeps usage statistics with decay 0.99)."""
 SEEN_WINDOW = 100
 """Steps over which ``usage()``'s ``used_recently`` counts the codes assigned at least once."""
-"""EMA decay of code usage (LatentUM keeps usage statistics with decay 0.99)."""
+
+
+def code_distances(codebook: Tensor, z: Tensor) -> Tensor:
+    """Squared distances (..., G, K) of latents z (..., G * d) to every code of a product codebook (G, K, d), as
+    |z|^2 - 2 z.e + |e|^2 in fp32 (no (..., G, K, d) difference tensor)."""
+    zg = z.float().unflatten(-1, (codebook.size(0), -1))  # (..., G, d)
+    e = codebook.float()
+    return zg.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("...gd,gkd->...gk", zg, e) + e.pow(2).sum(-1)
 
 
 class QuantizerOutput(NamedTuple):
@@ -183,13 +191,9 @@ class MBAQ(nn.Module):
 
     def _assignment_entropy(self, z: Tensor) -> Tensor:
         """Mean over codebooks of H(mean over tokens of softmax(-||z_g - e_gj||^2)); fp32, no autocast."""
-        G = self.cfg.codebooks
         with torch.autocast(device_type=z.device.type, enabled=False):
-            zg = rearrange(z.float(), "b n (g d) -> g (b n) d", g=G)  # (G, M, d)
-            embed = self.vq.codebook.float()  # (G, K, d)
-            sq = (zg.pow(2).sum(-1, keepdim=True) - 2 * zg @ embed.transpose(1, 2)
-                  + rearrange(embed.pow(2).sum(-1), "g k -> g 1 k"))  # (G, M, K)
-            p_bar = (-sq).softmax(-1).mean(1)  # (G, K)
+            sq = code_distances(self.vq.codebook, z.flatten(0, 1))  # (M, G, K)
+            p_bar = (-sq).softmax(-1).mean(0)  # (G, K)
             return -(p_bar * p_bar.clamp_min(1e-12).log()).sum(-1).mean()
 
     def _set_dead_code_threshold(self, num_tokens: int) -> None:

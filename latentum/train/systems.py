@@ -28,6 +28,7 @@ from latentum.losses.tokens import code_loss
 from latentum.losses.tokens import text_loss as token_text_loss
 from latentum.model.decoder import PixelDecoder, train_scheduler
 from latentum.model.latentum import LatentUMModel
+from latentum.model.quantizer import code_distances
 from latentum.train.config import DecoderStageConfig, MBAQConfig, MoMEConfig, StageConfig, VLMConfig
 from latentum.train.lora import train_adapters_only
 from latentum.types import LossBreakdown
@@ -155,8 +156,10 @@ class MBAQSystem(StageSystem):
     def __init__(self, model: LatentUMModel, cfg: MBAQConfig, teacher: LatentUMModel | None = None):
         super().__init__(cfg)
         self.model = model
-        # Held in lists, out of the module tree: none is trained, checkpointed nor exported.
-        self._old_encoder = [copy.deepcopy(model.encoder).eval().requires_grad_(False)]  # keep_codes' reference
+        # Held in lists, out of the module tree: none is trained, checkpointed nor exported. The encoder as loaded is
+        # keep_codes' reference (a teacher's may replace it).
+        self._old_encoder = ([copy.deepcopy(model.encoder).eval().requires_grad_(False)]
+                             if cfg.keep_codes is not None else [])
         if teacher is not None and cfg.teacher_encoder:
             model.encoder.load_state_dict(teacher.encoder.state_dict())
         elif teacher is not None:
@@ -227,9 +230,9 @@ class MBAQSystem(StageSystem):
         z = q.norm(q.down(m.image_features(images).detach())).float()  # (I, N, D)
         with torch.no_grad():
             z_ref = ref.norm(ref.down(self._old_features(images))).float()
-            ids = _nearest(ref.vq.codebook, z_ref)  # (I, N, G): the codes to keep
-            same = (_nearest(q.vq.codebook, z) == ids).float().mean()
-        d2 = _sq_distances(q.vq.codebook, z)  # (I, N, G, K)
+            ids = code_distances(ref.vq.codebook, z_ref).argmin(-1)  # (I, N, G): the codes to keep
+        d2 = code_distances(q.vq.codebook, z)  # (I, N, G, K)
+        same = (d2.detach().argmin(-1) == ids).float().mean()
         own = d2.gather(-1, ids[..., None])  # (I, N, G, 1)
         new = (~frozen).expand_as(d2)  # the rows free to move: the kept latents' neighbours among the frozen stay
         margin = F.relu(own + kc.margin - d2)[new].mean() if new.any() else d2.new_zeros(())
@@ -269,20 +272,6 @@ def kept_images(cfg: StageConfig, tasks: dict[str, float], canvas: int, rng: np.
         sample = make_sample(task, rng, canvas=canvas, **({"map_sizes": sizes} if sizes else {}))
         images += [np.asarray(x) for x in sample.images]
     return np.stack(images[:n])
-
-
-def _sq_distances(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Squared distances (..., G, K) of latents z (..., G * d) to every code of a product codebook (G, K, d)."""
-    zg = z.float().unflatten(-1, (codebook.size(0), -1))  # (..., G, d)
-    e = codebook.float()
-    # |z|^2 - 2 z.e + |e|^2: no (..., G, K, d) difference tensor
-    return (zg.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("...gd,gkd->...gk", zg, e)
-            + e.pow(2).sum(-1)).clamp_min(0)
-
-
-def _nearest(codebook: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Nearest code ids (..., G) of latents z (..., G * d) in a product codebook (G, K, d); no side effects."""
-    return _sq_distances(codebook, z).argmin(-1)
 
 
 def _check_same_encoder(model: LatentUMModel, teacher: LatentUMModel) -> None:

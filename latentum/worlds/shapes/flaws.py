@@ -27,22 +27,25 @@ def _subject(o: Obj, spec: PromptSpec) -> str:
     return f"the {o.color} {o.shape}" if any(r.color for r in spec.requirements) else f"the {o.shape}"
 
 
+def _changed(scene: Scene, i: int, **fields) -> Scene:
+    """``scene`` with object ``i``'s ``fields`` replaced."""
+    objs = list(scene.objects)
+    objs[i] = replace(objs[i], **fields)
+    return Scene(tuple(objs))
+
+
 def _recolor(scene: Scene, spec: PromptSpec, rng) -> tuple[Scene, str] | None:
     i = int(rng.integers(len(scene.objects)))
     o = scene.objects[i]
     color = _pick(rng, COLORS, exclude=(o.color,))[0]
-    objs = list(scene.objects)
-    objs[i] = replace(o, color=color)
-    return Scene(tuple(objs)), f"make the {o.shape} {o.color}"
+    return _changed(scene, i, color=color), f"make the {o.shape} {o.color}"
 
 
 def _reshape(scene: Scene, spec: PromptSpec, rng) -> tuple[Scene, str] | None:
     i = int(rng.integers(len(scene.objects)))
     o = scene.objects[i]
     shape = _pick(rng, SHAPES, exclude=[r.shape for r in spec.requirements])[0]
-    objs = list(scene.objects)
-    objs[i] = replace(o, shape=shape)
-    return Scene(tuple(objs)), f"replace the {shape} with a {o.shape}"
+    return _changed(scene, i, shape=shape), f"replace the {shape} with a {o.shape}"
 
 
 def _remove(scene: Scene, spec: PromptSpec, rng) -> tuple[Scene, str] | None:
