@@ -12,7 +12,8 @@ Figures (each ratio is latentum / peer, > 1 means latentum is faster):
   ``generate`` on the same weights (the greedy tokens are compared too); with ``--compile`` also through the
   compiled static decode step (``MoMEBackbone.compile_decode``), its compile time printed;
 - text-to-image (``generate_images``) of 16 prompts in one batch against one at a time, with the shipped model;
-- planning 16 8x8 maps in one batch against one at a time, with the shipped model.
+- planning 96 fresh maps of every size (16 per size) with 16 rows, continuously batched, against one map at a
+  time, with the shipped model (the plans are compared too).
 """
 
 from __future__ import annotations
@@ -125,12 +126,18 @@ def decode(batch: int, new_tokens: int, repeats: int, compiled: bool = False) ->
             "first_s": first}
 
 
-def planning(maps: int, repeats: int) -> dict:
+def planning(per_level: int, repeats: int, batch: int = 16) -> dict:
+    """Greedy plans of fresh maps of every size (3x3 .. 8x8, ``per_level`` each): ``plan_batch`` with ``batch``
+    rows (continuous batching) against one ``plan`` call per map; the plans are compared too."""
     api = LatentUM.from_pretrained("checkpoints/tiny")
-    boards = [fl.render_canvas(m, m.player, "gymnasium", canvas=api.canvas) for m in eval_maps(8, maps)]
-    t_batch = median_time(lambda: entry.plan_batch(api, boards), repeats)
-    t_single = median_time(lambda: [entry.plan(api, b) for b in boards], repeats)
-    return {"batched_plans_s": maps / t_batch, "single_plans_s": maps / t_single}
+    maps = [m for level in range(3, 9) for m in eval_maps(level, per_level, seed=11)]
+    boards = [fl.render_canvas(m, m.player, "gymnasium", canvas=api.canvas) for m in maps]
+    together, alone = [], []
+    t_batch = median_time(lambda: together.append(entry.plan_batch(api, boards, batch=batch)), repeats)
+    t_single = median_time(lambda: alone.append([entry.plan(api, b) for b in boards]), repeats)
+    same = all(a.actions == b.actions for a, b in zip(together[-1], alone[-1]))
+    return {"maps": len(maps), "batched_plans_s": len(maps) / t_batch, "single_plans_s": len(maps) / t_single,
+            "same_plans": same}
 
 
 def image_generation(batch: int, repeats: int) -> dict:
@@ -170,9 +177,10 @@ def main() -> None:
     print(f"| generate_images of {4 if args.quick else 16} prompts in one batch vs one at a time, images/s | "
           f"{g['batched_images_s']:.2f} | {g['single_images_s']:.2f} | "
           f"{g['batched_images_s'] / g['single_images_s']:.2f}x |")
-    p = planning(4 if args.quick else 16, 1 if args.quick else 3)
-    print(f"| plan_batch of 8x8 maps vs one at a time, plans/s | {p['batched_plans_s']:.2f} | "
-          f"{p['single_plans_s']:.2f} | {p['batched_plans_s'] / p['single_plans_s']:.2f}x |")
+    p = planning(2 if args.quick else 16, 1 if args.quick else 3)
+    print(f"| plan_batch of {p['maps']} maps of 3x3-8x8, batch 16 (continuous) vs one at a time, plans/s | "
+          f"{p['batched_plans_s']:.2f} | {p['single_plans_s']:.2f} | "
+          f"{p['batched_plans_s'] / p['single_plans_s']:.2f}x (same plans: {p['same_plans']}) |")
 
 
 if __name__ == "__main__":

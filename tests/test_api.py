@@ -157,7 +157,12 @@ def test_oracle_thoughts_are_the_encoded_true_boards(api, monkeypatch, moves_fir
     from latentum.generation.engine import Decoder
 
     seen, feed = [], Decoder.feed_latents
-    monkeypatch.setattr(Decoder, "feed_latents", lambda self, ids: (seen.append(ids.clone()), feed(self, ids))[1])
+
+    def spy(self, ids, rows=None):  # the boards of the rows that read one (the others said "Done" this step)
+        seen.append(ids.clone() if rows is None else ids[rows.to(ids.device)].clone())
+        return feed(self, ids, rows)
+
+    monkeypatch.setattr(Decoder, "feed_latents", spy)
     maps = eval_maps(3, 3, seed=5)
     plans = oracle_plans(api, maps, "classic")
     assert all(len(p.thoughts) == len(p.actions) for p in plans) and sum(len(p.actions) for p in plans) > 0

@@ -407,3 +407,45 @@ def test_the_static_step_runs_on_a_model_built_in_inference_mode():
         want = _decode(m, ids, valid, pos, gen, prefill=4)
         m.compile_decode(True, compile=False)
         assert _max_diff(_decode(m, ids, valid, pos, gen, prefill=4), want) < 1e-5
+
+
+@torch.no_grad()
+def test_rows_of_one_cache_forget_their_own_slots_take_new_rows_and_compact(model):
+    """``truncate_rows`` forgets per row, ``put_rows`` right-aligns another cache's rows in place of some (shifting
+    every row when they are longer), ``compact`` drops the holes: through all of it each row attends exactly
+    the keys it would alone."""
+    ids, _, pos, gen = _left_padded(2, 9, [0, 0], seed=2)
+    x = model.embed(ids)
+    cache = model.new_cache(2, max_len=32)
+    model(x[:, :5], gen[:, :5], pos[:, :5], cache=cache)
+    model(x[:, 5:], gen[:, 5:], pos[:, 5:], cache=cache)  # row 0 keeps all 4 new keys, row 1 only 2
+    cache.truncate_rows(5, torch.tensor([4, 2]))
+    assert cache.length == 9 and cache.valid()[1].tolist() == [True] * 7 + [False] * 2
+    step = torch.full((2, 1), 3)
+    p1 = torch.tensor([[9], [7]])  # row 1 goes on from position 7
+    out = model(model.embed(step), gen[:, :1], p1, cache=cache).hidden
+    want1 = model(torch.cat([x[1:, :7], model.embed(step[1:])], 1), torch.cat([gen[1:, :7], gen[1:, :1]], 1),
+                  torch.arange(8)[None]).hidden[:, -1]
+    assert _max_diff(out[1], want1) < TOL
+    # a longer stream takes row 1's place: every row shifts right, row 0 goes on as before
+    other = model.new_cache(1, max_len=16)
+    long_ids = torch.randint(0, CFG.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    model(model.embed(long_ids), torch.zeros(1, 12, dtype=torch.bool), torch.arange(12)[None], cache=other)
+    cache.put_rows(torch.tensor([1]), other)
+    assert cache.length == 12 and cache.valid()[1].all() and cache.slack() == 0.0
+    nxt = model(model.embed(step), gen[:, :1], torch.tensor([[10], [12]]), cache=cache).hidden
+    ref0 = model(torch.cat([x[:1], model.embed(step[:1]), model.embed(step[:1])], 1),
+                 torch.cat([gen[:1], gen[:1, :1], gen[:1, :1]], 1), torch.arange(11)[None]).hidden[:, -1]
+    ref1 = model(torch.cat([model.embed(long_ids), model.embed(step[1:])], 1),
+                 torch.cat([torch.zeros(1, 12, dtype=torch.bool), gen[1:, :1]], 1), torch.arange(13)[None]).hidden
+    assert _max_diff(nxt[0], ref0) < TOL and _max_diff(nxt[1], ref1[:, -1]) < TOL
+    cache.truncate_rows(0, torch.tensor([cache.length, cache.length]))  # keeps everything
+    cache.key_valid[1, :6] = False  # holes: row 1 forgot its first six keys
+    before = model(model.embed(step), gen[:, :1], torch.tensor([[11], [13]]), cache=cache).hidden
+    cache.truncate(cache.length - 1)
+    cache.compact()
+    assert cache.length == int(cache.valid().sum(1).max())
+    after = model(model.embed(step), gen[:, :1], torch.tensor([[11], [13]]), cache=cache).hidden
+    assert _max_diff(before, after) < TOL
+    with pytest.raises(ValueError, match="keep"):
+        cache.truncate_rows(0, torch.tensor([1]))

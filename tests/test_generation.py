@@ -233,7 +233,8 @@ def test_image_attention_decides_whether_a_cell_sees_later_cells(model, sample):
 @pytest.mark.parametrize("window", [1, 3, None])
 def test_a_drafted_image_equals_token_by_token_greedy_decoding(model, window):
     """Checking a draft several tokens per forward gives the greedy image exactly, whatever the draft (all
-    right, partly right, random), and leaves the cache as one token per step does."""
+    right, partly right, random), and leaves each row the keys one token per step leaves it (rows check their
+    drafts on their own: a row's rejected guesses are holes in the cache, gone once it is compacted)."""
     s = vsp.plan_sample(np.random.default_rng(5), 4, "classic", canvas=64)
     two = [s.user, vsp.plan_sample(np.random.default_rng(6), 4, "gymnasium", canvas=64).user]
 
@@ -251,7 +252,10 @@ def test_a_drafted_image_equals_token_by_token_greedy_decoding(model, window):
     for draft in (want, partly, torch.randint(0, K, want.shape, generator=torch.Generator().manual_seed(0))):
         dec = fresh()
         assert torch.equal(dec.generate_latent(GREEDY, grid=4, draft=draft, window=window), want)
-        assert dec.cache.length == ref.cache.length and torch.equal(dec.next_pos, ref.next_pos)
+        assert torch.equal(dec.next_pos, ref.next_pos)
+        dec.cache.compact()
+        ref.cache.compact()
+        assert dec.cache.length == ref.cache.length and torch.equal(dec.cache.valid(), ref.cache.valid())
         L = ref.cache.length
         torch.testing.assert_close(dec.cache.k[:, :, :, :L], ref.cache.k[:, :, :, :L])
 
@@ -363,3 +367,88 @@ def test_a_batch_too_long_to_share_one_cache_is_decoded_in_chunks(model, monkeyp
         alone = api.generate(prompt, max_images=2, max_new_tokens=8, sampling=GREEDY)
         assert [type(x).__name__ for x in row] == ["LatentImage", "str", "LatentImage"]
         assert all(torch.equal(a.ids, b.ids) if isinstance(a, LatentImage) else a == b for a, b in zip(alone, row))
+
+
+def _decoders(model, prompts, tokens):
+    """A decoder of every prompt, plus one per prompt; each fed the same ``tokens`` after its prompt."""
+    together = Decoder(model, TOK, len(prompts), 1024)
+    together.prefill(prompts)
+    alone = []
+    for p in prompts:
+        d = Decoder(model, TOK, 1, 1024)
+        d.prefill([p])
+        alone.append(d)
+    for d in (together, *alone):
+        d.feed_ids(torch.tensor([TOK.encode(tokens)] * d.batch))
+    return together, alone
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("drafted", [False, True])
+def test_rows_imagine_images_of_their_own_grids_as_each_would_alone(model, drafted):
+    """``grid`` per row: each row's image (then PAD_CODE) equals what the row generates alone, token by token or
+    checked against a draft, and after reading the images back every row's next logits equal its own."""
+    from latentum.generation.engine import PAD_CODE
+
+    samples = [vsp.plan_sample(np.random.default_rng(seed), g, "classic", canvas=64) for seed, g in
+               ((5, 4), (6, 3), (7, 5))]
+    grids = [4, 3, 5]
+    together, alone = _decoders(model, [s.user for s in samples], "R")
+    want = [d.think(GREEDY, grid=g) for d, g in zip(alone, grids)]  # (1, g * g, G) each
+    draft = None
+    if drafted:  # each row's own image, one token wrong
+        draft = torch.full((3, 25, model.head.codebooks), PAD_CODE)
+        for b, w in enumerate(want):
+            draft[b, :w.size(1)] = w[0]
+            draft[b, 1] = (draft[b, 1] + 1) % model.head.codebook_size
+    ids = together.think(GREEDY, grid=grids, draft=draft)
+    for b, (w, g) in enumerate(zip(want, grids)):
+        assert torch.equal(ids[b, :g * g], w[0]) and bool((ids[b, g * g:] == PAD_CODE).all())
+    logits = together.text_logits()
+    for b, d in enumerate(alone):
+        torch.testing.assert_close(logits[b], d.text_logits()[0], atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_rows_left_out_of_a_thought_take_no_image_and_are_unchanged(model):
+    samples = [vsp.plan_sample(np.random.default_rng(seed), 4, "classic", canvas=64) for seed in (5, 6)]
+    together, alone = _decoders(model, [s.user for s in samples], "R")
+    before = together.text_logits()[1]
+    ids = together.think(GREEDY, grid=4, rows=torch.tensor([True, False]))
+    assert torch.equal(ids[0], alone[0].think(GREEDY, grid=4)[0]) and bool((ids[1] < 0).all())
+    torch.testing.assert_close(together.text_logits()[1], before)
+
+
+@torch.no_grad()
+def test_a_replaced_row_continues_as_a_fresh_decoder_and_the_others_are_untouched(model):
+    """``replace_rows`` mid-stream (continuous batching): the new row equals its prompt decoded alone, the row
+    beside it goes on as it would have, and compacting the cache changes nothing."""
+    s = [vsp.plan_sample(np.random.default_rng(seed), g, "classic", canvas=64) for seed, g in ((5, 4), (6, 3), (8, 5))]
+    together, alone = _decoders(model, [s[0].user, s[1].user], "R")
+    together.think(GREEDY, grid=[4, 3])
+    alone[1].think(GREEDY, grid=3)
+    together.replace_rows(torch.tensor([0]), [s[2].user])
+    fresh = Decoder(model, TOK, 1, 1024)
+    fresh.prefill([s[2].user])
+    for step in ("D", "R"):
+        for d in (together, fresh, alone[1]):
+            d.feed_ids(torch.tensor([TOK.encode(step)] * d.batch))
+        got = [together.think(GREEDY, grid=[5, 3]), fresh.think(GREEDY, grid=5), alone[1].think(GREEDY, grid=3)]
+        assert torch.equal(got[0][0, :25], got[1][0]) and torch.equal(got[0][1, :9], got[2][0])
+    logits = together.text_logits()
+    together.cache.compact()
+    torch.testing.assert_close(together.text_logits(), logits)
+    together.feed_ids(torch.tensor([TOK.encode("Done")] * 2))
+    for d in (fresh, alone[1]):
+        d.feed_ids(torch.tensor([TOK.encode("Done")]))
+    torch.testing.assert_close(together.text_logits()[0], fresh.text_logits()[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(together.text_logits()[1], alone[1].text_logits()[0], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_row_grids_are_refused(model):
+    dec = Decoder(model, TOK, 2, 64)
+    dec.prefill([["go"], ["go"]])
+    with pytest.raises(ValueError, match="grid must be"):
+        dec.generate_latent(GREEDY, grid=[3])
+    with pytest.raises(ValueError, match="grid must be"):
+        dec.generate_latent(GREEDY, grid=[3, 9])

@@ -67,6 +67,34 @@ def test_take_backs_in_a_batch_equal_single_rows(api, monkeypatch):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("batch", [2, 16])
+def test_continuous_batches_of_mixed_sizes_equal_single_rows(api, monkeypatch, batch):
+    """Maps of three sizes share the batch, and with fewer rows than maps a row whose plan ends goes to the
+    next map mid-stream: every plan (moves, looks, take-backs, thoughts) equals its one-at-a-time plan."""
+    moves = [api.tokenizer.token_to_id(a) for a in fl.ACTIONS]
+    replaced = []
+    real = Decoder.replace_rows
+    monkeypatch.setattr(Decoder, "replace_rows", lambda self, *a: replaced.append(1) or real(self, *a))
+
+    def when(dec, logits):
+        return (dec.next_pos.cpu() + logits[:, moves].argmax(-1).cpu()) % 3 == 0
+
+    _force_fell(monkeypatch, api, when, never_done=True)
+    images = [fl.render(m) for size in (3, 5, 4) for m in _maps(2, size)]  # budgets 12, 20, 16 moves
+    together = entry.plan_batch(api, images, heed_looks=False, batch=batch)
+    for b, s in zip(together, [entry.plan(api, im, heed_looks=False) for im in images]):
+        assert (b.actions, b.looks) == (s.actions, s.looks)
+        assert [(k, a) for k, a, _ in b.retracted] == [(k, a) for k, a, _ in s.retracted]
+        assert all(torch.equal(x.ids, y.ids) for x, y in zip(b.thoughts, s.thoughts))
+    assert sum(len(p.retracted) for p in together) > 0 and (batch > 2 or replaced)
+
+
+def test_a_bad_batch_is_refused(api):
+    with pytest.raises(ValueError, match="batch must be"):
+        entry.plan_batch(api, [fl.render(_maps(1)[0])], batch=0)
+
+
+@torch.no_grad()
 def test_text_only_plans_never_take_back(api, monkeypatch):
     _force_fell(monkeypatch, api, lambda dec, logits: torch.ones(dec.batch, dtype=torch.bool), never_done=True)
     plan = entry.plan_batch(api, [fl.render(_maps(1)[0])], max_steps=3, thoughts="none", heed_looks=False)[0]

@@ -118,6 +118,19 @@ def test_shipped_model_answers_where_the_holes_are(api, style):
 
 
 @pytest.mark.parametrize("style", ["gymnasium", "classic"])
+def test_continuous_batching_plans_every_map_as_it_would_alone(api, style):
+    """Twelve fresh maps of six sizes through four rows (a finished plan's row goes to the next map): the same
+    moves, looks, take-backs and thought codes as one map at a time."""
+    maps = [m for level in (3, 4, 5, 6, 7, 8) for m in eval_maps(level, 2, seed=11)]
+    images = [fl.render(m, style=style) for m in maps]
+    together = entry.plan_batch(api, images, batch=4)
+    for b, s in zip(together, [entry.plan(api, im) for im in images]):
+        assert (b.actions, b.looks, b.done) == (s.actions, s.looks, s.done)
+        assert [(k, a) for k, a, _ in b.retracted] == [(k, a) for k, a, _ in s.retracted]
+        assert all(x.ids.equal(y.ids) for x, y in zip(b.thoughts, s.thoughts))
+
+
+@pytest.mark.parametrize("style", ["gymnasium", "classic"])
 def test_drafted_thoughts_equal_token_by_token_thoughts(api, style):
     """Drafting each greedy thought from the board before it changes the speed, not the plan: the same moves,
     looks and thought codes as one image token per forward, on fixed maps of three sizes, batched and alone."""

@@ -27,6 +27,8 @@ from latentum.generation.sampling import sample_codes, sample_logits
 from latentum.model.cache import KVCache
 from latentum.types import GREEDY, LatentImage, SamplingParams
 
+PAD_CODE = -1
+"""The id after a row's last image token when rows of one batch hold images of different grids."""
 INITIAL_CACHE = 1024
 """Key slots a decoder allocates at first; its cache doubles as a sequence grows, up to the model's limit."""
 
@@ -92,15 +94,37 @@ class Decoder:
         return self.feed(self.model.ground(self.model.backbone.embed(ids.to(self.model.device)), cells))
 
     def feed_latents(self, ids: torch.Tensor, rows: torch.Tensor | None = None):
-        """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read). ``rows``
-        (B,) bool: only these rows read theirs (the others' tokens are masked out and take no position)."""
-        B = ids.size(0)
-        emb = self.model.latent_embeddings(ids)
+        """Feed latent images (B, N, G) as N tokens each, framed by <img> ... </img>, und branch (read). A row's
+        image may be shorter (its tokens followed by ``PAD_CODE``, as rows of several grids come out of
+        ``generate_latent``): it is left-padded so that every row ends on its ``</img>``. ``rows`` (B,) bool:
+        only these rows read theirs (the others' tokens are masked out and take no position)."""
+        B, N, _ = ids.shape
+        n = (ids[..., 0] != PAD_CODE).sum(1).cpu()  # (B,)
+        pad = N - n
+        shift = (torch.arange(N)[None] - pad[:, None]) % N  # slot j of row b shows its token j - pad_b
+        ids = ids.gather(1, shift[..., None].expand(-1, -1, ids.size(2)).to(ids.device))
+        cells = torch.zeros(B, N, dtype=torch.long)
+        offsets = torch.zeros(B, N + 2, 2, dtype=torch.long)
+        span = torch.full((B, N + 2), -1, dtype=torch.long)
+        canvas = self.model.cfg.encoder.grid
+        for b, k in enumerate(n.tolist()):
+            if k == 0:  # a row without an image (it sat out the step that made them) reads nothing
+                continue
+            g = math.isqrt(k)
+            if g * g != k:
+                raise ValueError(f"ids: row {b} holds {k} tokens, not a square grid")
+            cells[b, N - k:] = torch.tensor(active_index(g, canvas))
+            offsets[b, N - k + 1:N + 1] = torch.tensor(rope_offsets(g))
+            span[b, N - k + 1:N + 1] = 0
+        emb = self.model.latent_embeddings(ids.clamp(min=0), cells.to(ids.device))  # (B, N, D)
         open_, close = self._token_embeddings([self.tok.img_start_id, self.tok.img_end_id], B)
-        g = math.isqrt(ids.size(1))
-        valid = None if rows is None else rows.to(emb.device)[:, None].expand(B, ids.size(1) + 2)
-        return self.feed(torch.cat([open_, emb, close], dim=1), valid=valid, offsets=framed_offsets(g),
-                         span=framed_span(g))
+        x = torch.cat([open_, emb, close], dim=1)  # (B, N + 2, D)
+        valid = (torch.arange(N + 2)[None] >= pad[:, None]) & (n > 0)[:, None]  # pad_b empty slots, <img>, ...
+        if bool(pad.any()):
+            x[torch.arange(B), pad.to(x.device)] = open_[:, 0]
+        if rows is not None:
+            valid &= rows.cpu()[:, None]
+        return self.feed(x, valid=None if bool(valid.all()) else valid.to(x.device), offsets=offsets, span=span)
 
     def feed_input_images(self, pixels: np.ndarray):
         """Feed observed images (B, H, W, 3), all with the same active grid, as <img> + continuous features
@@ -184,69 +208,108 @@ class Decoder:
         return sample_logits(logits, params, generator)
 
     def generate_latent(self, params: SamplingParams, generator=None, uncond: Decoder | None = None,
-                        cfg_scale: float = 1.0, grid: int | None = None, draft: torch.Tensor | None = None,
-                        window: int | None = None) -> torch.Tensor:
-        """Generate one image of ``grid`` x ``grid`` active tokens (default: the whole canvas) -> (B, N, G)
-        with the generation branch, continuing this cache in place. With ``uncond`` (a decoder over
-        prompt-dropped rows), codes use classifier-free guidance. With ``draft`` (B, N, G) (greedy only, no
-        guidance) up to ``window`` drafted tokens (default all) are checked per forward (``_drafted``)."""
-        canvas_grid = self.model.cfg.encoder.grid
-        cells = torch.tensor(active_index(grid or canvas_grid, canvas_grid), device=self.model.device)
-        offsets = torch.tensor(rope_offsets(grid or canvas_grid))  # (N, 2): token i sits at its own cell
-        N, B = len(cells), self.batch
-        out = []
+                        cfg_scale: float = 1.0, grid: int | list[int] | None = None, draft: torch.Tensor | None = None,
+                        window: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate one image per row with the generation branch, continuing this cache in place -> ids (B, N, G).
+
+        ``grid``: the image's active grid (default the whole canvas), or one per row: rows of one batch may
+        imagine images of different sizes, and then row b's ids are its first g_b * g_b tokens, followed by
+        ``PAD_CODE``. With ``uncond`` (a decoder over prompt-dropped rows), codes use classifier-free guidance.
+        With ``draft`` (B, N, G) (greedy only, no guidance; ``PAD_CODE`` past a row's image) each row checks up
+        to ``window`` drafted tokens (default all) per forward (``_drafted``). ``rows`` (B,) bool: only these rows
+        take an image (the others feed nothing and get ``PAD_CODE``)."""
+        n, cells, offsets = self._image_layout(grid)  # (B,), (B, N), (B, N, 2)
+        N, B = cells.size(1), self.batch
+        if rows is not None:
+            n = n * rows.to(n.device)
         # Every gen input carries the cell it predicts: <img> the first, token i the (i+1)-th.
-        start = self._token_embeddings([self.tok.img_start_id], B)[0] + self.model.cell_pos(cells[:1])
-        h = self.feed(start, gen=True)[:, -1]
+        start = self._token_embeddings([self.tok.img_start_id], B)[0] + self.model.cell_pos(cells[:, :1])
+        h = self.feed(start, gen=True, valid=None if rows is None else rows.to(start.device)[:, None])[:, -1]
         if draft is not None:
             if params.temperature != 0 or uncond is not None:
                 raise ValueError("draft: a drafted image is only exact for greedy decoding (temperature 0) "
                                  "without guidance")
             if draft.shape != (B, N, self.model.head.codebooks):
                 raise ValueError(f"draft must be ({B}, {N}, {self.model.head.codebooks}), got {tuple(draft.shape)}")
-            return self._drafted(h, draft.to(h.device), cells, offsets, window or N)
-        hu = uncond.feed(start, gen=True)[:, -1] if uncond is not None else None
+            return self._drafted(h, draft.to(h.device), n, cells, offsets, window or N)
+        hu = uncond.feed(start, gen=True, valid=None if rows is None else rows.to(start.device)[:, None])[:, -1] \
+            if uncond is not None else None
+        out = []
         for i in range(N):
             ids = sample_codes(self.model.head, h, params, generator, h_uncond=hu, cfg_scale=cfg_scale)  # (B, G)
             out.append(ids)
             if i == N - 1:
                 break
-            emb = self.model.latent_embeddings(ids[:, None], cells[i + 1:i + 2])  # (B, 1, D)
-            h = self.feed(emb, gen=True, offsets=offsets[i:i + 1])[:, -1]
+            emb = self.model.latent_embeddings(ids[:, None], cells[:, i + 1:i + 2])  # (B, 1, D)
+            more = n > i + 1  # (B,): rows whose image goes on
+            valid = None if bool(more.all()) else more[:, None]
+            h = self.feed(emb, gen=True, offsets=offsets[:, i:i + 1], valid=valid)[:, -1]
             if uncond is not None:
-                hu = uncond.feed(emb, gen=True, offsets=offsets[i:i + 1])[:, -1]
-        return torch.stack(out, dim=1)
+                hu = uncond.feed(emb, gen=True, offsets=offsets[:, i:i + 1], valid=valid)[:, -1]
+        return _pad_images(torch.stack(out, dim=1), n)
 
-    def _drafted(self, h: torch.Tensor, draft: torch.Tensor, cells: torch.Tensor, offsets: torch.Tensor,
-                 window: int) -> torch.Tensor:
+    def _image_layout(self, grid: int | list[int] | None):
+        """Per row: image length n (B,), the cell each token sits at (B, N) and its 2-D RoPE offset (B, N, 2),
+        N the longest row's length (shorter rows are padded with cell 0)."""
+        canvas = self.model.cfg.encoder.grid
+        grids = [grid or canvas] * self.batch if grid is None or isinstance(grid, int) else list(grid)
+        if len(grids) != self.batch or any(not isinstance(g, int) or not 1 <= g <= canvas for g in grids):
+            raise ValueError(f"grid must be None, an int in [1, {canvas}] or one such int per row "
+                             f"({self.batch}), got {grid!r}")
+        N = max(grids) ** 2
+        cells = torch.zeros(self.batch, N, dtype=torch.long)
+        offsets = torch.zeros(self.batch, N, 2, dtype=torch.long)
+        for b, g in enumerate(grids):
+            cells[b, :g * g] = torch.tensor(active_index(g, canvas))
+            offsets[b, :g * g] = torch.tensor(rope_offsets(g))
+        n = torch.tensor([g * g for g in grids], device=self.model.device)
+        return n, cells.to(self.model.device), offsets
+
+    def _drafted(self, h: torch.Tensor, draft: torch.Tensor, n: torch.Tensor, cells: torch.Tensor,
+                 offsets: torch.Tensor, window: int) -> torch.Tensor:
         """Greedy image ids (B, N, G) from ``h`` (B, D), the state after ``<img>``, checked against ``draft``.
 
-        Each forward feeds the last decided token (if not yet fed) and up to ``window`` drafted ones; the
-        head's greedy ids at every fed position are then known at once. Drafts are kept while they equal those
-        ids in every row; the first id that differs is still right (all before it were), so each forward
-        decides at least one token, and the keys of the rejected guesses are cut from the cache."""
+        Each forward feeds, per row, the last decided token (if not yet fed) and up to ``window`` drafted ones;
+        the head's greedy ids at every fed position are then known at once. A row keeps its drafts while they
+        equal those ids; the first id that differs is still right (all before it were), so each forward decides
+        at least one token of every unfinished row. The keys of a row's rejected guesses are forgotten
+        (``KVCache.truncate_rows``): rows advance at their own pace, each as it would alone."""
         B, N, G = draft.shape
-        out = torch.empty(B, N, G, dtype=torch.long, device=h.device)
-        i, pend = 0, None  # next token to decide; the decided token i - 1 while it is not yet fed
-        while True:
-            guess = draft[:, i:min(N - 1, i + window)]  # (B, W, G): token i + k is fed to predict i + k + 1
-            fed = guess if pend is None else torch.cat([pend[:, None], guess], dim=1)  # (B, T, G)
-            first, T = i - (pend is not None), fed.size(1)  # index of the first fed token, tokens fed
-            mark = self.cache.length  # hid: (B, T, D)
-            hid = (self.feed(self.model.latent_embeddings(fed, cells[first + 1:first + 1 + T]), gen=True,
-                             offsets=offsets[first:first + T]) if T else h[:, None, :0].expand(-1, 0, h.size(-1)))
-            states = hid if pend is not None else torch.cat([h[:, None], hid], dim=1)  # (B, W + 1, D): i..i+W
-            pred = sample_codes(self.model.head, states.flatten(0, 1), GREEDY).view(B, -1, G)  # (B, W + 1, G)
-            held = (pred[:, :-1] == guess).all(-1).all(0)  # (W,): drafted token i + k is the greedy one
-            a = int(held.long().cumprod(0).sum())  # leading drafts that held
-            out[:, i:i + a + 1] = pred[:, :a + 1]
-            i += a + 1
-            if i >= N:
-                return out
-            kept = T - len(held) + a  # the pending token (if any) and the drafts that held
-            self.cache.truncate(mark + kept)
-            self.next_pos = self.next_pos - (T - kept)
-            pend = pred[:, a]
+        out = torch.full((B, N, G), PAD_CODE, dtype=torch.long, device=h.device)
+        i = torch.zeros(B, dtype=torch.long)  # per row: the next token to decide
+        n = n.cpu()
+        pend = None  # (B, G): the decided token i - 1, not yet fed (every row has one after the first forward)
+        while bool((i < n).any()):
+            m = (torch.minimum(n - 1, i + window) - i).clamp(min=0)  # drafts each row checks
+            m[i >= n] = 0
+            lead = 0 if pend is None else 1
+            T = lead + int(m.max())
+            k = torch.arange(T)
+            fed_at = (i - lead)[:, None] + k[None]  # (B, T): index of each fed token in its image
+            valid = (k[None] < lead + m[:, None]) & (i < n)[:, None]
+            guess = draft.gather(1, (fed_at.clamp(0, N - 1))[..., None].expand(-1, -1, G).to(draft.device))
+            fed = guess if pend is None else torch.cat([pend[:, None], guess[:, 1:]], dim=1)  # (B, T, G)
+            mark, pos = self.cache.length, self.next_pos.clone()
+            dev = h.device
+            at = fed_at.clamp(0, N - 2).to(dev)
+            emb = self.model.latent_embeddings(fed.clamp(min=0), cells.gather(1, at + 1))
+            hid = self.feed(emb, gen=True, offsets=offsets.gather(1, at.cpu()[..., None].expand(-1, -1, 2)),
+                            valid=valid.to(dev)) if T else h.new_zeros(B, 0, h.size(-1))
+            states = hid if pend is not None else torch.cat([h[:, None], hid], dim=1)  # (B, M + 1, D)
+            pred = sample_codes(self.model.head, states.flatten(0, 1), GREEDY).view(B, -1, G)
+            M = states.size(1) - 1  # pred[:, k] decides token i + k; guess[:, lead + k] drafts it
+            drafted = guess[:, lead:lead + M]
+            held = (pred[:, :M] == drafted).all(-1).cpu() & (torch.arange(M)[None] < m[:, None])
+            a = held.long().cumprod(1).sum(1)  # (B,): leading drafts each row keeps
+            for b in torch.nonzero(i < n).flatten().tolist():
+                out[b, i[b]:i[b] + a[b] + 1] = pred[b, :a[b] + 1]
+            kept = torch.where(i < n, lead + a, 0)
+            pend = pred[torch.arange(B), a.to(dev)]
+            i = torch.where(i < n, i + a + 1, i)
+            if T:
+                self.cache.truncate_rows(mark, kept.to(self.cache.device))
+                self.next_pos = pos + kept.to(pos.device)
+        return out
 
     def think(self, params: SamplingParams, generator=None, reread=None, grid: int | None = None,
               draft: torch.Tensor | None = None, window: int | None = None, uncond: Decoder | None = None,
@@ -260,7 +323,7 @@ class Decoder:
         forks = [self] if uncond is None else [self, uncond]
         marks = [(d.cache.length, d.next_pos.clone(), d.last) for d in forks]
         ids = self.generate_latent(params, generator, grid=grid, draft=draft, window=window, uncond=uncond,
-                                   cfg_scale=cfg_scale)
+                                   cfg_scale=cfg_scale, rows=rows)
         read = ids if reread is None else reread(ids)
         for d, (mark, pos, last) in zip(forks, marks):
             d.cache.truncate(mark)
@@ -273,6 +336,27 @@ class Decoder:
         self.cache.reorder(index)
         self.next_pos = self.next_pos[index]
         self.last = self.last[index]
+
+    def replace_rows(self, index: torch.Tensor, prompts: list[list[Item | LatentImage]]) -> None:
+        """Restart rows ``index`` (R,) from ``prompts`` (prefilled as ``prefill`` does) while the other rows are
+        mid-stream (continuous batching: a finished row's place goes to the next waiting prompt). The new rows'
+        keys end where the others' do and their old keys are forgotten; every row attends only its own keys, so
+        each continues as it would alone. Gaps (old rows, rows left out of a step) are compacted away once they
+        are a quarter of it (``KVCache.slack``, ``compact``)."""
+        new = Decoder(self.model, self.tok, len(prompts), self.cache.limit)
+        new.prefill(prompts)
+        index = index.to(self.next_pos.device)
+        self.cache.put_rows(index, new.cache)
+        if self.cache.slack() > 0.25:
+            self.cache.compact()
+        self.next_pos[index] = new.next_pos
+        self.last[index] = new.last
+
+
+def _pad_images(ids: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """ids (B, N, G) with ``PAD_CODE`` from each row's length n (B,) on."""
+    past = torch.arange(ids.size(1), device=ids.device)[None] >= n.to(ids.device)[:, None]
+    return ids.masked_fill(past[..., None], PAD_CODE)
 
 
 def framed_span(g: int) -> torch.Tensor:

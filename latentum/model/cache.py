@@ -160,6 +160,84 @@ class KVCache:
             raise ValueError(f"KVCache.truncate: length must be in [0, {self.length}], got {length}")
         self.length = length
 
+    def truncate_rows(self, start: int, keep: Tensor) -> None:
+        """Keep ``keep[b]`` (B,) of row b's slots from ``start`` on and forget the rest: slots past a row's own
+        count become invalid (a gap that later queries never see), then the cache ends after the longest kept
+        run. Rows that decide different numbers of tokens in one forward (per-row draft checking) use it."""
+        if self._pending:
+            raise RuntimeError("KVCache.truncate_rows: cannot truncate while a forward is writing")
+        if not 0 <= start <= self.length:
+            raise ValueError(f"KVCache.truncate_rows: start must be in [0, {self.length}], got {start}")
+        keep = keep.to(self.device)
+        if keep.shape != (self.batch,) or bool((keep < 0).any()) or bool((keep > self.length - start).any()):
+            raise ValueError(f"KVCache.truncate_rows: keep must be (B={self.batch},) counts in "
+                             f"[0, {self.length - start}], got {keep.tolist()}")
+        slots = torch.arange(start, self.length, device=self.device)
+        self.key_valid[:, start:self.length] &= (slots - start)[None] < keep[:, None]
+        self.length = start + int(keep.max()) if keep.numel() else start
+
+    def put_rows(self, index: Tensor, other: KVCache) -> None:
+        """Replace rows ``index`` (R,) by ``other``'s R rows, right-aligned: their last key lands in this cache's
+        last slot, and every earlier slot of those rows becomes invalid (continuous batching: a finished row
+        takes the next waiting prompt). If ``other`` is longer, every row is first shifted right by the
+        difference (invalid slots in front): positions live in the keys, not in the slots."""
+        if self._pending or other._pending:
+            raise RuntimeError("KVCache.put_rows: cannot replace rows while a forward is writing")
+        if (other.depth, *other.k.shape[2:3], other.k.shape[4]) != (self.depth, self.k.shape[2], self.k.shape[4]):
+            raise ValueError(f"KVCache.put_rows: other must have the same depth, kv heads and head dim, got "
+                             f"{tuple(other.k.shape)} against {tuple(self.k.shape)}")
+        index = index.to(self.device)
+        if index.shape != (other.batch,):
+            raise ValueError(f"KVCache.put_rows: index must be ({other.batch},) rows, got {tuple(index.shape)}")
+        if other.length > self.length:
+            self._shift(other.length - self.length)
+        L, P = self.length, other.length
+        self.key_valid[index] = False
+        self.key_valid[index, L - P:L] = other.key_valid[:, :P].to(self.device)
+        self.k[:, index, :, L - P:L] = other.k[:, :, :, :P].to(self.k)
+        self.v[:, index, :, L - P:L] = other.v[:, :, :, :P].to(self.v)
+
+    def _shift(self, n: int) -> None:
+        """Move every slot ``n`` to the right (``n`` invalid slots in front), growing if needed."""
+        if self.length + n > self.limit:
+            raise ValueError(f"KVCache: {n} more slots do not fit: length={self.length}, limit={self.limit}")
+        if self.length + n > self.max_len:
+            self._grow(min(self.limit, max(2 * self.max_len, self.length + n)))
+        L = self.length
+        self.k[:, :, :, n:L + n] = self.k[:, :, :, :L].clone()
+        self.v[:, :, :, n:L + n] = self.v[:, :, :, :L].clone()
+        self.key_valid[:, n:L + n] = self.key_valid[:, :L].clone()
+        self.key_valid[:, :n] = False
+        self.length = L + n
+
+    def slack(self) -> float:
+        """The share of committed slots that ``compact`` would free: slots before the longest row's keys begin
+        (rows attend only their own keys, so a batch of ragged rows needs as many slots as its longest row)."""
+        if not self.length or not self.batch:
+            return 0.0
+        return 1.0 - int(self.valid().sum(1).max()) / self.length
+
+    def compact(self) -> None:
+        """Drop the gaps: each row's valid keys move right, in order, so that the cache ends after the longest
+        row's keys. Attention over a row is unchanged (its keys, their order, their positions)."""
+        if self._pending:
+            raise RuntimeError("KVCache.compact: cannot compact while a forward is writing")
+        valid = self.valid()
+        counts = valid.sum(1).tolist()
+        n = max(counts, default=0)
+        kept = torch.zeros_like(self.key_valid)
+        for b, c in enumerate(counts):  # row b's c valid keys, in order, into slots [n - c, n)
+            slots = torch.nonzero(valid[b]).flatten()
+            if c and int(slots[0]) == self.length - c:  # already one run at the end: a shift
+                self.k[:, b, :, n - c:n] = self.k[:, b, :, self.length - c:self.length].clone()
+                self.v[:, b, :, n - c:n] = self.v[:, b, :, self.length - c:self.length].clone()
+            elif c:
+                self.k[:, b, :, n - c:n] = self.k[:, b, :, slots]
+                self.v[:, b, :, n - c:n] = self.v[:, b, :, slots]
+            kept[b, n - c:n] = True
+        self.key_valid = kept
+        self.length = n
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in that order; repeats allowed (e.g. doubling a batch for CFG)."""
         if self._pending:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from latentum.api import LatentUM, read_image
-from latentum.apps.vsp.planner import STEPS_PER_SIDE, Plan, imagine_rows, plan_rows
+from latentum.apps.vsp.planner import BATCH, STEPS_PER_SIDE, Plan, imagine_rows, plan_rows
 from latentum.data.canvas import active_grid
 from latentum.generation.sampling import seeded_generator
 from latentum.types import GREEDY, SamplingParams
@@ -47,15 +47,17 @@ def plan(api: LatentUM, image, *, max_steps: int | None = None, seed: int = 0, s
 @torch.inference_mode()
 def plan_batch(api: LatentUM, images: list, *, max_steps: int | None = None, seed: int = 0,
                sampling: SamplingParams = GREEDY, thoughts: str = "latent", heed_looks: bool = True,
-               draft_thoughts: bool = True, avoid_revisits: bool = False) -> list[Plan]:
-    """Plan several maps (batched by size). ``thoughts``: "latent" (ours), "pixel" (each thought rendered and
-    re-encoded before it is read) or "none" (text only). ``draft_thoughts``: check each greedy thought against
-    the board before it, several tokens per forward (the same thoughts, a few times faster)."""
+               draft_thoughts: bool = True, avoid_revisits: bool = False, batch: int = BATCH) -> list[Plan]:
+    """Plan several maps, ``batch`` at a time: when a plan ends, the next map takes its place (continuous
+    batching; greedy plans equal their one-at-a-time plans). ``thoughts``: "latent" (ours), "pixel" (each
+    thought rendered and re-encoded before it is read) or "none" (text only). ``draft_thoughts``: check each
+    greedy thought against a guess drawn from the board before it, several tokens per forward (the same
+    thoughts, a few times faster)."""
     canvases = _boards(api, images)
     sizes = {active_grid(c, api.config.encoder.grid) for c in canvases}
     _check_max_steps(api, max_steps, max(sizes) if sizes else 1)
     return plan_rows(api, canvases, max_steps, sampling, seeded_generator(seed), thoughts, heed_looks=heed_looks,
-                     draft_thoughts=draft_thoughts, avoid_revisits=avoid_revisits)
+                     draft_thoughts=draft_thoughts, avoid_revisits=avoid_revisits, batch=batch)
 
 
 def imagine(api: LatentUM, image, actions: list[str] | str, *, seed: int = 0,

@@ -1,8 +1,8 @@
 """Visual spatial planning: one move, then a visual thought, until "Done" (LatentUM, VSP section).
 
-Rows advance in lockstep. Each step samples the move from the planning alphabet {L, D, R, U, Done} (the
-grammar the model is trained on), then the model imagines the next board as latent tokens and reads it back
-through the understanding branch. After a thought the model may instead say "hole" (``vsp.FELL``): the move
+Rows advance in lockstep, one move per step. Each step samples the move from the planning alphabet
+{L, D, R, U, Done} (the grammar the model is trained on), then the model imagines the next board as latent
+tokens and reads it back through the understanding branch. After a thought the model may instead say "hole" (``vsp.FELL``): the move
 and its thought go to ``Plan.retracted`` and the model chooses again from the board before, never the same
 move twice at one board (``vsp.retry_plan_sample`` teaches this). Before a move the model may look: a look
 word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.looks``. With ``heed_looks``
@@ -11,8 +11,11 @@ leaves any), and a plan ends right after a move into the cell its look named the
 model is held to what it just said it sees, not to the true map. With ``avoid_revisits`` the
 move is also kept off the cells the plan already stood on (while a move to a new cell is left): a shortest
 path never comes back, and plans that fail mostly pace back and forth. Greedy thoughts are
-drafted from the board before them (``draft_thoughts``; ``Decoder.generate_latent``): the same thoughts,
-checked several tokens per forward, since a move changes about two cells. ``imagine_rows`` follows given moves
+drafted (``draft_thoughts``; ``Decoder.generate_latent``): the same thoughts, checked several tokens per
+forward against a guess, the board before with the two cells the move changes redrawn from what the run has
+seen (``_Drafts``). ``plan_rows`` batches continuously: maps of every size share ``batch`` decoder rows, and
+when a plan ends its row restarts on the next waiting map (``Decoder.replace_rows``); every row decides as it
+would alone, so greedy plans equal their batch-1 plans. ``imagine_rows`` follows given moves
 instead of choosing them (looks and thoughts as above; safety with visual thoughts). ``thoughts`` picks the
 variant evaluated side by side:
 "latent" (ours), "pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
@@ -33,6 +36,7 @@ import torch
 from PIL import Image
 
 from latentum.data.canvas import active_grid, active_index
+from latentum.generation.engine import PAD_CODE
 from latentum.types import LatentImage, SamplingParams
 from latentum.worlds.frozenlake.lake import ACTIONS, displace
 from latentum.worlds.frozenlake.oracle import read_canvas
@@ -65,24 +69,298 @@ class Plan:
     seconds: float = 0.0
 
 
+BATCH = 16
+"""Rows planned at once by default: a finished plan's row goes to the next waiting map (continuous batching)."""
+
+
 def plan_rows(api, canvases: list[np.ndarray], max_steps: int | None, params: SamplingParams, generator,
               thoughts: str = "latent", oracle=None, heed_looks: bool = False,
-              draft_thoughts: bool = True, avoid_revisits: bool = False) -> list[Plan]:
-    """Plan every canvas; rows are batched by map size (maps of one size share the thought length). A plan
-    stops at "Done" or after ``max_steps`` kept moves (None: ``STEPS_PER_SIDE`` per cell of the map's side).
+              draft_thoughts: bool = True, avoid_revisits: bool = False, batch: int = BATCH) -> list[Plan]:
+    """Plan every canvas, ``batch`` rows at a time: when a plan ends, the next waiting map takes its row (maps of
+    every size share the batch; the largest start first). A plan stops at "Done" or after ``max_steps`` kept
+    moves (None: ``STEPS_PER_SIDE`` per cell of the map's side). Every row decides as it would alone, so greedy
+    plans equal their batch-1 plans; sampled ones draw from one shared generator.
 
     ``oracle`` (evaluation only) replaces the generated thoughts: ``oracle(rows, actions) -> ids (B, N, G)`` gives
     the true board of each canvas in ``rows`` after its ``actions``, which the model reads instead of imagining."""
     if thoughts not in THOUGHT_MODES:
         raise ValueError(f"thoughts must be one of {THOUGHT_MODES}, got {thoughts!r}")
-    plans: list[Plan | None] = [None] * len(canvases)
-    for g, idx in sorted(_by_size(canvases, api.config.encoder.grid).items()):
-        row_oracle = (lambda rows, actions, idx=idx: oracle([idx[r] for r in rows], actions)) if oracle else None
-        steps = STEPS_PER_SIDE * g if max_steps is None else max_steps
-        for p, i in zip(_plan_group(api, [canvases[i] for i in idx], g, steps, params, generator, thoughts,
-                                    row_oracle, heed_looks, draft_thoughts, avoid_revisits), idx):
-            plans[i] = p
-    return plans
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    run = _Run(api, canvases, max_steps, params, generator, thoughts, oracle, heed_looks, draft_thoughts,
+               avoid_revisits)
+    return run.plan_all(batch)
+
+
+class _Run:
+    """One continuous planning run: the per-plan state, and a decoder whose rows are the plans in progress
+    (``rows[b]``: the plan decoder row b belongs to)."""
+
+    def __init__(self, api, canvases, max_steps, params, generator, thoughts, oracle, heed_looks, draft_thoughts,
+                 avoid_revisits):
+        self.api, self.canvases, self.params, self.generator = api, canvases, params, generator
+        self.thoughts, self.oracle, self.heed_looks, self.avoid_revisits = thoughts, oracle, heed_looks, avoid_revisits
+        tok = api.tokenizer
+        self.move_ids = [tok.encode(a)[0] for a in ACTIONS]
+        self.done_id, self.fell_id = tok.encode(DONE)[0], tok.token_to_id(FELL)
+        self.can_retract = thoughts != "none" and self.fell_id is not None
+        self.look_ids = [i for w in LOOK_WORDS if (i := tok.token_to_id(w)) is not None]
+        self.V = api.model.backbone.lm_head.out_features
+        self.grids = [active_grid(c, api.config.encoder.grid) for c in canvases]
+        self.budget = [STEPS_PER_SIDE * g if max_steps is None else max_steps for g in self.grids]
+        self.drafting = draft_thoughts and params.temperature == 0 and thoughts != "none" and oracle is None
+        n = len(canvases)
+        self.plans = [Plan() for _ in range(n)]
+        self.banned: list[set[int]] = [set() for _ in range(n)]  # moves taken back at each plan's current board
+        self.taken = [0] * n  # steps each plan has run
+        self.start: list[torch.Tensor | None] = [None] * n  # (N, G) the input map's codes
+        self.styles: list[str | None] = [None] * n
+        self.origin: list[tuple[int, int] | None] = [None] * n  # where the player starts, if the map shows it
+        self.drafts = _Drafts()
+        self.dec = None
+        self.rows = torch.zeros(0, dtype=torch.long)
+
+    def plan_all(self, batch: int) -> list[Plan]:
+        t0 = time.perf_counter()
+        queue = sorted(range(len(self.canvases)), key=lambda i: -self.grids[i])
+        self.admit(queue[:batch])
+        queue = queue[batch:]
+        while len(self.rows):
+            ended = self.step()
+            take, queue = queue[:len(ended)], queue[len(ended):]
+            if take:  # the next waiting maps take the places of plans that ended
+                self.admit(take, ended[:len(take)])
+            if len(ended) > len(take):
+                keep = torch.ones(len(self.rows), dtype=torch.bool)
+                keep[ended[len(take):]] = False
+                self.dec.keep_rows(torch.nonzero(keep).flatten().to(self.dec.next_pos.device))
+                self.rows = self.rows[keep]
+        seconds = (time.perf_counter() - t0) / max(1, len(self.canvases))
+        for p in self.plans:
+            p.seconds = seconds
+        return self.plans
+
+    def admit(self, idx: list[int], slots: list[int] | None = None) -> None:
+        """Start the plans ``idx``: their prompts fill a new decoder, or replace the decoder rows ``slots``."""
+        prompt = TEXT_PLAN_PROMPT if self.thoughts == "none" else PLAN_PROMPT
+        prompts = [[prompt, self.canvases[i]] for i in idx]
+        if slots is None:
+            self.dec = self.api.new_decoder(len(idx))
+            self.dec.prefill(prompts)
+            self.rows = torch.tensor(idx, dtype=torch.long)
+        else:
+            self.dec.replace_rows(torch.tensor(slots), prompts)
+            self.rows[slots] = torch.tensor(idx, dtype=torch.long)
+        if self.drafting or self.thoughts == "pixel":
+            for g in sorted({self.grids[i] for i in idx}):
+                same = [i for i in idx if self.grids[i] == g]
+                for i, codes in zip(same, _board_codes(self.api, [self.canvases[i] for i in same], g)):
+                    self.start[i] = codes
+                    state = _read(self.canvases[i], g)
+                    self.styles[i] = state.style if state is not None else None
+                    self.origin[i] = state.player if state is not None else None
+                    if self.drafting:
+                        self.drafts.begin(i, codes, self.player_cell(i))
+
+    # ----------------------------------------------------------------------------------- the move rules
+    def moves_left(self, rs: list[int], extra: list[int]) -> torch.Tensor:
+        """(len(rs), V) bool: the moves not yet taken back at each plan's board, plus ``extra``."""
+        allowed = torch.zeros(len(rs), self.V, dtype=torch.bool)
+        for i, r in enumerate(rs):
+            allowed[i, [t for t in self.move_ids if t not in self.banned[r]] + extra] = True
+        return allowed
+
+    def fresh_of(self, rs: list[int]) -> torch.Tensor | None:
+        """(len(rs), V) bool: the moves onto a cell each plan has not stood on (None: rule off)."""
+        return _fresh_moves([self.plans[r].actions for r in rs], self.move_ids, self.V) if self.avoid_revisits \
+            else None
+
+    def prefer_fresh(self, rs: list[int], allowed: torch.Tensor) -> torch.Tensor:
+        """``allowed`` (len(rs), V) with its moves cut to those onto a new cell (``avoid_revisits``), if any."""
+        fresh = self.fresh_of(rs)
+        return allowed if fresh is None else _prefer(allowed, fresh, self.move_ids)
+
+    def heed_goal(self, rs: list[int], allowed: torch.Tensor) -> torch.Tensor:
+        """With ``heed_looks``: "Done" alone after a move into the cell the look before it named the goal, and
+        no "Done" before the first move or after a move whose look named something else there (``goal_named``)."""
+        if not self.heed_looks:
+            return allowed
+        for i, r in enumerate(rs):
+            named = goal_named(self.plans[r])
+            if named:
+                allowed[i] = False
+                allowed[i, self.done_id] = True
+            elif named is False:
+                allowed[i, self.done_id] = False
+        return allowed
+
+    # ---------------------------------------------------------------------------------------- one step
+    def step(self) -> list[int]:
+        """Every row: a move (after a look, or after taking the last move back), or "Done"; then the thought of
+        the board the move leads to. Returns the decoder rows whose plans ended (said "Done" or used their
+        budget); a row that says "Done" sits out the rest of the step."""
+        dec, params, generator = self.dec, self.params, self.generator
+        rs = self.rows.tolist()
+        first = torch.zeros(len(rs), self.V, dtype=torch.bool)
+        first[:, self.move_ids + [self.done_id] + self.look_ids] = True
+        if self.can_retract:
+            first[:, self.fell_id] = torch.tensor([self.taken[r] > 0 for r in rs])
+        first = self.heed_goal(rs, self.prefer_fresh(rs, first))
+        nxt = dec.sample_text(params, generator, allowed=first).cpu()
+        fell = nxt == self.fell_id if self.can_retract else torch.zeros_like(nxt, dtype=torch.bool)
+        for r in self.rows[~fell].tolist():
+            self.banned[r].clear()  # the last move stood (or there was none): a new board, nothing taken back yet
+        if fell.any():
+            nxt[fell] = self.take_back(fell, nxt)
+        nxt, looks = _look_then_move(dec, nxt, self.look_ids, self.moves_left(rs, []), params, generator,
+                                     self.move_ids, heed=self.heed_looks, fresh=self.fresh_of(rs))
+        for r, t, look in zip(rs, nxt.tolist(), looks):
+            self.taken[r] += 1
+            if t == self.done_id:
+                self.plans[r].done = True
+            else:
+                self.plans[r].actions.append(ACTIONS[self.move_ids.index(t)])
+                self.plans[r].looks.append(look)
+        going = nxt != self.done_id
+        if going.any():
+            _feed_some(dec, going, nxt)
+            if self.thoughts != "none":
+                self.think(going)
+        over = torch.tensor([self.taken[r] >= self.budget[r] for r in rs], dtype=torch.bool)
+        return torch.nonzero(~going | over).flatten().tolist()
+
+    def take_back(self, fell: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """The rows in ``fell`` said their last thought showed a hole: take that move back, say so, and choose
+        again from the board before it (not the same move). Returns the rows' new first tokens."""
+        for r in self.rows[fell].tolist():
+            plan = self.plans[r]
+            a, t = plan.actions.pop(), plan.thoughts.pop()
+            plan.looks.pop()
+            plan.retracted.append((len(plan.actions), a, t))
+            self.banned[r].add(self.move_ids[ACTIONS.index(a)])
+            if self.drafting:
+                self.drafts.back(r, plan.thoughts[-1].ids if plan.thoughts else self.start[r])
+        _feed_some(self.dec, fell, torch.full_like(nxt, self.fell_id))
+        rs = self.rows[fell].tolist()
+        allowed = self.prefer_fresh(rs, self.moves_left(rs, [self.done_id]))
+        allowed[:, self.look_ids] = allowed[:, self.move_ids].any(-1, keepdim=True)  # a look needs a move to follow
+        return self.dec.sample_text(self.params, self.generator, allowed=allowed,
+                                    rows=torch.nonzero(fell).flatten()).cpu()
+
+    def think(self, going: torch.Tensor) -> None:
+        """Each row in ``going`` (B,) bool imagines (or, with an oracle, is shown) the board its move leads to
+        and reads it back; the other rows sit it out."""
+        at = torch.nonzero(going).flatten().tolist()
+        rs = self.rows.tolist()
+        grids = [self.grids[r] for r in rs]
+        dev = self.dec.next_pos.device
+        if self.oracle is not None:  # the true board is read in place of a thought, and kept as one
+            shown = self.oracle([rs[b] for b in at], [self.plans[rs[b]].actions for b in at]).cpu()
+            ids = torch.full((len(rs), *shown.shape[1:]), PAD_CODE, dtype=torch.long)
+            ids[at] = shown
+            self.dec.feed_latents(ids.to(dev), rows=going)
+        else:
+            draft = _padded([self.drafts.guess(r, self.player_cell(r, -1), self.player_cell(r)) for r in rs]) \
+                if self.drafting else None
+            reread = functools.partial(self.pixel, rows=rs) if self.thoughts == "pixel" else None
+            ids = self.dec.think(self.params, self.generator, reread=reread, grid=grids, draft=draft,
+                                 rows=going).cpu()
+        for b in at:
+            r, g = rs[b], grids[b]
+            x = ids[b, :g * g]
+            self.plans[r].thoughts.append(LatentImage(x))
+            if self.drafting:
+                self.drafts.saw(r, x, self.player_cell(r, -1), self.player_cell(r))
+
+    def player_cell(self, r: int, moves: int | None = None) -> int | None:
+        """The raster index of the player's cell after the first ``moves`` kept moves of plan ``r`` (default
+        all), counted from where the map shows it (a move off the grid stays put); None if the map shows none."""
+        if self.origin[r] is None:
+            return None
+        g, (row, col) = self.grids[r], self.origin[r]
+        for a in self.plans[r].actions[:moves]:
+            nr, nc = displace((row, col), a)
+            row, col = (nr, nc) if 0 <= nr < g and 0 <= nc < g else (row, col)
+        return row * g + col
+
+    def pixel(self, ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """ids (B, N, G) of the plans ``rows`` -> pixel decoder -> canvas -> vision encoder -> MBAQ ids: the
+        pixel-mediated baseline, one map size at a time (``_pixel_round_trip``); rows without an image
+        (``PAD_CODE``) stay so."""
+        out = torch.full_like(ids, PAD_CODE)
+        taking = (ids[:, 0, 0] != PAD_CODE).tolist()
+        for g in sorted({self.grids[r] for r in rows}):
+            at = [b for b, r in enumerate(rows) if self.grids[r] == g and taking[b]]
+            if not at:
+                continue
+            plans = [rows[b] for b in at]
+            reread = _pixel_round_trip(self.api, g, [self.styles[r] for r in plans],
+                                       torch.stack([self.start[r] for r in plans]))
+            out[at, :g * g] = reread(ids[at, :g * g], rows=list(range(len(at)))).to(out)
+        return out
+
+
+class _Drafts:
+    """Guesses at each plan's next thought, learned as a run goes. A guess is checked token by token
+    (``Decoder.generate_latent(draft=...)``), so it changes the speed, never the thought. It is the board before,
+    with the player's cell and the cell it left redrawn from what the run has seen: each cell's latest code
+    with nobody on it, the code "the player on a cell that looked like this" took, and the code the player's
+    first cell took once left (the player starts on it, so it was never seen empty)."""
+
+    def __init__(self):
+        self.board: dict[int, torch.Tensor] = {}  # plan -> (N, G) its latest board
+        self.ground: dict[int, torch.Tensor] = {}  # plan -> (N, G) each cell's latest code with nobody on it
+        self.known: dict[int, torch.Tensor] = {}  # plan -> (N,) bool: the cell was seen empty
+        self.standing: dict[tuple, torch.Tensor] = {}  # an empty cell's code -> its code with the player on it
+        self.left: dict[tuple, torch.Tensor] = {}  # the player's first cell's code -> its code once left
+
+    def begin(self, r: int, codes: torch.Tensor, at: int | None) -> None:
+        self.board[r], self.ground[r] = codes, codes.clone()
+        self.known[r] = torch.ones(codes.size(0), dtype=torch.bool)
+        if at is not None:
+            self.known[r][at] = False
+
+    def back(self, r: int, board: torch.Tensor) -> None:
+        """A move was taken back: the next thought starts from ``board`` again."""
+        self.board[r] = board
+
+    def guess(self, r: int, old: int | None, new: int | None) -> torch.Tensor:
+        """(N, G): plan ``r``'s next thought after a move from cell ``old`` to ``new`` (None: not known)."""
+        board = self.board[r]
+        if old is None or old == new:
+            return board
+        ground, known, guess = self.ground[r], self.known[r], board.clone()
+        guess[new] = self.standing.get(_key(ground[new]), board[old]) if known[new] else board[old]
+        guess[old] = ground[old] if known[old] else self.left.get(_key(board[old]), board[old])
+        return guess
+
+    def saw(self, r: int, ids: torch.Tensor, old: int | None, new: int | None) -> None:
+        """Plan ``r`` thought ``ids`` (N, G) after a move from ``old`` to ``new``."""
+        if old is not None and old != new:
+            if self.known[r][new]:
+                self.standing[_key(self.ground[r][new])] = ids[new]
+            if not self.known[r][old]:
+                self.left[_key(self.board[r][old])] = ids[old]
+        if new is not None:
+            under, seen = self.ground[r][new].clone(), bool(self.known[r][new])
+            self.ground[r] = ids.clone()
+            self.ground[r][new] = under
+            self.known[r][:] = True
+            self.known[r][new] = seen
+        self.board[r] = ids
+
+
+def _key(code: torch.Tensor) -> tuple:
+    return tuple(code.tolist())
+
+
+def _padded(images: list[torch.Tensor]) -> torch.Tensor:
+    """Images (N_i, G) of several sizes -> (B, max N_i, G), ``PAD_CODE`` after each."""
+    N = max(x.size(0) for x in images)
+    out = torch.full((len(images), N, images[0].size(1)), PAD_CODE, dtype=torch.long)
+    for b, x in enumerate(images):
+        out[b, :x.size(0)] = x
+    return out
 
 
 def _by_size(canvases: list[np.ndarray], grid: int) -> dict[int, list[int]]:
@@ -91,117 +369,6 @@ def _by_size(canvases: list[np.ndarray], grid: int) -> dict[int, list[int]]:
     for i, c in enumerate(canvases):
         groups.setdefault(active_grid(c, grid), []).append(i)
     return groups
-
-
-def _plan_group(api, canvases, g: int, max_steps: int, params: SamplingParams, generator,
-                thoughts: str, oracle=None, heed_looks: bool = False, draft_thoughts: bool = True,
-                avoid_revisits: bool = False) -> list[Plan]:
-    t0 = time.perf_counter()
-    tok = api.tokenizer
-    move_ids = [tok.encode(a)[0] for a in ACTIONS]
-    done_id, fell_id = tok.encode(DONE)[0], tok.token_to_id(FELL)
-    can_retract = thoughts != "none" and fell_id is not None
-    look_ids = [i for w in LOOK_WORDS if (i := tok.token_to_id(w)) is not None]
-    B = len(canvases)
-    plans = [Plan() for _ in range(B)]
-    banned: list[set[int]] = [set() for _ in range(B)]  # moves taken back at each row's current board
-    dec = api.new_decoder(B)
-    prompt = TEXT_PLAN_PROMPT if thoughts == "none" else PLAN_PROMPT
-    dec.prefill([[prompt, c] for c in canvases])
-    rows = torch.arange(B)  # which plan each decoder row belongs to
-    V = dec.model.backbone.lm_head.out_features
-    drafting = draft_thoughts and params.temperature == 0 and thoughts != "none" and oracle is None
-    maps = _board_codes(api, canvases, g) if drafting or thoughts == "pixel" else None  # (B, N, G) input maps
-    pixel = _pixel_round_trip(api, g, [map_style(c, g) for c in canvases], maps) if thoughts == "pixel" else None
-    start = maps if drafting else None  # the first thought's draft
-    board = start.clone() if drafting else None  # each row's latest board: the draft of its next thought
-
-    def moves_left(rs: list[int], extra: list[int]) -> torch.Tensor:
-        """(len(rs), V) bool: the moves not yet taken back at each row's board, plus ``extra``."""
-        allowed = torch.zeros(len(rs), V, dtype=torch.bool)
-        for i, r in enumerate(rs):
-            allowed[i, [t for t in move_ids if t not in banned[r]] + extra] = True
-        return allowed
-
-    def fresh_of(rs: list[int]) -> torch.Tensor | None:
-        """(len(rs), V) bool: the moves onto a cell each row's plan has not stood on (None: rule off)."""
-        return _fresh_moves([plans[r].actions for r in rs], move_ids, V) if avoid_revisits else None
-
-    def prefer_fresh(rs: list[int], allowed: torch.Tensor) -> torch.Tensor:
-        """``allowed`` (len(rs), V) with its moves cut to those onto a new cell (``avoid_revisits``), if any."""
-        fresh = fresh_of(rs)
-        return allowed if fresh is None else _prefer(allowed, fresh, move_ids)
-
-    def heed_goal(rs: list[int], allowed: torch.Tensor) -> torch.Tensor:
-        """With ``heed_looks``: "Done" alone after a move into the cell the look before it named the goal, and
-        no "Done" before the first move or after a move whose look named something else there (``goal_named``)."""
-        if not heed_looks:
-            return allowed
-        for i, r in enumerate(rs):
-            named = goal_named(plans[r])
-            if named:
-                allowed[i] = False
-                allowed[i, done_id] = True
-            elif named is False:
-                allowed[i, done_id] = False
-        return allowed
-
-    for step in range(max_steps):
-        retract = can_retract and step > 0
-        first = torch.zeros(len(rows), V, dtype=torch.bool)
-        first[:, move_ids + [done_id] + look_ids + ([fell_id] if retract else [])] = True
-        first = heed_goal(rows.tolist(), prefer_fresh(rows.tolist(), first))
-        nxt = dec.sample_text(params, generator, allowed=first).cpu()
-        fell = nxt == fell_id
-        for r in rows[~fell].tolist():
-            banned[r].clear()  # the last move stood (or there was none): a new board, nothing taken back yet
-        if fell.any():  # take the last move back, say so, and choose again from the board before it
-            for r in rows[fell].tolist():
-                a, t = plans[r].actions.pop(), plans[r].thoughts.pop()
-                plans[r].looks.pop()
-                plans[r].retracted.append((len(plans[r].actions), a, t))
-                banned[r].add(move_ids[ACTIONS.index(a)])
-                if drafting:
-                    board[r] = plans[r].thoughts[-1].ids if plans[r].thoughts else start[r]
-            _feed_some(dec, fell, torch.full_like(nxt, fell_id))
-            allowed = prefer_fresh(rows[fell].tolist(), moves_left(rows[fell].tolist(), [done_id]))
-            allowed[:, look_ids] = allowed[:, move_ids].any(-1, keepdim=True)  # a look needs a move to follow
-            nxt[fell] = dec.sample_text(params, generator, allowed=allowed, rows=torch.nonzero(fell).flatten()).cpu()
-        moves = moves_left(rows.tolist(), [])
-        nxt, looks = _look_then_move(dec, nxt, look_ids, moves, params, generator, move_ids,
-                                     heed=heed_looks, fresh=fresh_of(rows.tolist()))
-        going = nxt != done_id
-        for r, t, look in zip(rows.tolist(), nxt.tolist(), looks):
-            if t == done_id:
-                plans[r].done = True
-            else:
-                plans[r].actions.append(ACTIONS[move_ids.index(t)])
-                plans[r].looks.append(look)
-        if not going.any():
-            break
-        if not going.all():
-            keep = torch.nonzero(going).flatten()
-            dec.keep_rows(keep.to(dec.next_pos.device))
-            rows, nxt = rows[keep], nxt[keep]
-        dec.feed_ids(nxt[:, None])
-        if thoughts == "none":
-            continue
-        if oracle is not None:  # the true board is read in place of a thought, and kept as one
-            ids = oracle(rows.tolist(), [plans[r].actions for r in rows.tolist()]).cpu()
-            dec.feed_latents(ids.to(dec.next_pos.device))
-        else:
-            draft = board[rows] if drafting else None
-            reread = functools.partial(pixel, rows=rows.tolist()) if pixel else None
-            ids = dec.think(params, generator, reread=reread, grid=g, draft=draft,
-                            window=max(1, g * g // len(rows))).cpu()
-            if drafting:
-                board[rows] = ids
-        for r, x in zip(rows.tolist(), ids):
-            plans[r].thoughts.append(LatentImage(x))
-    seconds = (time.perf_counter() - t0) / B
-    for p in plans:
-        p.seconds = seconds
-    return plans
 
 
 def imagine_rows(api, canvases: list[np.ndarray], actions: list[list[str]], params: SamplingParams, generator,
@@ -356,6 +523,14 @@ def _feed_some(dec, which: torch.Tensor, ids: torch.Tensor) -> None:
     last = dec.last
     dec.feed_ids(ids.view(-1, 1).to(torch.long), valid=which[:, None].to(dec.next_pos.device))
     dec.last = torch.where(which[:, None].to(last.device), dec.last, last)
+
+
+def _read(canvas: np.ndarray, g: int):
+    """What the pixel oracle reads on a g x g map canvas (a ``LakeState``), or None if it reads nothing."""
+    try:
+        return read_canvas(canvas, g)
+    except ValueError:
+        return None
 
 
 def map_style(canvas: np.ndarray, g: int) -> str | None:
