@@ -1,24 +1,23 @@
 """Visual spatial planning: one move, then a visual thought, until "Done" (LatentUM, VSP section).
 
-Rows advance in lockstep, one move per step. Each step samples the move from the planning alphabet
-{L, D, R, U, Done} (the grammar the model is trained on), then the model imagines the next board as latent
-tokens and reads it back through the understanding branch. After a thought the model may instead say "hole" (``vsp.FELL``): the move
-and its thought go to ``Plan.retracted`` and the model chooses again from the board before, never the same
-move twice at one board (``vsp.retry_plan_sample`` teaches this). Before a move the model may look: a look
-word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.looks``. With ``heed_looks``
-the move is then chosen among those whose cell the look did not name a hole or the edge (when the look
-leaves any), and a plan ends right after a move into the cell its look named the goal, and only then: the
-model is held to what it just said it sees, not to the true map. With ``avoid_revisits`` the
-move is also kept off the cells the plan already stood on (while a move to a new cell is left): a shortest
-path never comes back, and plans that fail mostly pace back and forth. Greedy thoughts are
-drafted (``draft_thoughts``; ``Decoder.generate_latent``): the same thoughts, checked several tokens per
-forward against a guess, the board before with the two cells the move changes redrawn from what the run has
-seen (``_Drafts``). ``plan_rows`` batches continuously: maps of every size share ``batch`` decoder rows, and
-when a plan ends its row restarts on the next waiting map (``Decoder.replace_rows``); every row decides as it
-would alone, so greedy plans equal their batch-1 plans. ``imagine_rows`` follows given moves
-instead of choosing them (looks and thoughts as above; safety with visual thoughts). ``thoughts`` picks the
-variant evaluated side by side:
-"latent" (ours), "pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
+Rows advance in lockstep, one move per step. Each step samples the move from the planning alphabet {L, D, R,
+U, Done} (the grammar the model is trained on), then the model imagines the next board as latent tokens and
+reads it back through the understanding branch. After a thought the model may instead say "hole"
+(``vsp.FELL``): the move and its thought go to ``Plan.retracted`` and the model chooses again from the board
+before, never the same move twice at one board (``vsp.retry_plan_sample`` teaches this). Before a move the
+model may look: a look word makes it say 4 (``vsp.look_plan_sample``), then a move; they go to ``Plan.looks``.
+With ``heed_looks`` the move is then chosen among those whose cell the look did not name a hole or the edge
+(when the look leaves any), and a plan ends right after a move into the cell its look named the goal, and only
+then: the model is held to what it just said it sees, not to the true map. With ``avoid_revisits`` the move is
+also kept off the cells the plan already stood on (while a move to a new cell is left): a shortest path never
+comes back, and plans that fail mostly pace back and forth. Greedy thoughts are drafted (``draft_thoughts``;
+``Decoder.generate_latent``): the same thoughts, checked several tokens per forward against a guess, the board
+before with the two cells the move changes redrawn from what the run has seen (``_Drafts``). ``plan_rows``
+batches continuously: maps of every size share ``batch`` decoder rows, and when a plan ends its row restarts
+on the next waiting map (``Decoder.replace_rows``); every row decides as it would alone, so greedy plans equal
+their batch-1 plans. ``imagine_rows`` follows given moves instead of choosing them (looks and thoughts as
+above; safety with visual thoughts). ``thoughts`` picks the variant evaluated side by side: "latent" (ours),
+"pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
 
 The public entry points that take a ``LatentUM`` and map images (``plan``, ``imagine``...) are in
 ``latentum.apps.vsp.entry``; this module holds the loops under them.
