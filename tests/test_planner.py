@@ -403,3 +403,11 @@ def test_goal_named_reads_the_look_in_the_last_moves_direction():
     assert goal_named(Plan(actions=["R"], looks=["F H G Edge"])) is True  # right of the player: G
     assert goal_named(Plan(actions=["D"], looks=["F H G Edge"])) is False
     assert goal_named(Plan(actions=["D"], looks=[None])) is None and goal_named(Plan()) is False
+
+
+@torch.no_grad()
+def test_a_model_loaded_in_bf16_reads_its_maps_and_plans(untrained_model):
+    """``from_pretrained(dtype=torch.bfloat16)``: the map pixels are read in the encoder's own dtype."""
+    api = LatentUM.from_pretrained(untrained_model, dtype=torch.bfloat16)
+    plan = entry.plan(api, fl.render(_maps(1)[0]), max_steps=2, heed_looks=False)
+    assert len(plan.thoughts) == len(plan.actions) and all(t.ids.dtype == torch.long for t in plan.thoughts)

@@ -52,7 +52,8 @@ class LatentUMModel(nn.Module):
     # --- images -----------------------------------------------------------------------------------------
     def image_features(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (I, H, W, 3) canvases -> encoder features (I, N, F)."""
-        return self.encoder(self.encoder.preprocess(pixels).to(self.device))
+        dtype = next(self.encoder.parameters()).dtype  # a model loaded in bf16 reads its pixels in bf16
+        return self.encoder(self.encoder.preprocess(pixels).to(self.device, dtype))
 
     def canvas_positions(self) -> torch.Tensor:
         """(C, D): every canvas cell's own 2-D position embedding, in raster order."""
