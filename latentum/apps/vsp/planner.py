@@ -259,8 +259,8 @@ class _Run:
             ids[at] = shown
             self.dec.feed_latents(ids.to(dev), rows=going)
         else:
-            draft = _padded([self.drafts.guess(r, self.player_cell(r, -1), self.player_cell(r)) for r in rs]) \
-                if self.drafting else None
+            draft = _padded([self.drafts.guess(r, self.player_cell(r, -1), self.player_cell(r),
+                                               self.plans[r].actions[-1]) for r in rs]) if self.drafting else None
             reread = functools.partial(self.pixel, rows=rs) if self.thoughts == "pixel" else None
             ids = self.dec.think(self.params, self.generator, reread=reread, grid=grids, draft=draft,
                                  rows=going).cpu()
@@ -269,7 +269,7 @@ class _Run:
             x = ids[b, :g * g]
             self.plans[r].thoughts.append(LatentImage(x))
             if self.drafting:
-                self.drafts.saw(r, x, self.player_cell(r, -1), self.player_cell(r))
+                self.drafts.saw(r, x, self.player_cell(r, -1), self.player_cell(r), self.plans[r].actions[-1])
 
     def player_cell(self, r: int, moves: int | None = None) -> int | None:
         """The raster index of the player's cell after the first ``moves`` kept moves of plan ``r`` (default
@@ -303,14 +303,15 @@ class _Drafts:
     """Guesses at each plan's next thought, learned as a run goes. A guess is checked token by token
     (``Decoder.generate_latent(draft=...)``), so it changes the speed, never the thought. It is the board before,
     with the player's cell and the cell it left redrawn from what the run has seen: each cell's latest code
-    with nobody on it, the code "the player on a cell that looked like this" took, and the code the player's
-    first cell took once left (the player starts on it, so it was never seen empty)."""
+    with nobody on it, the code "the player, after this move, on a cell that looked like this" took (the
+    player faces its last move), and the code the player's first cell took once left (the player starts on
+    it, so it was never seen empty)."""
 
     def __init__(self):
         self.board: dict[int, torch.Tensor] = {}  # plan -> (N, G) its latest board
         self.ground: dict[int, torch.Tensor] = {}  # plan -> (N, G) each cell's latest code with nobody on it
         self.known: dict[int, torch.Tensor] = {}  # plan -> (N,) bool: the cell was seen empty
-        self.standing: dict[tuple, torch.Tensor] = {}  # an empty cell's code -> its code with the player on it
+        self.standing: dict[tuple, torch.Tensor] = {}  # (move, an empty cell's code) -> the player on it
         self.left: dict[tuple, torch.Tensor] = {}  # the player's first cell's code -> its code once left
 
     def begin(self, r: int, codes: torch.Tensor, at: int | None) -> None:
@@ -323,22 +324,23 @@ class _Drafts:
         """A move was taken back: the next thought starts from ``board`` again."""
         self.board[r] = board
 
-    def guess(self, r: int, old: int | None, new: int | None) -> torch.Tensor:
-        """(N, G): plan ``r``'s next thought after a move from cell ``old`` to ``new`` (None: not known)."""
+    def guess(self, r: int, old: int | None, new: int | None, move: str) -> torch.Tensor:
+        """(N, G): plan ``r``'s next thought after ``move`` from cell ``old`` to ``new`` (None: not known)."""
         board = self.board[r]
-        if old is None or old == new:
+        if old is None:
             return board
         ground, known, guess = self.ground[r], self.known[r], board.clone()
-        guess[new] = self.standing.get(_key(ground[new]), board[old]) if known[new] else board[old]
-        guess[old] = ground[old] if known[old] else self.left.get(_key(board[old]), board[old])
+        if old != new:
+            guess[old] = ground[old] if known[old] else self.left.get(_key(board[old]), board[old])
+        guess[new] = self.standing.get((move, *_key(ground[new])), board[old]) if known[new] else board[old]
         return guess
 
-    def saw(self, r: int, ids: torch.Tensor, old: int | None, new: int | None) -> None:
-        """Plan ``r`` thought ``ids`` (N, G) after a move from ``old`` to ``new``."""
-        if old is not None and old != new:
-            if self.known[r][new]:
-                self.standing[_key(self.ground[r][new])] = ids[new]
-            if not self.known[r][old]:
+    def saw(self, r: int, ids: torch.Tensor, old: int | None, new: int | None, move: str) -> None:
+        """Plan ``r`` thought ``ids`` (N, G) after ``move`` from ``old`` to ``new``."""
+        if old is not None:
+            if self.known[r][new]:  # the player faces its move: the move is part of the key
+                self.standing[(move, *_key(self.ground[r][new]))] = ids[new]
+            if old != new and not self.known[r][old]:
                 self.left[_key(self.board[r][old])] = ids[old]
         if new is not None:
             under, seen = self.ground[r][new].clone(), bool(self.known[r][new])
