@@ -47,31 +47,46 @@ class BackboneOutput(NamedTuple):
 
 
 class Route(NamedTuple):
-    """Flat row indices (into the B*T rows) of the tokens each branch processes."""
+    """Which branch takes each of the N = B * T token rows. The layers keep the residual stream sorted by branch
+    (the understanding rows first, then the generation rows, each in their order), so each branch runs on one
+    slice; attention, which mixes tokens in sequence order, unsorts its input and sorts its output: two
+    gathers per layer, however the tokens interleave."""
 
-    und: Tensor
-    gen: Tensor
+    order: Tensor | None
+    """(N,) the sequence row at each sorted place, or None when one branch takes every row (no sorting)."""
+    inverse: Tensor | None
+    """(N,) the sorted place of each sequence row."""
+    und_rows: int
+    """Rows on the understanding branch (the first ``und_rows`` sorted rows)."""
+    shape: tuple[int, int]
+    """(B, T)."""
 
     @classmethod
     def from_mask(cls, gen_mask: Tensor) -> Route:
         flat = gen_mask.reshape(-1)  # (N,)
-        return cls(und=(~flat).nonzero().squeeze(1), gen=flat.nonzero().squeeze(1))
+        gen = int(flat.sum())
+        if gen in (0, flat.numel()):
+            return cls(None, None, flat.numel() - gen, tuple(gen_mask.shape))
+        order = torch.cat([(~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)])
+        return cls(order, torch.argsort(order), flat.numel() - gen, tuple(gen_mask.shape))
+
+    def sort(self, x_ND: Tensor) -> Tensor:
+        """Sequence-order rows (N, ...) -> branch-sorted rows."""
+        return x_ND if self.order is None else x_ND.index_select(0, self.order)
+
+    def unsort(self, x_ND: Tensor) -> Tensor:
+        """Branch-sorted rows (N, ...) -> sequence order."""
+        return x_ND if self.inverse is None else x_ND.index_select(0, self.inverse)
+
+    def apply(self, x_ND: Tensor, fns: tuple[RowFn, RowFn]) -> Tensor:
+        """``fns[i]`` on branch i's rows of the sorted ``x_ND`` (N, D) -> (N, out), still sorted."""
+        n = self.und_rows
+        if self.order is None:
+            return fns[0 if n else 1](x_ND)
+        return torch.cat([fns[0](x_ND[:n]), fns[1](x_ND[n:])])
 
 
 RowFn = Callable[[Tensor], Tensor]
-
-
-def routed(x_ND: Tensor, route: Route, fns: tuple[RowFn, RowFn]) -> Tensor:
-    """Apply ``fns[i]`` to the rows of branch i only (gather), and scatter the results back into place.
-    When one branch takes every row (always, while decoding) it runs on ``x_ND`` directly."""
-    for idx, fn in zip(route, fns):
-        if idx.numel() == x_ND.shape[0]:
-            return fn(x_ND)
-    outs = [(idx, fn(x_ND.index_select(0, idx))) for idx, fn in zip(route, fns) if idx.numel()]
-    out = outs[0][1].new_zeros(x_ND.shape[0], outs[0][1].shape[1])  # (N, out)
-    for idx, y in outs:
-        out = out.index_copy(0, idx, y.to(out.dtype))
-    return out
 
 
 class RMSNorm(nn.Module):
@@ -232,12 +247,12 @@ class MoMELayer(nn.Module):
     def forward(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], mask: AttendMask,
                 kv: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
                 spans: AttentionSpans | None) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, D) -> (B, T, D) and the AIA span mass (B,) when ``spans`` is given."""
-        B, T, D = x.shape
+        """x (N, D), the residual rows sorted by branch (``Route``) -> (N, D) sorted alike, and the AIA span mass
+        (B,) when ``spans`` is given."""
+        B, T = route.shape
         und, gen = self.branches
         H, K, d = self.heads, self.kv_heads, self.head_dim
-        h = self.input_norm(x).view(B * T, D)  # (N, D)
-        qkv = routed(h, route, (und.qkv, gen.qkv))  # (N, (H + 2K) * d)
+        qkv = route.unsort(route.apply(self.input_norm(x), (und.qkv, gen.qkv)))  # (N, (H + 2K) * d)
         qkv = qkv.view(B, T, H + 2 * K, d).transpose(1, 2)  # (B, H + 2K, T, d)
         qk, v = qkv.split([H + K, K], dim=1)  # (B, H + K, T, d), (B, K, T, d)
         q, k = apply_rope(qk, *rope).split([H, K], dim=1)  # (B, H, T, d), (B, K, T, d)
@@ -246,11 +261,9 @@ class MoMELayer(nn.Module):
         mass = None
         if spans is not None:
             mass = span_attention_mass(q, k_all, mask.allowed, spans.query, spans.key)  # (B,)
-        y = y.transpose(1, 2).reshape(B * T, H * d)  # (N, H * d)
-        x = x + routed(y, route, (und.o_proj, gen.o_proj)).view(B, T, D)
-        h = self.post_attn_norm(x).view(B * T, D)
-        x = x + routed(h, route, (und.ffn, gen.ffn)).view(B, T, D)
-        return x, mass
+        y = route.sort(y.transpose(1, 2).reshape(B * T, H * d))  # (N, H * d)
+        x = x + route.apply(y, (und.o_proj, gen.o_proj))
+        return x + route.apply(self.post_attn_norm(x), (und.ffn, gen.ffn)), mass
 
 
 class Fused(NamedTuple):
@@ -482,6 +495,7 @@ class MoMEBackbone(nn.Module):
                 attn_mask = (torch.arange(S, device=x.device)[None, :] <= q_pos[:, None])[None]  # (1, T, S)
             mask = AttendMask.from_allowed(attn_mask & valid_all[:, None, :])  # allowed (B, T, S)
         masses = []
+        x = route.sort(x.reshape(B * T, -1))  # (N, D), sorted by branch through every layer
         for i, layer in enumerate(self.layers):
             if cache is None:
                 kv = lambda k, v: (k, v)
@@ -490,7 +504,7 @@ class MoMEBackbone(nn.Module):
             x, mass = layer(x, route, rope, mask, kv, spans)
             masses.append(mass)
         attn_mass = torch.stack(masses) if spans is not None else None  # (L, B)
-        return BackboneOutput(hidden=self.norm(x), attn_mass=attn_mass)
+        return BackboneOutput(hidden=self.norm(route.unsort(x).view(B, T, -1)), attn_mass=attn_mass)
 
     def _check_inputs(self, x: Tensor, gen_mask: Tensor, positions: Tensor, attn_mask: Tensor | None,
                       cache: KVCache | None, key_valid: Tensor | None, spans: AttentionSpans | None,
