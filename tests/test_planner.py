@@ -152,8 +152,10 @@ def test_a_model_that_looks_says_four_words_before_every_move(api, monkeypatch):
     monkeypatch.setattr(Decoder, "feed_ids", feed_ids)
     images = [fl.render(m) for m in _maps(3)]
     batch = entry.plan_batch(api, images, max_steps=3, heed_looks=False)  # its looks may name the goal: no early end
-    for b, s in zip(batch, [entry.plan(api, im, max_steps=3, heed_looks=False) for im in images]):
+    one_by_one = entry.plan_batch(api, images, max_steps=3, heed_looks=False, draft_thoughts=False)  # no guesses
+    for b, s, w in zip(batch, [entry.plan(api, im, max_steps=3, heed_looks=False) for im in images], one_by_one):
         assert len(b.actions) == len(b.looks) == 3 and b.actions == s.actions and b.looks == s.looks
+        assert (w.actions, w.looks) == (b.actions, b.looks)  # words checked against a guess: the same words
         assert all(look.split()[0] == "F" and len(look.split()) == 4 for look in b.looks)
         assert all(set(look.split()) <= {"F", "H", "G", "S", "Edge"} for look in b.looks)
 

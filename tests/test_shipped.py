@@ -132,8 +132,9 @@ def test_continuous_batching_plans_every_map_as_it_would_alone(api, style):
 
 @pytest.mark.parametrize("style", ["gymnasium", "classic"])
 def test_drafted_thoughts_equal_token_by_token_thoughts(api, style):
-    """Drafting each greedy thought from the board before it changes the speed, not the plan: the same moves,
-    looks and thought codes as one image token per forward, on fixed maps of three sizes, batched and alone."""
+    """Drafting each greedy thought (and checking each look against a guess) changes the speed, not the plan:
+    the same moves, looks and thought codes as one token per forward, on fixed maps of three sizes, batched and
+    alone."""
     maps = [m for level in (4, 6, 8) for m in eval_maps(level, 2, seed=7)]
     images = [fl.render(m, style=style) for m in maps]
     for batch in (images, images[-1:]):

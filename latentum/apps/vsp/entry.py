@@ -51,8 +51,8 @@ def plan_batch(api: LatentUM, images: list, *, max_steps: int | None = None, see
     """Plan several maps, ``batch`` at a time: when a plan ends, the next map takes its place (continuous
     batching; greedy plans equal their one-at-a-time plans). ``thoughts``: "latent" (ours), "pixel" (each
     thought rendered and re-encoded before it is read) or "none" (text only). ``draft_thoughts``: check each
-    greedy thought against a guess drawn from the board before it, several tokens per forward (the same
-    thoughts, a few times faster)."""
+    greedy thought against a guess drawn from the board before it, and each look against the map's own
+    surroundings, several tokens per forward (the same plans, faster)."""
     canvases = _boards(api, images)
     sizes = {active_grid(c, api.config.encoder.grid) for c in canvases}
     _check_max_steps(api, max_steps, max(sizes) if sizes else 1)

@@ -36,10 +36,10 @@ from PIL import Image
 
 from latentum.data.canvas import active_grid, active_index
 from latentum.generation.engine import PAD_CODE
-from latentum.types import LatentImage, SamplingParams
-from latentum.worlds.frozenlake.lake import ACTIONS, displace
+from latentum.types import GREEDY, LatentImage, SamplingParams
+from latentum.worlds.frozenlake.lake import ACTIONS, LakeMap, displace
 from latentum.worlds.frozenlake.oracle import read_canvas
-from latentum.worlds.frozenlake.tasks import DONE, EDGE, FELL, PLAN_PROMPT, TEXT_PLAN_PROMPT
+from latentum.worlds.frozenlake.tasks import DONE, EDGE, FELL, PLAN_PROMPT, TEXT_PLAN_PROMPT, neighbour_words
 
 THOUGHT_MODES = ("latent", "pixel", "none")
 LOOK_ORDER = ACTIONS
@@ -108,6 +108,7 @@ class _Run:
         self.grids = [active_grid(c, api.config.encoder.grid) for c in canvases]
         self.budget = [STEPS_PER_SIDE * g if max_steps is None else max_steps for g in self.grids]
         self.drafting = draft_thoughts and params.temperature == 0 and thoughts != "none" and oracle is None
+        self.guessing = draft_thoughts and params.temperature == 0  # looks are checked against guesses too
         n = len(canvases)
         self.plans = [Plan() for _ in range(n)]
         self.banned: list[set[int]] = [set() for _ in range(n)]  # moves taken back at each plan's current board
@@ -116,6 +117,7 @@ class _Run:
         self.styles: list[str | None] = [None] * n
         self.origin: list[tuple[int, int] | None] = [None] * n  # where the player starts, if the map shows it
         self.drafts = _Drafts()
+        self.lakes: list[LakeMap | None] = [None] * n  # the map as the pixel oracle reads it: guesses at looks
         self.dec = None
         self.rows = torch.zeros(0, dtype=torch.long)
 
@@ -150,14 +152,16 @@ class _Run:
         else:
             self.dec.replace_rows(torch.tensor(slots), prompts)
             self.rows[slots] = torch.tensor(idx, dtype=torch.long)
+        for i in idx:  # what the pixel oracle reads: the pixel baseline's look, guesses at thoughts and looks
+            state = _read(self.canvases[i], self.grids[i]) if self.guessing or self.thoughts == "pixel" else None
+            self.styles[i] = state.style if state is not None else None
+            self.origin[i] = state.player if state is not None else None
+            self.lakes[i] = _lake(state, self.grids[i])
         if self.drafting or self.thoughts == "pixel":
             for g in sorted({self.grids[i] for i in idx}):
                 same = [i for i in idx if self.grids[i] == g]
                 for i, codes in zip(same, _board_codes(self.api, [self.canvases[i] for i in same], g)):
                     self.start[i] = codes
-                    state = _read(self.canvases[i], g)
-                    self.styles[i] = state.style if state is not None else None
-                    self.origin[i] = state.player if state is not None else None
                     if self.drafting:
                         self.drafts.begin(i, codes, self.player_cell(i))
 
@@ -212,7 +216,8 @@ class _Run:
         if fell.any():
             nxt[fell] = self.take_back(fell, nxt)
         nxt, looks = _look_then_move(dec, nxt, self.look_ids, self.moves_left(rs, []), params, generator,
-                                     self.move_ids, heed=self.heed_looks, fresh=self.fresh_of(rs))
+                                     self.move_ids, heed=self.heed_looks, fresh=self.fresh_of(rs),
+                                     guess=self.look_guess(rs) if self.guessing else None)
         for r, t, look in zip(rs, nxt.tolist(), looks):
             self.taken[r] += 1
             if t == self.done_id:
@@ -271,16 +276,35 @@ class _Run:
             if self.drafting:
                 self.drafts.saw(r, x, self.player_cell(r, -1), self.player_cell(r), self.plans[r].actions[-1])
 
-    def player_cell(self, r: int, moves: int | None = None) -> int | None:
-        """The raster index of the player's cell after the first ``moves`` kept moves of plan ``r`` (default
-        all), counted from where the map shows it (a move off the grid stays put); None if the map shows none."""
+    def player_at(self, r: int, moves: int | None = None) -> tuple[int, int] | None:
+        """The player's cell after the first ``moves`` kept moves of plan ``r`` (default all), counted from where
+        the map shows it (a move off the grid stays put); None if the map shows none."""
         if self.origin[r] is None:
             return None
         g, (row, col) = self.grids[r], self.origin[r]
         for a in self.plans[r].actions[:moves]:
             nr, nc = displace((row, col), a)
             row, col = (nr, nc) if 0 <= nr < g and 0 <= nc < g else (row, col)
-        return row * g + col
+        return row, col
+
+    def player_cell(self, r: int, moves: int | None = None) -> int | None:
+        """``player_at`` as a raster index."""
+        at = self.player_at(r, moves)
+        return None if at is None else at[0] * self.grids[r] + at[1]
+
+    def look_guess(self, rs: list[int]) -> torch.Tensor:
+        """(len(rs), 3): a guess at words 2-4 of each plan's look, what the map read from its pixels has around
+        the player (-1: no guess). The model's own words are checked against it; only the speed depends on it."""
+        out = torch.full((len(rs), len(LOOK_ORDER) - 1), -1, dtype=torch.long)
+        tok = self.api.tokenizer
+        for i, r in enumerate(rs):
+            lake, at = self.lakes[r], self.player_at(r)
+            if lake is None or at is None:
+                continue
+            ids = [tok.token_to_id(w) for w in neighbour_words(lake, at).split()[1:]]
+            if None not in ids:
+                out[i] = torch.tensor(ids)
+        return out
 
     def pixel(self, ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """ids (B, N, G) of the plans ``rows`` -> pixel decoder -> canvas -> vision encoder -> MBAQ ids: the
@@ -451,33 +475,79 @@ def _imagine_group(api, canvases, actions, g: int, params: SamplingParams, gener
 
 
 def _look_then_move(dec, nxt: torch.Tensor, look_ids: list[int], moves: torch.Tensor, params, generator,
-                    move_ids: list[int], heed: bool = False, fresh: torch.Tensor | None = None):
+                    move_ids: list[int], heed: bool = False, fresh: torch.Tensor | None = None,
+                    guess: torch.Tensor | None = None):
     """Rows whose first token ``nxt`` (B,) is a look word say the rest of their look (4 words in all), then
     choose a move from ``moves`` (B, V) bool; with ``heed``, not one into a cell the look named a hazard
     (``move_ids`` are in ``LOOK_ORDER``), unless that rules out every move; then, with ``fresh`` (B, V) bool,
-    not a move back to a cell the plan already stood on, unless that rules out every move left. Returns the
-    chosen tokens (B,) and each row's look (or None)."""
+    not a move back to a cell the plan already stood on, unless that rules out every move left. ``guess``
+    (B, 3) (greedy only): a guess at each row's words 2-4, checked in one forward (``_checked_look``; -1: no
+    guess). Returns the chosen tokens (B,) and each row's look (or None)."""
     looking = torch.isin(nxt, torch.tensor(look_ids, dtype=nxt.dtype))
     if not looking.any():
         return nxt, [None] * len(nxt)
     idx = torch.nonzero(looking).flatten()
-    words = [nxt[idx]]
-    _feed_some(dec, looking, nxt)
-    for _ in range(len(LOOK_ORDER) - 1):
-        w = dec.sample_text(params, generator, allowed=look_ids, rows=idx).cpu()
-        words.append(w)
-        _feed_some(dec, looking, torch.zeros_like(nxt).index_put((idx,), w))
-    said = torch.stack(words, dim=1)  # (n, 4)
-    allowed = _heeding(moves[idx], said, move_ids, dec.tok) if heed else moves[idx]
+    n, W = len(idx), len(LOOK_ORDER)
+    words = torch.zeros(n, W, dtype=torch.long)
+    words[:, 0] = nxt[idx]
+    fed = torch.zeros(n, dtype=torch.long)  # per looking row: its words fed so far (the next one is decided)
+    if guess is not None and params.temperature == 0 and bool((guess[idx] >= 0).all()):
+        fed = _checked_look(dec, looking, words, guess[idx], look_ids)
+    for k in range(W):  # feed each decided word, then choose the next one (its first word is decided)
+        now = fed == k
+        if not now.any():
+            continue
+        which = torch.zeros_like(looking)
+        which[idx[now]] = True
+        _feed_some(dec, which, torch.zeros_like(nxt).index_put((idx[now],), words[now, k]))
+        fed[now] = k + 1
+        if k + 1 < W:
+            words[now, k + 1] = dec.sample_text(params, generator, allowed=look_ids, rows=idx[now]).cpu()
+    allowed = _heeding(moves[idx], words, move_ids, dec.tok) if heed else moves[idx]
     if fresh is not None:
         allowed = _prefer(allowed, fresh[idx], move_ids)
     nxt = nxt.clone()
     nxt[idx] = dec.sample_text(params, generator, allowed=allowed, rows=idx).cpu()
-    said = said.tolist()
     looks: list[str | None] = [None] * len(nxt)
-    for i, ids in zip(idx.tolist(), said):
+    for i, ids in zip(idx.tolist(), words.tolist()):
         looks[i] = " ".join(dec.tok.decode([t]) for t in ids)
     return nxt, looks
+
+
+def _checked_look(dec, looking: torch.Tensor, words: torch.Tensor, guess: torch.Tensor,
+                  look_ids: list[int]) -> torch.Tensor:
+    """Feed each looking row's first word ``words[:, 0]`` (n,) and its guessed words 2-4 ``guess`` (n, 3) in
+    one forward. A row keeps its guesses while each is the greedy look word after the words before it; the
+    first that is not is replaced by that word (decided, not fed), and the keys of the rest are forgotten, so
+    every row goes on as if it had said its words one per forward. Fills ``words`` with the decided words and
+    returns how many of them each row has fed (1-4)."""
+    idx = torch.nonzero(looking).flatten()
+    B, n = looking.numel(), len(idx)
+    ids = torch.zeros(B, 1 + guess.size(1), dtype=torch.long)
+    ids[idx] = torch.cat([words[:, :1], guess], dim=1)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    valid[idx] = True
+    dev = dec.next_pos.device
+    mark, pos, last = dec.cache.length, dec.next_pos.clone(), dec.last
+    hidden = dec.feed_ids(ids, valid=valid.to(dev))  # (B, 4, D)
+    pred = []  # the greedy look word after each fed one, as ``sample_text`` would choose it there
+    for j in range(ids.size(1)):
+        dec.last = hidden[:, j]
+        pred.append(dec.sample_text(GREEDY, allowed=look_ids, rows=idx).cpu())
+    pred = torch.stack(pred, dim=1)  # (n, 4)
+    hidden = hidden[idx.to(dev)]
+    held = (pred[:, :-1] == guess).long().cumprod(1)  # (n, 3)
+    a = held.sum(1)  # guesses each row keeps
+    for j in range(guess.size(1)):
+        words[:, j + 1] = torch.where(held[:, j].bool(), guess[:, j], pred[:, j])
+    kept = torch.zeros(B, dtype=torch.long)
+    kept[idx] = 1 + a
+    dec.cache.truncate_rows(mark, kept.to(dec.cache.device))
+    dec.next_pos = pos + kept.to(dev)
+    last = last.clone()
+    last[idx.to(last.device)] = hidden[torch.arange(n), a.to(dev)]
+    dec.last = last
+    return 1 + a
 
 
 def _heeding(moves: torch.Tensor, said: torch.Tensor, move_ids: list[int], tok) -> torch.Tensor:
@@ -524,6 +594,16 @@ def _feed_some(dec, which: torch.Tensor, ids: torch.Tensor) -> None:
     last = dec.last
     dec.feed_ids(ids.view(-1, 1).to(torch.long), valid=which[:, None].to(dec.next_pos.device))
     dec.last = torch.where(which[:, None].to(last.device), dec.last, last)
+
+
+def _lake(state, g: int) -> LakeMap | None:
+    """The map a ``LakeState`` shows (its player where the plan starts), or None if it shows no player or goal."""
+    if state is None or state.player is None or state.goal is None or g < 2:
+        return None
+    try:
+        return LakeMap(g, frozenset(state.holes), state.player, state.goal)
+    except (ValueError, TypeError):
+        return None
 
 
 def _read(canvas: np.ndarray, g: int):
