@@ -89,6 +89,10 @@ def test_continuous_batches_of_mixed_sizes_equal_single_rows(api, monkeypatch, b
     assert sum(len(p.retracted) for p in together) > 0 and (batch > 2 or replaced)
 
 
+def test_no_maps_make_no_plans(api):
+    assert entry.plan_batch(api, []) == []
+
+
 def test_a_bad_batch_is_refused(api):
     with pytest.raises(ValueError, match="batch must be"):
         entry.plan_batch(api, [fl.render(_maps(1)[0])], batch=0)

@@ -122,6 +122,8 @@ class _Run:
         self.rows = torch.zeros(0, dtype=torch.long)
 
     def plan_all(self, batch: int) -> list[Plan]:
+        if not self.canvases:
+            return []
         t0 = time.perf_counter()
         queue = sorted(range(len(self.canvases)), key=lambda i: -self.grids[i])
         self.admit(queue[:batch])
