@@ -89,6 +89,50 @@ def test_continuous_batches_of_mixed_sizes_equal_single_rows(api, monkeypatch, b
     assert sum(len(p.retracted) for p in together) > 0 and (batch > 2 or replaced)
 
 
+@torch.no_grad()
+def test_a_row_that_is_done_at_once_sits_out_the_step_of_the_others(api, monkeypatch):
+    """Greedy plans, drafted: one row says "Done" before any move while the others move and think."""
+    tok = api.tokenizer
+    done, looks = tok.token_to_id("Done"), [tok.token_to_id(w) for w in ("F", "H", "G", "S", "Edge", FELL)]
+    real = Decoder.text_logits
+
+    def text_logits(self):  # row 0 of the first decoder step says Done, every other choice is a move
+        logits = real(self)
+        logits[:, looks] = -1e9
+        first = not getattr(self, "_spoke", False)
+        self._spoke = True
+        logits[:, done] = -1e9
+        if first and self.batch > 1:
+            logits[0, done] = logits.max() + 1.0
+        return logits
+
+    monkeypatch.setattr(Decoder, "text_logits", text_logits)
+    plans = entry.plan_batch(api, [fl.render(m) for m in _maps(3)], max_steps=2, heed_looks=False)
+    assert (plans[0].actions, plans[0].done) == ([], True)
+    assert all(len(p.actions) == 2 and len(p.thoughts) == 2 for p in plans[1:])
+
+
+@torch.no_grad()
+def test_plans_that_each_fill_most_of_the_context_still_fit_when_batched(api, monkeypatch):
+    """Rows that end free their keys before new maps come in, and the cache is compacted when a step would
+    not fit: plans that fit alone fit in a batch whose rows restart many times."""
+    tok = api.tokenizer
+    banned = [tok.token_to_id("Done"), tok.token_to_id(FELL)]
+    real = Decoder.text_logits
+
+    def text_logits(self):
+        logits = real(self)
+        logits[:, banned] = -1e9
+        return logits
+
+    monkeypatch.setattr(Decoder, "text_logits", text_logits)
+    images = [fl.render(m) for m in _maps(3, size=8)]
+    steps = (api.config.backbone.max_seq_len - 200) // (64 + 2 + 6)  # one plan takes most of the context
+    together = entry.plan_batch(api, images, max_steps=steps, heed_looks=False, batch=2)
+    alone = entry.plan(api, images[2], max_steps=steps, heed_looks=False)
+    assert [len(p.actions) for p in together] == [steps] * 3 and together[2].actions == alone.actions
+
+
 def test_no_maps_make_no_plans(api):
     assert entry.plan_batch(api, []) == []
 

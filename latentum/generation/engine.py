@@ -98,8 +98,11 @@ class Decoder:
         image may be shorter (its tokens followed by ``PAD_CODE``, as rows of several grids come out of
         ``generate_latent``): it is left-padded so that every row ends on its ``</img>``. ``rows`` (B,) bool:
         only these rows read theirs (the others' tokens are masked out and take no position)."""
-        B, N, _ = ids.shape
         n = (ids[..., 0] != PAD_CODE).sum(1).cpu()  # (B,)
+        if rows is not None:
+            n = n * rows.cpu()
+        ids = ids[:, :max(1, int(n.max()))]  # the longest image read
+        B, N, _ = ids.shape
         pad = N - n
         shift = (torch.arange(N)[None] - pad[:, None]) % N  # slot j of row b shows its token j - pad_b
         ids = ids.gather(1, shift[..., None].expand(-1, -1, ids.size(2)).to(ids.device))
@@ -215,13 +218,11 @@ class Decoder:
         ``grid``: the image's active grid (default the whole canvas), or one per row: rows of one batch may
         imagine images of different sizes, and then row b's ids are its first g_b * g_b tokens, followed by
         ``PAD_CODE``. With ``uncond`` (a decoder over prompt-dropped rows), codes use classifier-free guidance.
-        With ``draft`` (B, N, G) (greedy only, no guidance; ``PAD_CODE`` past a row's image) each row checks up
+        With ``draft`` (B, >= N, G) (greedy only, no guidance; ``PAD_CODE`` past a row's image) each row checks up
         to ``window`` drafted tokens (default all) per forward (``_drafted``). ``rows`` (B,) bool: only these rows
         take an image (the others feed nothing and get ``PAD_CODE``)."""
-        n, cells, offsets = self._image_layout(grid)  # (B,), (B, N), (B, N, 2)
+        n, cells, offsets = self._image_layout(grid, rows)  # (B,), (B, N), (B, N, 2)
         N, B = cells.size(1), self.batch
-        if rows is not None:
-            n = n * rows.to(n.device)
         # Every gen input carries the cell it predicts: <img> the first, token i the (i+1)-th.
         start = self._token_embeddings([self.tok.img_start_id], B)[0] + self.model.cell_pos(cells[:, :1])
         h = self.feed(start, gen=True, valid=None if rows is None else rows.to(start.device)[:, None])[:, -1]
@@ -229,9 +230,10 @@ class Decoder:
             if params.temperature != 0 or uncond is not None:
                 raise ValueError("draft: a drafted image is only exact for greedy decoding (temperature 0) "
                                  "without guidance")
-            if draft.shape != (B, N, self.model.head.codebooks):
-                raise ValueError(f"draft must be ({B}, {N}, {self.model.head.codebooks}), got {tuple(draft.shape)}")
-            return self._drafted(h, draft.to(h.device), n, cells, offsets, window or N)
+            G = self.model.head.codebooks
+            if draft.dim() != 3 or draft.shape[0] != B or draft.shape[1] < N or draft.shape[2] != G:
+                raise ValueError(f"draft must be ({B}, {N}, {G}) (or wider), got {tuple(draft.shape)}")
+            return self._drafted(h, draft[:, :N].to(h.device), n, cells, offsets, window or N)
         hu = uncond.feed(start, gen=True, valid=None if rows is None else rows.to(start.device)[:, None])[:, -1] \
             if uncond is not None else None
         out = []
@@ -241,28 +243,30 @@ class Decoder:
             if i == N - 1:
                 break
             emb = self.model.latent_embeddings(ids[:, None], cells[:, i + 1:i + 2])  # (B, 1, D)
-            more = n > i + 1  # (B,): rows whose image goes on
-            valid = None if bool(more.all()) else more[:, None]
+            more = n > i + 1  # (B,): rows whose image goes on (n lives on the CPU: no device sync per token)
+            valid = None if bool(more.all()) else more[:, None].to(h.device)
             h = self.feed(emb, gen=True, offsets=offsets[:, i:i + 1], valid=valid)[:, -1]
             if uncond is not None:
                 hu = uncond.feed(emb, gen=True, offsets=offsets[:, i:i + 1], valid=valid)[:, -1]
         return _pad_images(torch.stack(out, dim=1), n)
 
-    def _image_layout(self, grid: int | list[int] | None):
-        """Per row: image length n (B,), the cell each token sits at (B, N) and its 2-D RoPE offset (B, N, 2),
-        N the longest row's length (shorter rows are padded with cell 0)."""
+    def _image_layout(self, grid: int | list[int] | None, rows: torch.Tensor | None = None):
+        """Per row: image length n (B,) on the CPU (0 for rows left out by ``rows``), the cell each token sits at
+        (B, N) and its 2-D RoPE offset (B, N, 2), N the longest image taken (shorter rows padded with cell 0)."""
         canvas = self.model.cfg.encoder.grid
         grids = [grid or canvas] * self.batch if grid is None or isinstance(grid, int) else list(grid)
         if len(grids) != self.batch or any(not isinstance(g, int) or not 1 <= g <= canvas for g in grids):
             raise ValueError(f"grid must be None, an int in [1, {canvas}] or one such int per row "
                              f"({self.batch}), got {grid!r}")
-        N = max(grids) ** 2
+        taking = [True] * self.batch if rows is None else rows.tolist()
+        N = max([g for g, t in zip(grids, taking) if t], default=1) ** 2
         cells = torch.zeros(self.batch, N, dtype=torch.long)
         offsets = torch.zeros(self.batch, N, 2, dtype=torch.long)
-        for b, g in enumerate(grids):
-            cells[b, :g * g] = torch.tensor(active_index(g, canvas))
-            offsets[b, :g * g] = torch.tensor(rope_offsets(g))
-        n = torch.tensor([g * g for g in grids], device=self.model.device)
+        for b, (g, t) in enumerate(zip(grids, taking)):
+            if t:
+                cells[b, :g * g] = torch.tensor(active_index(g, canvas))
+                offsets[b, :g * g] = torch.tensor(rope_offsets(g))
+        n = torch.tensor([g * g * t for g, t in zip(grids, taking)])
         return n, cells.to(self.model.device), offsets
 
     def _drafted(self, h: torch.Tensor, draft: torch.Tensor, n: torch.Tensor, cells: torch.Tensor,
@@ -336,6 +340,18 @@ class Decoder:
         self.cache.reorder(index)
         self.next_pos = self.next_pos[index]
         self.last = self.last[index]
+        self._tidy()
+
+    def make_room(self, tokens: int) -> None:
+        """Compact the cache if ``tokens`` more would not fit (call it between steps, never inside ``think``:
+        compacting moves keys)."""
+        if self.cache.length + tokens > self.cache.limit:
+            self.cache.compact()
+
+    def _tidy(self) -> None:
+        """Compact once a quarter of the cache is slack before its longest row (``KVCache.slack``)."""
+        if self.cache.slack() > 0.25:
+            self.cache.compact()
 
     def replace_rows(self, index: torch.Tensor, prompts: list[list[Item | LatentImage]]) -> None:
         """Restart rows ``index`` (R,) from ``prompts`` (prefilled as ``prefill`` does) while the other rows are
@@ -347,8 +363,7 @@ class Decoder:
         new.prefill(prompts)
         index = index.to(self.next_pos.device)
         self.cache.put_rows(index, new.cache)
-        if self.cache.slack() > 0.25:
-            self.cache.compact()
+        self._tidy()
         self.next_pos[index] = new.next_pos
         self.last[index] = new.last
 

@@ -131,13 +131,15 @@ class _Run:
         while len(self.rows):
             ended = self.step()
             take, queue = queue[:len(ended)], queue[len(ended):]
-            if take:  # the next waiting maps take the places of plans that ended
-                self.admit(take, ended[:len(take)])
-            if len(ended) > len(take):
+            slots = ended[:len(take)]
+            if len(ended) > len(take):  # more plans ended than maps wait: their rows leave the batch
                 keep = torch.ones(len(self.rows), dtype=torch.bool)
                 keep[ended[len(take):]] = False
+                slots = [s - sum(e < s for e in ended[len(take):]) for s in slots]
                 self.dec.keep_rows(torch.nonzero(keep).flatten().to(self.dec.next_pos.device))
                 self.rows = self.rows[keep]
+            if take:  # the next waiting maps take the places of plans that ended
+                self.admit(take, slots)
         seconds = (time.perf_counter() - t0) / max(1, len(self.canvases))
         for p in self.plans:
             p.seconds = seconds
@@ -206,6 +208,7 @@ class _Run:
         budget); a row that says "Done" sits out the rest of the step."""
         dec, params, generator = self.dec, self.params, self.generator
         rs = self.rows.tolist()
+        dec.make_room(2 * max(self.grids[r] for r in rs) ** 2 + 16)  # a step's look, move, thought and read-back
         first = torch.zeros(len(rs), self.V, dtype=torch.bool)
         first[:, self.move_ids + [self.done_id] + self.look_ids] = True
         if self.can_retract:
@@ -267,7 +270,8 @@ class _Run:
             self.dec.feed_latents(ids.to(dev), rows=going)
         else:
             draft = _padded([self.drafts.guess(r, self.player_cell(r, -1), self.player_cell(r),
-                                               self.plans[r].actions[-1]) for r in rs]) if self.drafting else None
+                                               self.plans[r].actions[-1]) if go else self.drafts.board[r]
+                             for r, go in zip(rs, going.tolist())]) if self.drafting else None
             reread = functools.partial(self.pixel, rows=rs) if self.thoughts == "pixel" else None
             ids = self.dec.think(self.params, self.generator, reread=reread, grid=grids, draft=draft,
                                  rows=going).cpu()
