@@ -284,8 +284,7 @@ class Decoder:
         n = n.cpu()
         pend = None  # (B, G): the decided token i - 1, not yet fed (every row has one after the first forward)
         while bool((i < n).any()):
-            m = (torch.minimum(n - 1, i + window) - i).clamp(min=0)  # drafts each row checks
-            m[i >= n] = 0
+            m = (torch.minimum(n - 1, i + window) - i).clamp(min=0)  # drafts each row checks (0 once done)
             lead = 0 if pend is None else 1
             T = lead + int(m.max())
             k = torch.arange(T)

@@ -183,7 +183,7 @@ class KVCache:
         difference (invalid slots in front): positions live in the keys, not in the slots."""
         if self._pending or other._pending:
             raise RuntimeError("KVCache.put_rows: cannot replace rows while a forward is writing")
-        if (other.depth, *other.k.shape[2:3], other.k.shape[4]) != (self.depth, self.k.shape[2], self.k.shape[4]):
+        if (other.depth, other.k.shape[2], other.k.shape[4]) != (self.depth, self.k.shape[2], self.k.shape[4]):
             raise ValueError(f"KVCache.put_rows: other must have the same depth, kv heads and head dim, got "
                              f"{tuple(other.k.shape)} against {tuple(self.k.shape)}")
         index = index.to(self.device)
@@ -227,13 +227,9 @@ class KVCache:
         n = max(counts, default=0)
         kept = torch.zeros_like(self.key_valid)
         for b, c in enumerate(counts):  # row b's c valid keys, in order, into slots [n - c, n)
-            slots = torch.nonzero(valid[b]).flatten()
-            if c and int(slots[0]) == self.length - c:  # already one run at the end: a shift
-                self.k[:, b, :, n - c:n] = self.k[:, b, :, self.length - c:self.length].clone()
-                self.v[:, b, :, n - c:n] = self.v[:, b, :, self.length - c:self.length].clone()
-            elif c:
-                self.k[:, b, :, n - c:n] = self.k[:, b, :, slots]
-                self.v[:, b, :, n - c:n] = self.v[:, b, :, slots]
+            slots = torch.nonzero(valid[b]).flatten()  # indexing copies them before they are written over
+            self.k[:, b, :, n - c:n] = self.k[:, b, :, slots]
+            self.v[:, b, :, n - c:n] = self.v[:, b, :, slots]
             kept[b, n - c:n] = True
         self.key_valid = kept
         self.length = n

@@ -263,15 +263,16 @@ class _Run:
         rs = self.rows.tolist()
         grids = [self.grids[r] for r in rs]
         dev = self.dec.next_pos.device
+        moved = {b: (self.player_cell(rs[b], -1), self.player_cell(rs[b]), self.plans[rs[b]].actions[-1])
+                 for b in at} if self.drafting else {}  # each thinking row's cells before and after, its move
         if self.oracle is not None:  # the true board is read in place of a thought, and kept as one
             shown = self.oracle([rs[b] for b in at], [self.plans[rs[b]].actions for b in at]).cpu()
             ids = torch.full((len(rs), *shown.shape[1:]), PAD_CODE, dtype=torch.long)
             ids[at] = shown
             self.dec.feed_latents(ids.to(dev), rows=going)
         else:
-            draft = _padded([self.drafts.guess(r, self.player_cell(r, -1), self.player_cell(r),
-                                               self.plans[r].actions[-1]) if go else self.drafts.board[r]
-                             for r, go in zip(rs, going.tolist())]) if self.drafting else None
+            draft = _padded([self.drafts.guess(r, *moved[b]) if b in moved else self.drafts.board[r]
+                             for b, r in enumerate(rs)]) if self.drafting else None
             reread = functools.partial(self.pixel, rows=rs) if self.thoughts == "pixel" else None
             ids = self.dec.think(self.params, self.generator, reread=reread, grid=grids, draft=draft,
                                  rows=going).cpu()
@@ -280,7 +281,7 @@ class _Run:
             x = ids[b, :g * g]
             self.plans[r].thoughts.append(LatentImage(x))
             if self.drafting:
-                self.drafts.saw(r, x, self.player_cell(r, -1), self.player_cell(r), self.plans[r].actions[-1])
+                self.drafts.saw(r, x, *moved[b])
 
     def player_at(self, r: int, moves: int | None = None) -> tuple[int, int] | None:
         """The player's cell after the first ``moves`` kept moves of plan ``r`` (default all), counted from where
@@ -616,15 +617,6 @@ def _read(canvas: np.ndarray, g: int):
     """What the pixel oracle reads on a g x g map canvas (a ``LakeState``), or None if it reads nothing."""
     try:
         return read_canvas(canvas, g)
-    except ValueError:
-        return None
-
-
-def map_style(canvas: np.ndarray, g: int) -> str | None:
-    """The look ("gymnasium" / "classic") of a g x g FrozenLake map canvas as the pixel oracle reads it, None if
-    it reads none (the codes do not carry the look, so the pixel decoder is told which one to draw)."""
-    try:
-        return read_canvas(canvas, g).style
     except ValueError:
         return None
 
