@@ -28,7 +28,7 @@ class StageConfig:
     grad_clip: float = 1.0
     precision: str = "auto"
     """Lightning precision (e.g. bf16-mixed, 32-true); auto: bf16 autocast where bf16 is fast (CUDA with bf16, a
-    CPU with AMX or AVX-512 BF16), else fp32 (``train.precision``)."""
+    CPU with AMX, or where a probe measures it faster), else fp32 (``train.precision``)."""
     strategy: str = "auto"
     """Lightning strategy: auto | ddp | ddp_spawn | fsdp (``train.run.strategy``: fsdp shards each backbone
     layer, checkpoints sharded, exports a full state dict gathered on rank 0)."""
