@@ -192,17 +192,30 @@ class Branch(nn.Module):
         self.k_norm = RMSNorm(d, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
+    def qkv_weights(self) -> tuple[Tensor, Tensor | None] | None:
+        """The q/k/v weights ((H + 2K) * d, D) and biases concatenated, or None when a projection is not a plain
+        Linear (e.g. wrapped by LoRA adapters, whose own forward must run)."""
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if any(type(m) is not nn.Linear for m in linears):
+            return None
+        bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in linears])
+        return torch.cat([m.weight for m in linears]), bias
+
     def qkv(self, x_nD: Tensor, fused: Fused | None = None) -> Tensor:
-        """(n, D) -> (n, (H + 2K) * d): normed q, normed k and v, concatenated so one scatter routes all;
-        ``fused`` (``fuse``): the three projections in one matmul. Plain views rather than einops here and in
-        ``MoMELayer``: they run once per layer per decoded token, where each einops call costs about as much as
-        a small matmul."""
+        """(n, D) -> (n, (H + 2K) * d): normed q, normed k and v, concatenated so one gather routes all. The three
+        projections run as one matmul (``fused``, or the weights concatenated here: one output and one backward
+        matmul instead of three plus a concatenation). Plain views rather than einops here and in ``MoMELayer``:
+        they run once per layer per decoded token, where each einops call costs about as much as a small
+        matmul."""
         n, d = x_nD.shape[0], self.head_dim
-        if fused is None:
-            q, k, v = (proj(x_nD).view(n, -1, d) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        weights = (fused.qkv_weight, fused.qkv_bias) if fused is not None else self.qkv_weights()
+        if weights is None:
+            qkv = torch.cat([proj(x_nD) for proj in (self.q_proj, self.k_proj, self.v_proj)], dim=1)
         else:
-            q, k, v = F.linear(x_nD, fused.qkv_weight, fused.qkv_bias).view(n, -1, d).split(
-                [self.heads, self.kv_heads, self.kv_heads], dim=1)  # (n, H, d), (n, K, d), (n, K, d)
+            qkv = F.linear(x_nD, *weights)
+        if isinstance(self.q_norm, nn.Identity):
+            return qkv
+        q, k, v = qkv.view(n, -1, d).split([self.heads, self.kv_heads, self.kv_heads], dim=1)
         return torch.cat([self.q_norm(q), self.k_norm(k), v], dim=1).view(n, -1)
 
 
@@ -275,13 +288,11 @@ class Fused(NamedTuple):
 
 
 def fuse(branch: Branch) -> Fused | None:
-    """The branch's q/k/v and gate/up weights concatenated, or None when a projection is not a plain Linear
-    (e.g. wrapped by LoRA adapters, whose own forward must run)."""
-    linears = (branch.q_proj, branch.k_proj, branch.v_proj, branch.ffn.gate, branch.ffn.up)
-    if any(type(m) is not nn.Linear for m in linears):
+    """The branch's q/k/v and gate/up weights concatenated, or None when a projection is not a plain Linear."""
+    qkv = branch.qkv_weights()
+    if qkv is None or any(type(m) is not nn.Linear for m in (branch.ffn.gate, branch.ffn.up)):
         return None
-    bias = None if branch.q_proj.bias is None else torch.cat([m.bias for m in linears[:3]])
-    return Fused(torch.cat([m.weight for m in linears[:3]]), bias, torch.cat([m.weight for m in linears[3:]]))
+    return Fused(*qkv, torch.cat([branch.ffn.gate.weight, branch.ffn.up.weight]))
 
 
 def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
