@@ -12,6 +12,8 @@ Figures (each ratio is latentum / peer, > 1 means latentum is faster):
   ``generate`` on the same weights (the greedy tokens are compared too); with ``--compile`` also through the
   compiled static decode step (``MoMEBackbone.compile_decode``), its compile time printed;
 - text-to-image (``generate_images``) of 16 prompts in one batch against one at a time, with the shipped model;
+- free interleaved generation (``generate``, greedy) of 32 inputs, planning prompts on maps of every size and
+  Shapes prompts, with 16 rows, continuously batched, against one input at a time (the outputs are compared too);
 - planning 96 fresh maps of every size (16 per size) with 16 rows, continuously batched, against one map at a
   time, with the shipped model (the plans are compared too).
 """
@@ -31,7 +33,9 @@ from latentum.apps.vsp import entry
 from latentum.apps.vsp.evaluate import eval_maps
 from latentum.model.hf import backbone_from_hf
 from latentum.train.precision import auto_precision
+from latentum.types import GREEDY, LatentImage
 from latentum.worlds import frozenlake as fl
+from latentum.worlds.frozenlake.tasks import PLAN_PROMPT
 
 
 def cpu_name() -> str:
@@ -150,6 +154,24 @@ def image_generation(batch: int, repeats: int) -> dict:
     return {"batched_images_s": batch / t_batch, "single_images_s": batch / t_single}
 
 
+def interleaved_generation(per_level: int, repeats: int, batch: int = 16) -> dict:
+    """``generate`` on planning prompts (fresh maps, ``per_level`` of each size) and as many Shapes prompts, greedy,
+    at most 4 images and 32 tokens each: ``batch`` rows (continuous batching) against one input at a time."""
+    api = LatentUM.from_pretrained("checkpoints/tiny")
+    maps = [m for level in range(3, 9) for m in eval_maps(level, per_level, seed=13)]
+    inputs = [[PLAN_PROMPT, fl.render_canvas(m, m.player, "gymnasium", canvas=api.canvas)] for m in maps]
+    shapes = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")]
+    inputs += [[shapes[i % len(shapes)]] for i in range(len(maps))]
+    kw = dict(max_images=4, max_new_tokens=32, sampling=GREEDY)
+    together, alone = [], []
+    t_batch = median_time(lambda: together.append(api.generate(inputs, batch=batch, **kw)), repeats)
+    t_single = median_time(lambda: alone.append([api.generate(x, **kw) for x in inputs]), repeats)
+    same = all(len(a) == len(b) and all(torch.equal(x.ids, y.ids) if isinstance(x, LatentImage) else x == y
+                                        for x, y in zip(a, b)) for a, b in zip(together[-1], alone[-1]))
+    return {"inputs": len(inputs), "batched_s": len(inputs) / t_batch, "single_s": len(inputs) / t_single,
+            "same": same}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches (a smoke run)")
@@ -177,6 +199,10 @@ def main() -> None:
     print(f"| generate_images of {4 if args.quick else 16} prompts in one batch vs one at a time, images/s | "
           f"{g['batched_images_s']:.2f} | {g['single_images_s']:.2f} | "
           f"{g['batched_images_s'] / g['single_images_s']:.2f}x |")
+    i = interleaved_generation(1 if args.quick else 3, 1 if args.quick else 3)
+    print(f"| generate (interleaved) of {i['inputs']} inputs, batch 16 (continuous) vs one at a time, inputs/s | "
+          f"{i['batched_s']:.2f} | {i['single_s']:.2f} | {i['batched_s'] / i['single_s']:.2f}x "
+          f"(same outputs: {i['same']}) |")
     p = planning(2 if args.quick else 16, 1 if args.quick else 3)
     print(f"| plan_batch of {p['maps']} maps of 3x3-8x8, batch 16 (continuous) vs one at a time, plans/s | "
           f"{p['batched_plans_s']:.2f} | {p['single_plans_s']:.2f} | "

@@ -260,21 +260,24 @@ class LatentUM:
 
     @torch.inference_mode()
     def generate(self, inputs: list, *, max_images: int = 16, max_new_tokens: int = 256,
-                 sampling: SamplingParams = INTERLEAVED_SAMPLING, seed: int = 0, cfg_scale: float = 1.0) -> list:
+                 sampling: SamplingParams = INTERLEAVED_SAMPLING, seed: int = 0, cfg_scale: float = 1.0,
+                 batch: int = interleaved.BATCH) -> list:
         """Interleaved generation: ``inputs`` is a list of str / images and the result a list of str / LatentImage;
         or a batch, a list of such lists, decoded together (one result list per input list). ``cfg_scale`` > 1
         guides each generated image against the inputs with their words dropped (as ``generate_images``); 1 (the
-        default) samples images from the prompted stream alone."""
+        default) samples images from the prompted stream alone. ``batch`` rows decode at once; when a row ends, the
+        next waiting input list takes its place (continuous batching), and greedy rows equal each decoded alone."""
         _check_cfg_scale(cfg_scale)
+        _check_count(batch, "batch")
         if not isinstance(inputs, list) or not inputs:
             raise ValueError("inputs must be a non-empty list of strings and images, or a list of such lists")
-        batch = all(isinstance(x, list) for x in inputs)
-        rows = inputs if batch else [inputs]
+        many = all(isinstance(x, list) for x in inputs)
+        rows = inputs if many else [inputs]
         _check_count(max_images, "max_images", minimum=0)
         _check_count(max_new_tokens, "max_new_tokens")
         prompts = []
         for r, row in enumerate(rows):
-            where = f"inputs[{r}]" if batch else "inputs"
+            where = f"inputs[{r}]" if many else "inputs"
             if not isinstance(row, list) or not row:
                 raise ValueError(f"{where} must be a non-empty list of strings and images")
             items = []
@@ -286,8 +289,8 @@ class LatentUM:
                     items.append(self._image_item(x, f"{where}[{i}]"))
             prompts.append(self.tokenizer.user_turn(items))
         out = interleaved.interleaved(self.model, self.tokenizer, prompts, max_images, max_new_tokens, sampling,
-                                      seeded_generator(seed), cfg_scale)
-        return out if batch else out[0]
+                                      seeded_generator(seed), cfg_scale, batch)
+        return out if many else out[0]
 
     # --- rendering --------------------------------------------------------------------------------------
     @property

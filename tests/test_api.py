@@ -120,6 +120,9 @@ def test_bad_arguments_are_named(api, lake, tmp_path):
         api.generate_images(["a circle"], cfg_scale=0.5)
     with pytest.raises(ValueError, match="prompts"):
         api.generate_images([])
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="batch must be an int >= 1"):
+            api.generate(["a circle"], batch=bad)
     with pytest.raises(TypeError, match="seed"):
         entry.plan(api, image, seed="0")
     with pytest.raises(ValueError, match="max_steps"):

@@ -14,6 +14,7 @@ from latentum.data.packing import pack
 from latentum.data.sample import Sample
 from latentum.generation.engine import Decoder
 from latentum.generation.sampling import sample_logits
+from latentum.model.cache import KVCache
 from latentum.model.latentum import LatentUMModel
 from latentum.train.config import load_recipe
 from latentum.types import GREEDY, SamplingParams
@@ -312,60 +313,89 @@ def test_interleaved_guidance_changes_the_images(model, monkeypatch):
         api.generate(["two blue squares"], cfg_scale=float("nan"))
 
 
+def _script_by_prompt(monkeypatch, scripts: dict[str, list[int]]) -> list[int]:
+    """Make every decoder row say the script of the prompt it holds (its first text that is a key of ``scripts``),
+    then <eos>, following rows through ``prefill``, ``replace_rows`` and ``keep_rows``. -> the batch size of each
+    ``sample_text`` call, as it happens."""
+    prefill, replace, keep = Decoder.prefill, Decoder.replace_rows, Decoder.keep_rows
+    sizes = []
+
+    def script(items):
+        return iter(scripts[next(x for x in items if isinstance(x, str) and x in scripts)] + [TOK.eos_id] * 64)
+
+    def new_prefill(self, prompts, drop_text=False):
+        self.script = [script(p) for p in prompts]
+        return prefill(self, prompts, drop_text)
+
+    def new_replace(self, index, prompts, drop_text=False):
+        for i, p in zip(index.tolist(), prompts):
+            self.script[i] = script(p)
+        return replace(self, index, prompts, drop_text)
+
+    def new_keep(self, index):
+        self.script = [self.script[i] for i in index.tolist()]
+        return keep(self, index)
+
+    def said(self, *a, **k):
+        sizes.append(self.batch)
+        return torch.tensor([next(s) for s in self.script])
+
+    for name, fn in (("prefill", new_prefill), ("replace_rows", new_replace), ("keep_rows", new_keep),
+                     ("sample_text", said)):
+        monkeypatch.setattr(Decoder, name, fn)
+    return sizes
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_a_batch_of_interleaved_prompts_equals_each_alone(model, monkeypatch, cfg_scale):
-    """generate on a batch (rows of different lengths, one holding a latent image, images at different steps, a
-    row that ends at once): each row's text and greedy images equal the row decoded alone; a row's image is read
-    back by that row only."""
+@pytest.mark.parametrize("batch", [2, 16])
+def test_a_batch_of_interleaved_prompts_equals_each_alone(model, monkeypatch, cfg_scale, batch):
+    """generate on a batch (rows of different lengths and image layouts, one holding a latent image, images at
+    different steps, a row that ends at once), continuously batched: with 2 rows for 4 prompts, ended rows restart
+    on waiting prompts and leave when none wait. Each row's text and greedy images equal the row decoded alone; a
+    row's image is read back by that row only."""
     api = LatentUM(model, TOK)
     board = vsp.plan_sample(np.random.default_rng(3), 3, "classic", canvas=64).user[1]
     prompts = [["a red circle left of a blue square"], [vsp.PLAN_PROMPT, api.image_latent(board), "R"],
-               ["two blue squares"]]
+               ["two blue squares"], [vsp.PLAN_PROMPT, board, "D"]]
     w = TOK.token_to_id
-    scripts = [[TOK.img_start_id, w("circle"), TOK.img_start_id, TOK.eos_id],
-               [w("R"), w("D"), TOK.img_start_id, w("R"), TOK.img_start_id, TOK.eos_id],
-               [TOK.eos_id]]
-
-    def script(rows):
-        said = [iter(s + [TOK.eos_id] * 8) for s in rows]
-        monkeypatch.setattr(Decoder, "sample_text", lambda self, *a, **k: torch.tensor([next(s) for s in said]))
-
-    script(scripts)
-    both = api.generate(prompts, max_images=4, sampling=GREEDY, cfg_scale=cfg_scale)
+    scripts = {"a red circle left of a blue square": [TOK.img_start_id, w("circle"), TOK.img_start_id, TOK.eos_id],
+               "R": [w("R"), w("D"), TOK.img_start_id, w("R"), TOK.img_start_id, TOK.eos_id],
+               "two blue squares": [TOK.eos_id],
+               "D": [w("L"), TOK.img_start_id, w("U")]}
+    sizes = _script_by_prompt(monkeypatch, scripts)
+    both = api.generate(prompts, max_images=4, sampling=GREEDY, cfg_scale=cfg_scale, batch=batch)
     assert [[type(x).__name__ for x in row] for row in both] == [
-        ["LatentImage", "str", "LatentImage"], ["str", "LatentImage", "str", "LatentImage"], []]
-    for prompt, s, row in zip(prompts, scripts, both):
-        script([s])
+        ["LatentImage", "str", "LatentImage"], ["str", "LatentImage", "str", "LatentImage"], [],
+        ["str", "LatentImage", "str"]]
+    assert both[3][1].ids.shape[0] == 9  # the 3x3 input's layout; the others imagine the whole canvas
+    assert max(sizes) == min(batch, 4) and sizes[-1] == 1
+    for prompt, row in zip(prompts, both):
         alone = api.generate(prompt, max_images=4, sampling=GREEDY, cfg_scale=cfg_scale)
         assert len(alone) == len(row)
         for a, b in zip(alone, row):
             assert (torch.equal(a.ids, b.ids) if isinstance(a, LatentImage) else a == b)
 
 
-def test_a_batch_too_long_to_share_one_cache_is_decoded_in_chunks(model, monkeypatch):
-    """Every row's cache holds every row's image steps, so rows that each fit alone may not fit together: the batch
-    is split so the worst case fits the model's length, and each row still equals itself decoded alone."""
+def test_rows_that_each_fit_alone_fit_together(model, monkeypatch):
+    """Every row's cache holds the image steps of every row (masked where not its own) until compacted: rows that
+    each fit the model's length alone are decoded together within it, each equal to itself alone."""
     small = copy.deepcopy(model)
     api = LatentUM(small, TOK)
     image = small.cfg.encoder.grid ** 2 + 2
-    prompts = [["a red circle"], ["two blue squares"], ["a green triangle"], ["three circles"], ["a red square"]]
-    longest = max(len(TOK.encode(p[0])) for p in prompts) + 1 + 8 + image
-    small.cfg.backbone.max_seq_len = longest + 2 * 2 * image  # two rows of two images each at most
-    script = [TOK.img_start_id, TOK.token_to_id("circle"), TOK.img_start_id] + [TOK.eos_id] * 8
-    sizes = []
-
-    def said(self, *a, **k):  # each decoder says the script, every row alike
-        if not hasattr(self, "script"):
-            self.script = iter(script)
-            sizes.append(self.batch)
-        return torch.tensor([next(self.script)] * self.batch)
-
-    monkeypatch.setattr(Decoder, "sample_text", said)
-    out = api.generate(prompts, max_images=2, max_new_tokens=8, sampling=GREEDY)
-    assert sizes == [2, 2, 1]
-    for prompt, row in zip(prompts, out):
-        alone = api.generate(prompt, max_images=2, max_new_tokens=8, sampling=GREEDY)
-        assert [type(x).__name__ for x in row] == ["LatentImage", "str", "LatentImage"]
+    texts = ["a red circle", "two blue squares", "a green triangle", "three circles", "a red square"]
+    longest = max(len(TOK.encode(t)) for t in texts) + 1 + 8 + image
+    small.cfg.backbone.max_seq_len = longest + 2 * image  # one row of two images, and room for a third
+    circle = TOK.token_to_id("circle")
+    scripts = {t: [circle] * k + [TOK.img_start_id, circle, TOK.img_start_id] for k, t in enumerate(texts)}
+    sizes = _script_by_prompt(monkeypatch, scripts)  # each row thinks at its own steps
+    compactions = []
+    compact = KVCache.compact
+    monkeypatch.setattr(KVCache, "compact", lambda self: compactions.append(1) or compact(self))
+    out = api.generate([[t] for t in texts], max_images=2, max_new_tokens=8, sampling=GREEDY, batch=4)
+    assert max(sizes) == 4 and compactions
+    for text, row in zip(texts, out):
+        alone = api.generate([text], max_images=2, max_new_tokens=8, sampling=GREEDY)
+        assert [type(x).__name__ for x in row][-3:] == ["LatentImage", "str", "LatentImage"]
         assert all(torch.equal(a.ids, b.ids) if isinstance(a, LatentImage) else a == b for a, b in zip(alone, row))
 
 

@@ -352,14 +352,15 @@ class Decoder:
         if self.cache.slack() > 0.25:
             self.cache.compact()
 
-    def replace_rows(self, index: torch.Tensor, prompts: list[list[Item | LatentImage]]) -> None:
+    def replace_rows(self, index: torch.Tensor, prompts: list[list[Item | LatentImage]],
+                     drop_text: bool = False) -> None:
         """Restart rows ``index`` (R,) from ``prompts`` (prefilled as ``prefill`` does) while the other rows are
         mid-stream (continuous batching: a finished row's place goes to the next waiting prompt). The new rows'
         keys end where the others' do and their old keys are forgotten; every row attends only its own keys, so
         each continues as it would alone. Gaps (old rows, rows left out of a step) are compacted away once they
-        are a quarter of it (``KVCache.slack``, ``compact``)."""
+        are a quarter of it (``KVCache.slack``, ``compact``). ``drop_text`` as in ``prefill``."""
         new = Decoder(self.model, self.tok, len(prompts), self.cache.limit)
-        new.prefill(prompts)
+        new.prefill(prompts, drop_text=drop_text)
         index = index.to(self.next_pos.device)
         self.cache.put_rows(index, new.cache)
         self._tidy()

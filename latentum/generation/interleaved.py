@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from latentum.data.canvas import active_grid
-from latentum.generation.engine import Decoder, new_decoder, prompt_tokens
+from latentum.generation.engine import Decoder, new_decoder
 from latentum.types import GREEDY, LatentImage, SamplingParams
 
 
@@ -108,72 +108,115 @@ def text_to_latents(model, tok, prompts: list[str], params: SamplingParams, cfg_
     return cond.generate_latent(params, generator, uncond=uncond, cfg_scale=cfg_scale)
 
 
+BATCH = 16
+"""Rows decoded at once by ``interleaved``: a finished row goes to the next waiting prompt (continuous batching)."""
+
+
 def interleaved(model, tok, prompts: list[list], max_images: int, max_new_tokens: int, params: SamplingParams,
-                generator, cfg_scale: float = 1.0) -> list[list]:
-    """Free interleaved decoding of a batch of prompts: per row, text until ``<img>`` -> a latent thought (fork,
-    generate, replay) -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` text tokens.
-    Rows advance in lockstep; a row's image is read back by that row alone (``think(rows=...)``), so greedy rows
+                generator, cfg_scale: float = 1.0, batch: int = BATCH) -> list[list]:
+    """Free interleaved decoding of many prompts: per row, text until ``<img>`` -> a latent thought (fork, generate,
+    replay) -> text ... until ``<eos>``, ``max_images`` images or ``max_new_tokens`` tokens. Continuously batched:
+    ``batch`` rows decode together, and when a row ends its place goes to the next waiting prompt
+    (``Decoder.replace_rows``). A row's image is read back by that row alone (``think(rows=...)``), so greedy rows
     come out as they would one at a time. With ``cfg_scale`` != 1 every image's codes are guided against a second
     stream whose prompt words are dropped (the same generated text and images fed to both, LatentUM §4); the text
     itself is sampled from the prompted stream. A thought keeps the layout of its row's last input image (a 4x4
-    input imagines 4x4 images; else the full canvas): rows of different layouts are decoded as separate groups."""
-    out: list[list] = [[] for _ in prompts]
-    groups: dict[int | None, list[int]] = {}
-    for i, items in enumerate(prompts):
-        images = [x for x in items if isinstance(x, np.ndarray)]
-        groups.setdefault(active_grid(images[-1], model.cfg.encoder.grid) if images else None, []).append(i)
-    canvas = model.cfg.encoder.grid
-    for grid, idx in groups.items():
-        # Every row's cache holds every row's image steps (masked where not its own): rows per chunk so that the
-        # worst case fits the model's length.
-        image = (grid or canvas) ** 2 + 2
-        longest = max(len(prompt_tokens(prompts[i], tok, canvas)[0]) for i in idx) + max_new_tokens + image
-        per = max(1, (model.cfg.backbone.max_seq_len - longest) // max(1, max_images * image))
-        for chunk in _chunks(idx, per):
-            rows = _interleaved_rows(model, tok, [prompts[i] for i in chunk], grid, max_images, max_new_tokens,
-                                     params, generator, cfg_scale)
-            for i, r in zip(chunk, rows):
-                out[i] = r
-    return out
+    input imagines 4x4 images; else the full canvas); rows of every layout share the batch."""
+    run = _Interleaving(model, tok, prompts, max_images, max_new_tokens, params, generator, cfg_scale)
+    queue = list(range(len(prompts)))
+    run.admit(queue[:batch])
+    queue = queue[batch:]
+    while len(run.held):
+        ended = run.step()
+        take, queue = queue[:len(ended)], queue[len(ended):]
+        run.refill(ended, take)
+    return run.out
 
 
-def _interleaved_rows(model, tok, prompts: list[list], grid: int | None, max_images: int, max_new_tokens: int,
-                      params: SamplingParams, generator, cfg_scale: float) -> list[list]:
-    dec = prefill_rows(model, tok, prompts)
-    streams = (dec, prefill_rows(model, tok, prompts, drop_text=True)) if cfg_scale != 1.0 else (dec,)
-    B = len(prompts)
-    out: list[list] = [[] for _ in range(B)]
-    text: list[list[int]] = [[] for _ in range(B)]
-    images = [0] * B
-    live = torch.ones(B, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        nxt = dec.sample_text(params, generator).cpu()  # (B,)
-        live &= nxt != tok.eos_id
-        wants = live & (nxt == tok.img_start_id)
-        for b in torch.nonzero(wants).flatten().tolist():
-            if text[b]:
-                out[b].append(tok.decode(text[b]))
-                text[b] = []
-            if images[b] >= max_images:
-                live[b] = wants[b] = False
-        words = live & ~wants
-        for b in torch.nonzero(words).flatten().tolist():
-            text[b].append(int(nxt[b]))
-        if not live.any():
-            break
+class _Interleaving:
+    """The rows of one ``interleaved`` call: the prompt each row holds, what it has said and imagined so far."""
+
+    def __init__(self, model, tok, prompts, max_images, max_new_tokens, params, generator, cfg_scale):
+        self.model, self.tok, self.prompts = model, tok, prompts
+        self.max_images, self.max_new_tokens = max_images, max_new_tokens
+        self.params, self.generator, self.cfg_scale = params, generator, cfg_scale
+        canvas = model.cfg.encoder.grid
+        self.grids = []  # per prompt: the layout of its last input image, else the whole canvas
+        for items in prompts:
+            images = [x for x in items if isinstance(x, np.ndarray)]
+            self.grids.append(active_grid(images[-1], canvas) if images else canvas)
+        self.image_tokens = canvas ** 2 + 2
+        self.out: list[list] = [[] for _ in prompts]
+        self.streams: tuple[Decoder, ...] = ()
+        self.held: list[int] = []  # per row: the prompt it decodes
+        self.text: list[list[int]] = []  # per row: words since its last image
+        self.images: list[int] = []
+        self.said: list[int] = []  # per row: tokens sampled
+
+    def admit(self, idx: list[int], slots: list[int] | None = None) -> None:
+        """Start prompts ``idx``: they fill new decoders, or replace the rows ``slots``."""
+        prompts = [self.prompts[i] for i in idx]
+        drops = (False, True) if self.cfg_scale != 1.0 else (False,)
+        if slots is None:
+            self.streams = tuple(prefill_rows(self.model, self.tok, prompts, drop_text=d) for d in drops)
+            self.held, self.text = list(idx), [[] for _ in idx]
+            self.images, self.said = [0] * len(idx), [0] * len(idx)
+            return
+        for d, drop in zip(self.streams, drops):
+            d.replace_rows(torch.tensor(slots), prompts, drop_text=drop)
+        for b, i in zip(slots, idx):
+            self.held[b], self.text[b], self.images[b], self.said[b] = i, [], 0, 0
+
+    def step(self) -> list[int]:
+        """Sample one token per row and act on it (a word is fed, ``<img>`` thinks an image); -> the rows that
+        ended, their results written to ``out``."""
+        dec, tok, device = self.streams[0], self.tok, self.model.device
+        for d in self.streams:
+            d.make_room(self.image_tokens + 1)
+        nxt = dec.sample_text(self.params, self.generator).cpu()  # (B,)
+        B = len(self.held)
+        ended = [b for b in range(B) if nxt[b] == tok.eos_id
+                 or (nxt[b] == tok.img_start_id and self.images[b] >= self.max_images)]
+        wants = torch.tensor([nxt[b] == tok.img_start_id and b not in ended for b in range(B)], dtype=torch.bool)
+        words = torch.tensor([b not in ended and not wants[b] for b in range(B)], dtype=torch.bool)
+        for b in range(B):
+            self.said[b] += 1
+            if wants[b] and self.text[b]:
+                self.out[self.held[b]].append(tok.decode(self.text[b]))
+                self.text[b] = []
+            elif words[b]:
+                self.text[b].append(int(nxt[b]))
         if words.any():
-            for d in streams:
-                d.feed_ids(nxt[:, None].to(model.device), valid=words[:, None].to(model.device))
+            for d in self.streams:
+                d.feed_ids(nxt[:, None].to(device), valid=words[:, None].to(device))
         if wants.any():
-            ids = dec.think(params, generator, grid=grid, uncond=streams[-1] if cfg_scale != 1.0 else None,
-                            cfg_scale=cfg_scale, rows=wants).cpu()
+            grids = [self.grids[i] for i in self.held]
+            ids = dec.think(self.params, self.generator, grid=grids, uncond=self.streams[-1] if self.cfg_scale != 1.0
+                            else None, cfg_scale=self.cfg_scale, rows=wants).cpu()
             for b in torch.nonzero(wants).flatten().tolist():
-                out[b].append(LatentImage(ids[b]))
-                images[b] += 1
-    for b in range(B):
-        if text[b]:
-            out[b].append(tok.decode(text[b]))
-    return out
+                g = grids[b]
+                self.out[self.held[b]].append(LatentImage(ids[b, :g * g]))
+                self.images[b] += 1
+        ended += [b for b in range(B) if b not in ended and self.said[b] >= self.max_new_tokens]
+        for b in sorted(ended):
+            if self.text[b]:
+                self.out[self.held[b]].append(tok.decode(self.text[b]))
+        return sorted(ended)
+
+    def refill(self, ended: list[int], take: list[int]) -> None:
+        """The waiting prompts ``take`` restart rows that ``ended``; ended rows beyond them leave the batch."""
+        slots, gone = ended[:len(take)], ended[len(take):]
+        if gone:
+            keep = [b for b in range(len(self.held)) if b not in gone]
+            index = torch.tensor(keep, dtype=torch.long, device=self.model.device)
+            if keep:
+                for d in self.streams:
+                    d.keep_rows(index)
+            slots = [keep.index(s) for s in slots]
+            for name in ("held", "text", "images", "said"):
+                setattr(self, name, [getattr(self, name)[b] for b in keep])
+        if take:
+            self.admit(take, slots)
 
 
 def _chunks(xs: list, n: int):
