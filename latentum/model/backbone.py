@@ -295,15 +295,20 @@ def fuse(branch: Branch) -> Fused | None:
     return Fused(*qkv, torch.cat([branch.ffn.gate.weight, branch.ffn.up.weight]))
 
 
-def static_step(layers: nn.ModuleList, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                v_cache: Tensor, keys: Tensor, branch: int, fused: list[Fused | None]) -> tuple[Tensor, Tensor, Tensor]:
+def static_step(layers: nn.ModuleList, norm: nn.Module, rope: RotaryEmbedding, x: Tensor, positions: Tensor,
+                k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, written: Tensor, branch: int,
+                fused: list[Fused | None]) -> tuple[Tensor, Tensor, Tensor]:
     """One decoding step of fixed shapes: x (B, 1, D) through ``branch`` of every layer, attending over the whole
-    preallocated cache k/v (L, B, K, S_max, d) under ``keys`` (B, S_max) and over its own new key. The cache is
+    preallocated cache k/v (L, B, K, S_max, d) (its valid keys: ``key_valid`` (B, S_max) among the first ``written``
+    slots, a 0-d tensor) and over its own new key, at ``positions`` (B, 1) or (B, 1, 2) (RoPE and the key mask
+    computed inside, so no op of the step runs outside the graph). The cache is
     only read: the new keys and values come back, (L, B, K, 1, d) each, for the caller to write (an in-place
     write inside a compiled graph copies the whole cache). Returns (final-normed hidden (B, 1, D), k, v). Plain
     tensor code without data-dependent control flow, so ``torch.compile`` traces it as one graph. ``fused[i]``:
     layer i's projections of ``branch`` concatenated (``fuse``), or None for its modules."""
     B = x.shape[0]
+    cos, sin = rope(positions)
+    keys = key_valid & (torch.arange(key_valid.shape[1], device=x.device) < written)[None]  # (B, S_max)
     new_k, new_v = [], []
     for i, layer in enumerate(layers):
         b = layer.branches[branch]
@@ -448,11 +453,13 @@ class MoMEBackbone(nn.Module):
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         self._check_inputs(x, gen_mask, positions, attn_mask, cache, key_valid, spans, past)
+        if self._step is not None and cache is not None and T == 1 and attn_mask is None and spans is None \
+                and not torch.is_grad_enabled() and (key_valid is None or bool(key_valid.all())) \
+                and (B == 1 or bool((gen_mask == gen_mask[0, 0]).all())):
+            valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            return self._decode_static(x, int(gen_mask[0, 0]), positions, cache, valid)
         if key_valid is None:
             key_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
-        if self._step is not None and cache is not None and T == 1 and attn_mask is None and spans is None \
-                and not torch.is_grad_enabled() and bool(key_valid.all()) and bool((gen_mask == gen_mask[0, 0]).all()):
-            return self._decode_static(x, int(gen_mask[0, 0]), positions, cache, key_valid)
         route = Route.from_mask(gen_mask)
         rope = self.rope(positions)
         if cache is None:
@@ -466,8 +473,16 @@ class MoMEBackbone(nn.Module):
         masked) with each branch's projections fused, so its shapes never change while decoding and
         ``torch.compile`` (``compile``) builds it once per (batch, cache size, branch), gpt-fast style. Off by
         default; outputs equal the general path's to float rounding (tests/test_backbone.py), the compile time is
-        paid on the first step of each shape."""
-        self._step = None if not enabled else torch.compile(static_step, dynamic=False) if compile else static_step
+        paid on the first step of each shape. On a CPU the compiled step calls its kernels from C++ (inductor's
+        ``cpp_wrapper``), and its guards skip ``torch.nn``'s own modules (their parameters are the step's
+        inputs, read afresh on every call): a step is dominated by per-call overhead at these sizes, and each cut
+        it by about a tenth / a fiftieth (benchmarks/speed.py)."""
+        self._step = None
+        if enabled:
+            cpu = self.embedding.weight.device.type == "cpu"
+            options = {"cpp_wrapper": True,
+                       "guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe} if cpu else None
+            self._step = torch.compile(static_step, dynamic=False, options=options) if compile else static_step
         self._fused: dict[int, tuple[list, list[Fused | None]]] = {}
         self._branch_params = [[p for layer in self.layers for p in layer.branches[b].parameters()] for b in (0, 1)]
 
@@ -485,11 +500,9 @@ class MoMEBackbone(nn.Module):
                        key_valid: Tensor) -> BackboneOutput:
         """x (B, 1, D), every row on ``branch`` and valid, through ``static_step`` into ``cache``."""
         with cache.extend(key_valid):
-            slots = torch.arange(cache.max_len, device=x.device)
-            keys = cache.key_valid & (slots < cache.length)[None]  # (B, S_max): the valid keys written before
-            cos, sin = self.rope(positions)
-            hidden, k, v = self._step(self.layers, self.norm, x, cos, sin, cache.k, cache.v, keys, branch,
-                                      self._fused_weights(branch))
+            written = torch.tensor(cache.length, device=x.device)  # the slots written before this step
+            hidden, k, v = self._step(self.layers, self.norm, self.rope, x, positions, cache.k, cache.v,
+                                      cache.key_valid, written, branch, self._fused_weights(branch))
             cache.write(k, v)
         return BackboneOutput(hidden=hidden, attn_mass=None)
 
