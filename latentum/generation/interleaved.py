@@ -174,10 +174,11 @@ class _Interleaving:
         for d in self.streams:
             d.make_room(self.image_tokens + 1)
         nxt = dec.sample_text(self.params, self.generator).cpu()  # (B,)
+        said = nxt.tolist()  # one conversion, not one tensor op per row and test
         B = len(self.held)
-        ended = [b for b in range(B) if nxt[b] == tok.eos_id
-                 or (nxt[b] == tok.img_start_id and self.images[b] >= self.max_images)]
-        wants = torch.tensor([nxt[b] == tok.img_start_id and b not in ended for b in range(B)], dtype=torch.bool)
+        ended = [b for b in range(B) if said[b] == tok.eos_id
+                 or (said[b] == tok.img_start_id and self.images[b] >= self.max_images)]
+        wants = torch.tensor([said[b] == tok.img_start_id and b not in ended for b in range(B)], dtype=torch.bool)
         words = torch.tensor([b not in ended and not wants[b] for b in range(B)], dtype=torch.bool)
         for b in range(B):
             self.said[b] += 1
@@ -185,7 +186,7 @@ class _Interleaving:
                 self.out[self.held[b]].append(tok.decode(self.text[b]))
                 self.text[b] = []
             elif words[b]:
-                self.text[b].append(int(nxt[b]))
+                self.text[b].append(said[b])
         if words.any():
             for d in self.streams:
                 d.feed_ids(nxt[:, None].to(device), valid=words[:, None].to(device))
