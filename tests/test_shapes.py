@@ -189,3 +189,30 @@ def test_bad_inputs_are_named():
     assert S.parse(S.render(S.Scene())) == []
     noise = np.random.default_rng(12).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     assert all(d.shape == "other" for d in S.parse(noise))
+
+
+def test_describe_names_every_object_the_pixels_show_in_reading_order():
+    rng = np.random.default_rng(12)
+    sizes, checked = Counter(), 0
+    for _ in range(200):
+        s = S.describe_sample(rng, 128)
+        image, question, answer = s.user[0], s.user[1], s.assistant[0]
+        assert s.task == "shapes_describe" and question == "Write the image as text ."
+        found = S.parse(image)  # the pixels, independently of the scene the text was written from
+        sizes[len(found)] += 1
+        if any(min(v % 16, 16 - v % 16) < 1.5 for d in found for v in d.center):
+            continue  # a centre within a pixel's rounding of a cell's edge: its cell is the scene's, not the pixels'
+        checked += 1
+
+        def cell(d):
+            x, y = d.center
+            return int(y * 8 / 128), int(x * 8 / 128), x
+
+        expected = [f"a {d.color} {d.shape} at row {r + 1} column {c + 1}"
+                    for (r, c, _), d in sorted(((cell(d), d) for d in found), key=lambda t: t[0])]
+        assert answer.split(" , ") == expected
+    assert set(sizes) == {1, 2, 3, 4, 5} and checked > 60
+    assert set(S.describe_text(S.Scene()).split()) == set()
+    samples = [S.describe_sample(np.random.default_rng(k)) for k in range(50)]
+    words = {w for s in samples for w in s.assistant[0].split()}
+    assert words <= S.vocabulary()

@@ -19,6 +19,8 @@ from latentum.worlds.shapes.tasks import (
     MAX_SIZE,
     MIN_SIZE,
     QA_TYPES,
+    describe_sample,
+    describe_text,
     qa_sample,
     scene_for,
     t2i_photo_sample,
@@ -33,6 +35,7 @@ def vocabulary() -> set[str]:
 
 __all__ = ["CATEGORIES", "COLORS", "GENEVAL_TEMPLATE", "MAX_SIZE", "MIN_CANVAS", "MIN_SIZE", "NUMBERS", "OPPOSITE",
            "PLURALS", "QA_TYPES", "SHAPES", "Detected", "Obj", "PromptSpec", "Requirement", "Scene", "corrupt",
+           "describe_sample", "describe_text",
            "inject_flaw", "oracle", "oracle_report", "parse", "qa_sample", "reflect_sample", "refine_sample",
            "relations", "render", "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_photo_sample",
            "t2i_sample", "vocabulary"]

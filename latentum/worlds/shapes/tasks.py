@@ -167,9 +167,37 @@ def qa_sample(rng, canvas: int = 128, qtype: str | None = None) -> Sample:
     return Sample([render(scene, canvas), question], [answer], "shapes_qa", meta)
 
 
+DESCRIBE_QUESTION = "Write the image as text ."
+DESCRIBE_GRID = 8
+"""A description places each object in the cell of a DESCRIBE_GRID x DESCRIBE_GRID grid that holds its centre."""
+
+
+def describe_text(scene: Scene) -> str:
+    """Every object of ``scene`` in reading order of its centre's cell: "a red circle at row 2 column 5 , a blue
+    square at row 6 column 1" (rows and columns from 1, top left)."""
+    def cell(v: float) -> int:
+        return min(int(v * DESCRIBE_GRID), DESCRIBE_GRID - 1)
+
+    objs = sorted(scene.objects, key=lambda o: (cell(o.y), cell(o.x), o.x))
+    return " , ".join(f"a {o.color} {o.shape} at row {cell(o.y) + 1} column {cell(o.x) + 1}" for o in objs)
+
+
+def describe_sample(rng, canvas: int = 128) -> Sample:
+    """Dense understanding: user [image, DESCRIBE_QUESTION], assistant [every object's colour, shape and cell,
+    ``describe_text``]. One to five objects of any shapes and colours, repeats allowed. Each answer supervises every
+    object of the scene, where a QA sample supervises one word."""
+    rng = _rng(rng)
+    items = [(_pick(rng, SHAPES)[0], _pick(rng, COLORS)[0]) for _ in range(int(rng.integers(1, 6)))]
+    scene = _scene(items, rng)
+    return Sample([render(scene, canvas), DESCRIBE_QUESTION], [describe_text(scene)], "shapes_describe",
+                  {"scene": scene})
+
+
 def vocabulary() -> set[str]:
     """Every word the Shapes prompts, questions and answers contain ("?" is a word of its own)."""
     words = set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(NUMBERS)
     words |= {w for r in RELATIONS for w in r.split()}
     words |= set("a an and the ? How many are there What colour is Is Does image show Yes No".split())
+    words |= set(DESCRIBE_QUESTION.split()) | set("at row column ,".split())
+    words |= {str(k) for k in range(1, DESCRIBE_GRID + 1)}
     return words | set(GENEVAL_TEMPLATE.replace("{}", "").split())
