@@ -174,12 +174,12 @@ class _Interleaving:
         for d in self.streams:
             d.make_room(self.image_tokens + 1)
         nxt = dec.sample_text(self.params, self.generator).cpu()  # (B,)
-        said = nxt.tolist()  # one conversion, not one tensor op per row and test
+        said = nxt.tolist()  # one conversion; the per-row tests below are on Python values
         B = len(self.held)
-        ended = [b for b in range(B) if said[b] == tok.eos_id
-                 or (said[b] == tok.img_start_id and self.images[b] >= self.max_images)]
-        wants = torch.tensor([said[b] == tok.img_start_id and b not in ended for b in range(B)], dtype=torch.bool)
-        words = torch.tensor([b not in ended and not wants[b] for b in range(B)], dtype=torch.bool)
+        stop = [said[b] == tok.eos_id or (said[b] == tok.img_start_id and self.images[b] >= self.max_images)
+                for b in range(B)]
+        wants = [said[b] == tok.img_start_id and not stop[b] for b in range(B)]
+        words = [not (stop[b] or wants[b]) for b in range(B)]
         for b in range(B):
             self.said[b] += 1
             if wants[b] and self.text[b]:
@@ -187,22 +187,23 @@ class _Interleaving:
                 self.text[b] = []
             elif words[b]:
                 self.text[b].append(said[b])
-        if words.any():
+        if any(words):
+            valid = torch.tensor(words, device=device)[:, None]  # (B, 1)
             for d in self.streams:
-                d.feed_ids(nxt[:, None].to(device), valid=words[:, None].to(device))
-        if wants.any():
+                d.feed_ids(nxt[:, None].to(device), valid=valid)
+        if any(wants):
             grids = [self.grids[i] for i in self.held]
             ids = dec.think(self.params, self.generator, grid=grids, uncond=self.streams[-1] if self.cfg_scale != 1.0
-                            else None, cfg_scale=self.cfg_scale, rows=wants).cpu()
-            for b in torch.nonzero(wants).flatten().tolist():
+                            else None, cfg_scale=self.cfg_scale, rows=torch.tensor(wants)).cpu()
+            for b in (b for b in range(B) if wants[b]):
                 g = grids[b]
                 self.out[self.held[b]].append(LatentImage(ids[b, :g * g]))
                 self.images[b] += 1
-        ended += [b for b in range(B) if b not in ended and self.said[b] >= self.max_new_tokens]
-        for b in sorted(ended):
+        ended = [b for b in range(B) if stop[b] or self.said[b] >= self.max_new_tokens]
+        for b in ended:
             if self.text[b]:
                 self.out[self.held[b]].append(tok.decode(self.text[b]))
-        return sorted(ended)
+        return ended
 
     def refill(self, ended: list[int], take: list[int]) -> None:
         """The waiting prompts ``take`` restart rows that ``ended``; ended rows beyond them leave the batch."""
