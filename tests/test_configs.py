@@ -111,6 +111,7 @@ def test_defaults_are_valid(cls):
     (lambda: VLMConfig(steps=0), "steps"),
     (lambda: MBAQConfig(lr=0.0), "lr"),
     (lambda: MoMEConfig(batch_size=0), "batch_size"),
+    (lambda: VLMConfig(text_weighting="row"), "text_weighting"),
     (lambda: MoMEConfig(worlds={"frozenlake": {"map_sizes": [2, 3]}}), "map_sizes"),
     (lambda: MoMEConfig(worlds={"lake": {}}), "lake"),
     (lambda: MoMEConfig(tasks={"vsp_plan": -1.0}), "weights"),

@@ -3,7 +3,7 @@ import torch
 
 from latentum.config import HeadConfig
 from latentum.generation.sampling import sample_codes
-from latentum.losses.tokens import code_loss
+from latentum.losses.tokens import code_loss, sample_weights, text_loss
 from latentum.model.heads import CellPositions, DepthHead, VisualProjector
 from latentum.types import GREEDY, SamplingParams
 
@@ -129,3 +129,16 @@ def test_weighted_loss_averages_per_token_ce(head):
     assert torch.allclose(code_loss(head(h, ids), ids, only_two).total, per_token[[1, 4]].mean(), atol=1e-6)
     w = torch.rand(M, generator=torch.Generator().manual_seed(1)) + 0.5
     assert torch.allclose(code_loss(head(h, ids), ids, w).total, (w * per_token).sum() / w.sum(), atol=1e-6)
+
+
+def test_sample_weighted_text_loss_is_the_mean_of_per_row_means():
+    """A row's answer weighs the same whatever its length; uniform weights give back the token mean."""
+    V = 7
+    sup = torch.tensor([[True, False, False, False], [True, True, True, True], [False, False, False, False]])
+    logits = torch.randn(int(sup.sum()), V, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, V, (int(sup.sum()),), generator=torch.Generator().manual_seed(2))
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    out = text_loss(logits, targets, sample_weights(sup))
+    assert torch.allclose(out.total, (ce[0] + ce[1:].mean()) / 2, atol=1e-6)
+    assert torch.allclose(text_loss(logits, targets).total, ce.mean(), atol=1e-6)
+    assert torch.allclose(text_loss(logits, targets, torch.ones(len(targets))).total, ce.mean(), atol=1e-6)

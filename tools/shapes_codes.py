@@ -4,6 +4,9 @@
   majority colour (background or one of the six) from the patch's G code ids (a lookup of the most common colour
   per id tuple), and linearly from the encoder's features and from MBAQ's latent before quantization. It prints
   the accuracy on all patches and on the patches an object covers.
+- ``shape``: each object's shape (circle, square, triangle) read linearly from the 3 x 3 patches around its centre
+  patch, from the encoder's features, from MBAQ's latent before quantization and from the codes (one-hot ids):
+  where the shape is lost, in the quantizer or after it (the decoder).
 - ``--kept OLD``: the share of FrozenLake tokens (1500 images of planning, walks and hole questions) whose ids
   equal those OLD's quantizer gives, and the share moved to a codebook row OLD's FrozenLake images never use.
 
@@ -48,9 +51,10 @@ def lookup_accuracy(keys_fit, y_fit, keys_test, y_test) -> tuple[float, float]:
 
 
 @torch.enable_grad()
-def linear_accuracy(x_fit, y_fit, x_test, y_test, steps: int = 300) -> tuple[float, float]:
+def linear_accuracy(x_fit, y_fit, x_test, y_test, steps: int = 300, classes: int = len(PALETTE)
+                    ) -> tuple[float, float]:
     mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
-    lin = torch.nn.Linear(x_fit.size(1), len(PALETTE))
+    lin = torch.nn.Linear(x_fit.size(1), classes)
     opt = torch.optim.Adam(lin.parameters(), 1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -85,6 +89,36 @@ def colour_probe(api: LatentUM, n: int = 1500, fit: int = 1200, seed: int = 123)
     print("codes used: " + ", ".join(f"cb{g} {len(np.unique(ids[..., g]))}" for g in range(ids.shape[-1])))
 
 
+def around(x: torch.Tensor, cells: list[tuple[int, int, int]], grid: int) -> torch.Tensor:
+    """x (n, C, F) per-patch vectors -> (objects, 9 * F): the 3 x 3 patches around each (image, row, col) cell,
+    zeros outside the grid."""
+    padded = torch.nn.functional.pad(x.view(x.size(0), grid, grid, -1), (0, 0, 1, 1, 1, 1))  # (n, g+2, g+2, F)
+    return torch.stack([padded[i, r:r + 3, c:c + 3].reshape(-1) for i, r, c in cells])
+
+
+@torch.no_grad()
+def shape_probe(api: LatentUM, n: int = 1500, fit: int = 1200, seed: int = 321) -> None:
+    rng = np.random.default_rng(seed)
+    grid = api.config.encoder.grid
+    scenes = [shapes.scene_for(shapes.sample_prompt(rng), rng) for _ in range(n)]
+    pics = np.stack([shapes.render(s, api.canvas) for s in scenes])
+    cells, labels, split = [], [], 0
+    for i, scene in enumerate(scenes):
+        split = len(cells) if i == fit else split
+        for o in scene.objects:
+            cells.append((i, min(int(o.y * grid), grid - 1), min(int(o.x * grid), grid - 1)))
+            labels.append(shapes.SHAPES.index(o.shape))
+    y = torch.tensor(labels)
+    m, q = api.model, api.model.quantizer
+    feats = torch.cat([m.image_features(pics[i:i + 100]) for i in range(0, n, 100)])  # (n, C, F)
+    ids = q.encode(feats).ids  # (n, C, G)
+    onehot = torch.nn.functional.one_hot(ids, q.cfg.codebook_size).flatten(2).float()  # (n, C, G * K)
+    for name, x in (("features", feats), ("latent", q.norm(q.down(feats))), ("codes", onehot)):
+        x = around(x.float(), cells, grid)
+        acc = linear_accuracy(x[:split], y[:split], x[split:], y[split:], classes=len(shapes.SHAPES))[0]
+        print(f"{name:8s} shape of an object from its 3 x 3 patches: {acc:.3f} (linear, {len(y) - split} held out)")
+
+
 @torch.no_grad()
 def kept(api: LatentUM, old: LatentUM, n: int = 1500, seed: int = 12345) -> None:
     rng = np.random.default_rng(seed)
@@ -112,6 +146,7 @@ def main() -> None:
     torch.set_num_threads(2)
     api = LatentUM.from_pretrained(args.model)
     colour_probe(api)
+    shape_probe(api)
     if args.kept:
         kept(api, LatentUM.from_pretrained(args.kept))
 

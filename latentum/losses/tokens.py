@@ -25,10 +25,18 @@ def code_loss(logits: Tensor, ids: Tensor, weight: Tensor | None = None) -> Loss
     return LossBreakdown(loss, parts)
 
 
-def text_loss(logits: Tensor, targets: Tensor) -> LossBreakdown:
-    """Logits (N, V) of the supervised text positions against their targets (N,): mean cross-entropy, with the
-    token accuracy in parts."""
-    ce = F.cross_entropy(logits.float(), targets)
+def text_loss(logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> LossBreakdown:
+    """Logits (N, V) of the supervised text positions against their targets (N,): cross-entropy averaged with
+    per-position ``weight`` (N,) (default uniform: the token mean), with the token accuracy in parts."""
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+    loss = ce.mean() if weight is None else (ce * weight.to(ce)).sum() / weight.sum().to(ce).clamp_min(1e-8)
     with torch.no_grad():
         acc = (logits.argmax(-1) == targets).float().mean()
-    return LossBreakdown(ce, {"text_ce": ce.detach(), "text_acc": acc})
+    return LossBreakdown(loss, {"text_ce": loss.detach(), "text_acc": acc})
+
+
+def sample_weights(supervised: Tensor) -> Tensor:
+    """Bool (B, T) supervised positions -> (N,) weights of those positions (in row-major order) that give every
+    row the same total weight, whatever its answer's length: 1 / (the row's supervised count)."""
+    per_row = supervised.sum(1, keepdim=True).clamp_min(1)  # (B, 1)
+    return (1.0 / per_row).expand_as(supervised)[supervised]

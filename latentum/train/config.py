@@ -83,11 +83,16 @@ class PackedStageConfig(StageConfig):
     """Probability that a question's input image is read as its latent codes, the way the model reads its own
     generated images back, instead of as continuous features (``LatentView``). Questions (samples with no
     assistant image) only; teaches answering about a generated image (``answer_latents``)."""
+    text_weighting: str = "token"
+    """How the text loss averages: ``token`` (every supervised token weighs the same, so a 40-token answer
+    outweighs a one-word answer 40:1 in a mixed batch) or ``sample`` (every sample's answer weighs the same)."""
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("cfg_dropout", "latent_inputs"):
             _check(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _check(self.text_weighting in ("token", "sample"),
+               f"text_weighting must be 'token' or 'sample', got {self.text_weighting!r}")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from latentum.data.packing import IGNORE, Packed
 from latentum.losses.aia import aia_loss
 from latentum.losses.behaviour import mbaq_loss
 from latentum.losses.pixels import diffusion_loss
-from latentum.losses.tokens import code_loss
+from latentum.losses.tokens import code_loss, sample_weights
 from latentum.losses.tokens import text_loss as token_text_loss
 from latentum.model.decoder import PixelDecoder, train_scheduler
 from latentum.model.latentum import LatentUMModel
@@ -108,10 +108,13 @@ class StageSystem(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def text_loss(model: LatentUMModel, hidden: torch.Tensor, targets: torch.Tensor) -> LossBreakdown:
-    """``losses.tokens.text_loss`` on the supervised text positions of a packed batch."""
+def text_loss(model: LatentUMModel, hidden: torch.Tensor, targets: torch.Tensor, weighting: str = "token"
+              ) -> LossBreakdown:
+    """``losses.tokens.text_loss`` on the supervised text positions of a packed batch, each position weighing the
+    same (``weighting="token"``) or each sample (``"sample"``, see ``PackedStageConfig.text_weighting``)."""
     sel = targets != IGNORE
-    return token_text_loss(model.backbone.logits(hidden[sel]), targets[sel])
+    weight = sample_weights(sel) if weighting == "sample" else None
+    return token_text_loss(model.backbone.logits(hidden[sel]), targets[sel], weight)
 
 
 class VLMSystem(StageSystem):
@@ -134,7 +137,7 @@ class VLMSystem(StageSystem):
 
     def losses(self, p: Packed) -> LossBreakdown:
         fwd = self.model.forward_packed(p)
-        out = text_loss(self.model, fwd.hidden, p.text_targets)
+        out = text_loss(self.model, fwd.hidden, p.text_targets, self.cfg.text_weighting)
         if not self._reference:
             return out
         kf, m = self.cfg.keep_features, self.model
@@ -312,7 +315,7 @@ class MoMESystem(StageSystem):
                 hit = (logits.detach().argmax(-1) == ids).all(-1)
                 parts["code/acc_changed"] = hit[p.code_changed].float().mean()
         if cfg.train_understanding and (p.text_targets != IGNORE).any():
-            text = text_loss(m, fwd.hidden, p.text_targets)
+            text = text_loss(m, fwd.hidden, p.text_targets, cfg.text_weighting)
             total = total + text.total
             parts.update(text.parts)
         if with_aia:
