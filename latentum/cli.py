@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-category", type=int, default=30,
                    help="shapes: prompts per GenEval category and questions per QA type (default: 30)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="shapes: classifier-free guidance (default: 3.0)")
+    p.add_argument("--only", nargs="+", default=None, metavar="PART",
+                   help="shapes: run only these parts of the report (t2i, t2i_geneval, reconstruction, "
+                        "understanding, read_back, codebook_usage, self_judged)")
     p.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8], help="map sizes")
     p.add_argument("--styles", nargs="+", default=["gymnasium", "classic"], help="render styles")
     p.add_argument("--text-model", default=None, help="text-only planner folder for the side-by-side baseline")
@@ -175,7 +178,7 @@ def cmd_eval(args) -> int:
         from latentum.apps.shapes import evaluate as shapes_eval
 
         report = shapes_eval.evaluate_shapes(_load(args), per_category=args.per_category, per_type=args.per_category,
-                                             seed=args.seed, cfg_scale=args.cfg_scale)
+                                             seed=args.seed, cfg_scale=args.cfg_scale, only=args.only)
         shapes_eval.print_report(report)
         return _write_json(report, args.out)
     from latentum.apps.vsp.evaluate import evaluate_vsp, print_report

@@ -17,7 +17,9 @@ def test_the_report_holds_every_figure(debug_run):
         assert set(shapes.CATEGORIES) | {"overall"} <= set(report[name])
         assert all(0 <= report[name][c] <= 1 for c in shapes.CATEGORIES)
     assert "refused_words" not in report["t2i_geneval"]  # the built-in vocabulary has GenEval's template
-    assert report["reconstruction"]["real_at_decoder_resolution"] >= 0.5  # the oracle reads the real pictures
+    rec = report["reconstruction"]
+    assert rec["real_at_decoder_resolution"] >= 0.5  # the oracle reads the real pictures
+    assert abs(rec["decoded"] - sum(rec[c] for c in shapes.CATEGORIES) / len(shapes.CATEGORIES)) < 1e-9
     assert set(report["understanding"]) == set(shapes.QA_TYPES)
     assert 0 <= report["read_back"]["count"] <= 1 and report["read_back"]["questions"] >= 6 * 2 * 3
     judged = report["self_judged"]  # the debug model's vocabulary has the reflection protocol's words
@@ -39,6 +41,19 @@ def test_cli_eval_shapes_writes_json(debug_run, tmp_path, capsys):
     code = main(["eval", "shapes", "--model", str(debug_run / "model"), "--per-category", "1", "--out", str(out)])
     assert code == 0 and "reconstruction" in capsys.readouterr().out
     assert json.loads(out.read_text())["per_category"] == 1
+
+
+def test_cli_eval_shapes_runs_only_the_parts_asked_for(debug_run, capsys):
+    code = main(["eval", "shapes", "--model", str(debug_run / "model"), "--per-category", "1",
+                 "--only", "understanding", "codebook_usage"])
+    out = capsys.readouterr().out
+    assert code == 0 and "understanding:" in out and "codebook usage:" in out
+    assert "reconstruction" not in out and "t2i" not in out
+
+
+def test_cli_eval_shapes_names_an_unknown_part(debug_run, capsys):
+    code = main(["eval", "shapes", "--model", str(debug_run / "model"), "--only", "reconstuction"])
+    assert code == 2 and "reconstuction" in capsys.readouterr().err
 
 
 def test_prompts_with_words_a_model_lacks_are_reported_not_guessed():

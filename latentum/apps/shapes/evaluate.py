@@ -71,18 +71,20 @@ def text_to_image(api: LatentUM, per_category: int, seed: int, cfg_scale: float,
 
 
 def reconstruction(api: LatentUM, per_category: int, seed: int) -> dict:
-    """Oracle pass rate of real scenes rendered back from their own codes, and of the real pictures."""
+    """Oracle pass rate of real scenes rendered back from their own codes, per category and overall
+    (``decoded``), and of the real pictures."""
     side = api.decoder.cfg.resolution
-    coded, real = [], []
+    out, real = {}, []
     for k, category in enumerate(shapes.CATEGORIES):
         rng = _rng(seed, 2, k)
         specs = [shapes.sample_prompt(rng, category) for _ in range(per_category)]
         pictures = [shapes.render(shapes.scene_for(s, rng), api.canvas) for s in specs]
         latents = [api.image_latent(p) for p in pictures]
         renders = api.render(latents, seed=seed)
-        coded += [shapes.oracle(_for_oracle(im), s) for im, s in zip(renders, specs)]
+        out[category] = float(np.mean([shapes.oracle(_for_oracle(im), s) for im, s in zip(renders, specs)]))
         real += [shapes.oracle(_for_oracle(_at(p, side)), s) for p, s in zip(pictures, specs)]
-    return {"decoded": float(np.mean(coded)), "real_at_decoder_resolution": float(np.mean(real))}
+    return {"decoded": float(np.mean([out[c] for c in shapes.CATEGORIES])), **out,
+            "real_at_decoder_resolution": float(np.mean(real))}
 
 
 def understanding(api: LatentUM, per_type: int, seed: int) -> dict:
@@ -174,41 +176,59 @@ def self_judged(api: LatentUM, per_category: int, seed: int, cfg_scale: float, r
     return out
 
 
+PARTS = ("t2i", "t2i_geneval", "reconstruction", "understanding", "read_back", "codebook_usage", "self_judged")
+
+
 def evaluate_shapes(api: LatentUM, *, per_category: int = 30, per_type: int = 30, seed: int = 0,
-                    cfg_scale: float = 3.0, usage_images: int = 64, progress: bool = True) -> dict:
-    parts = [("t2i", lambda: text_to_image(api, per_category, seed, cfg_scale, None)),
-             ("t2i_geneval", lambda: text_to_image(api, per_category, seed, cfg_scale, GENEVAL_TEMPLATE)),
-             ("reconstruction", lambda: reconstruction(api, per_category, seed)),
-             ("understanding", lambda: understanding(api, per_type, seed)),
-             ("read_back", lambda: read_back(api, per_category, seed, cfg_scale)),
-             ("codebook_usage", lambda: codebook_usage(api, usage_images, seed))]
+                    cfg_scale: float = 3.0, usage_images: int = 64, progress: bool = True,
+                    only: list[str] | None = None) -> dict:
+    """Every part of the report (``PARTS``), or ``only`` those named; ``self_judged`` only for a model trained to
+    reflect."""
+    bad = sorted(set(only or ()) - set(PARTS))
+    if bad:
+        raise ValueError(f"only: unknown part(s) {bad}; expected some of {list(PARTS)}")
+    parts = {"t2i": lambda: text_to_image(api, per_category, seed, cfg_scale, None),
+             "t2i_geneval": lambda: text_to_image(api, per_category, seed, cfg_scale, GENEVAL_TEMPLATE),
+             "reconstruction": lambda: reconstruction(api, per_category, seed),
+             "understanding": lambda: understanding(api, per_type, seed),
+             "read_back": lambda: read_back(api, per_category, seed, cfg_scale),
+             "codebook_usage": lambda: codebook_usage(api, usage_images, seed)}
     if not any(api.tokenizer.unknown_words(w) for w in refine_words()):  # a model trained to reflect
-        parts.append(("self_judged", lambda: self_judged(api, per_category, seed, cfg_scale)))
+        parts["self_judged"] = lambda: self_judged(api, per_category, seed, cfg_scale)
+    chosen = [(name, run) for name, run in parts.items() if only is None or name in only]
     report = {"per_category": per_category, "per_type": per_type, "seed": seed, "cfg_scale": cfg_scale}
-    for name, run in tqdm(parts, desc="eval shapes", disable=not progress):
+    for name, run in tqdm(chosen, desc="eval shapes", disable=not progress):
         report[name] = run()
     return report
 
 
+def _row(row: dict) -> str:
+    return "  ".join(f"{c} {row[c]:.2f}" for c in shapes.CATEGORIES)
+
+
 def print_report(report: dict) -> None:
+    """The parts the report holds, one line (or a few) each."""
     for name in ("t2i", "t2i_geneval"):
-        r = report[name]
-        cells = "  ".join(f"{c} {r[c]:.2f}" for c in shapes.CATEGORIES)
-        extra = f"  (refused, unknown words: {', '.join(r['refused_words'])})" if "refused_words" in r else ""
-        print(f"{name:12s} overall {r['overall']:.3f}  {cells}{extra}")
-    rec = report["reconstruction"]
-    print(f"reconstruction: decoded {rec['decoded']:.3f} (real pictures at the decoder's resolution "
-          f"{rec['real_at_decoder_resolution']:.3f})")
-    print("understanding: " + "  ".join(f"{k} {v:.2f}" for k, v in report["understanding"].items()))
-    rb = report["read_back"]
-    print(f"read back from its own latents: count {rb['count']:.2f}  colour {rb['color']:.2f}  "
-          f"({rb['questions']} questions)")
+        if name in report:
+            r = report[name]
+            extra = f"  (refused, unknown words: {', '.join(r['refused_words'])})" if "refused_words" in r else ""
+            print(f"{name:12s} overall {r['overall']:.3f}  {_row(r)}{extra}")
+    if "reconstruction" in report:
+        rec = report["reconstruction"]
+        print(f"reconstruction: decoded {rec['decoded']:.3f}  {_row(rec)}  (real pictures at the decoder's "
+              f"resolution {rec['real_at_decoder_resolution']:.3f})")
+    if "understanding" in report:
+        print("understanding: " + "  ".join(f"{k} {v:.2f}" for k, v in report["understanding"].items()))
+    if "read_back" in report:
+        rb = report["read_back"]
+        print(f"read back from its own latents: count {rb['count']:.2f}  colour {rb['color']:.2f}  "
+              f"({rb['questions']} questions)")
+    for name, row in report.get("self_judged", {}).items():
+        if name != "refine_images":
+            print(f"{name:12s} overall {row['overall']:.3f}  {_row(row)}")
     if "self_judged" in report:
-        for name, row in report["self_judged"].items():
-            if name != "refine_images":
-                print(f"{name:12s} overall {row['overall']:.3f}  "
-                      + "  ".join(f"{c} {row[c]:.2f}" for c in shapes.CATEGORIES))
         images = report["self_judged"]["refine_images"]
         print("refine, images per prompt: " + "  ".join(f"{c} {v:.2f}" for c, v in images.items()))
-    print("codebook usage: " + "  ".join(f"{g}: {u['used']}/{u['of']} used, perplexity {u['perplexity']:.1f}, "
-                                         f"{u['dead']} dead" for g, u in report["codebook_usage"].items()))
+    if "codebook_usage" in report:
+        print("codebook usage: " + "  ".join(f"{g}: {u['used']}/{u['of']} used, perplexity {u['perplexity']:.1f}, "
+                                             f"{u['dead']} dead" for g, u in report["codebook_usage"].items()))
