@@ -102,9 +102,9 @@ def shape_probe(api: LatentUM, n: int = 1500, fit: int = 1200, seed: int = 321) 
     grid = api.config.encoder.grid
     scenes = [shapes.scene_for(shapes.sample_prompt(rng), rng) for _ in range(n)]
     pics = np.stack([shapes.render(s, api.canvas) for s in scenes])
-    cells, labels, split = [], [], 0
+    split = sum(len(s.objects) for s in scenes[:fit])  # objects of the first ``fit`` scenes fit the probe
+    cells, labels = [], []
     for i, scene in enumerate(scenes):
-        split = len(cells) if i == fit else split
         for o in scene.objects:
             cells.append((i, min(int(o.y * grid), grid - 1), min(int(o.x * grid), grid - 1)))
             labels.append(shapes.SHAPES.index(o.shape))

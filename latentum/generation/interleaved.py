@@ -195,7 +195,7 @@ class _Interleaving:
             grids = [self.grids[i] for i in self.held]
             ids = dec.think(self.params, self.generator, grid=grids, uncond=self.streams[-1] if self.cfg_scale != 1.0
                             else None, cfg_scale=self.cfg_scale, rows=torch.tensor(wants)).cpu()
-            for b in (b for b in range(B) if wants[b]):
+            for b in [b for b, w in enumerate(wants) if w]:
                 g = grids[b]
                 self.out[self.held[b]].append(LatentImage(ids[b, :g * g]))
                 self.images[b] += 1

@@ -223,12 +223,12 @@ def print_report(report: dict) -> None:
         rb = report["read_back"]
         print(f"read back from its own latents: count {rb['count']:.2f}  colour {rb['color']:.2f}  "
               f"({rb['questions']} questions)")
-    for name, row in report.get("self_judged", {}).items():
-        if name != "refine_images":
-            print(f"{name:12s} overall {row['overall']:.3f}  {_row(row)}")
     if "self_judged" in report:
-        images = report["self_judged"]["refine_images"]
-        print("refine, images per prompt: " + "  ".join(f"{c} {v:.2f}" for c, v in images.items()))
+        judged = report["self_judged"]
+        for name, row in judged.items():
+            if name != "refine_images":
+                print(f"{name:12s} overall {row['overall']:.3f}  {_row(row)}")
+        print("refine, images per prompt: " + "  ".join(f"{c} {v:.2f}" for c, v in judged["refine_images"].items()))
     if "codebook_usage" in report:
         print("codebook usage: " + "  ".join(f"{g}: {u['used']}/{u['of']} used, perplexity {u['perplexity']:.1f}, "
                                              f"{u['dead']} dead" for g, u in report["codebook_usage"].items()))
