@@ -216,3 +216,17 @@ def test_describe_names_every_object_the_pixels_show_in_reading_order():
     samples = [S.describe_sample(np.random.default_rng(k)) for k in range(50)]
     words = {w for s in samples for w in s.assistant[0].split()}
     assert words <= S.vocabulary()
+
+
+def test_worked_out_qa_describes_the_scene_then_gives_the_same_answer():
+    from latentum.data.sample import final_answer
+    for qtype in S.QA_TYPES:
+        for k in range(25):
+            plain = S.qa_sample(np.random.default_rng([k, 7]), 128, qtype)
+            s = S.qa_steps_sample(np.random.default_rng([k, 7]), 128, qtype)
+            assert s.task == "shapes_qa_steps" and s.user[1] == plain.user[1]
+            np.testing.assert_array_equal(s.user[0], plain.user[0])
+            steps, answer = s.assistant[0].rsplit(" , ", 1)
+            assert steps == S.describe_text(s.meta["scene"]) and answer == plain.assistant[0]
+            assert final_answer(s.assistant[0]) == s.meta["answer"] == plain.meta["answer"]
+            assert set(s.assistant[0].split()) <= S.vocabulary()

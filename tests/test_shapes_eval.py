@@ -62,3 +62,20 @@ def test_prompts_with_words_a_model_lacks_are_reported_not_guessed():
     old = LatentUM.from_pretrained("checkpoints/tiny")  # its vocabulary predates GenEval's template
     report = text_to_image(old, per_category=1, seed=0, cfg_scale=3.0, template=GENEVAL_TEMPLATE)
     assert report["refused_words"] == ["photo"] and report["overall"] == 0.0
+
+
+def test_a_worked_out_answer_scores_by_its_final_words():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from latentum.apps.shapes.evaluate import ANSWER_TOKENS, answers
+    from latentum.worlds.registry import default_tokenizer
+
+    tok = default_tokenizer()
+    replies = ["two", "a red circle at row 2 column 5 , a red square at row 3 column 1 , two", "Yes"]
+    api = SimpleNamespace(tokenizer=tok, answer_batch=lambda images, questions, max_new_tokens: replies)
+    assert answers(api, [None] * 3, ["q"] * 3) == ["two", "two", "Yes"]
+    rng = np.random.default_rng(3)  # the longest description (five objects) and an answer fit in the room given
+    longest = max(len(tok.encode(shapes.describe_sample(rng).assistant[0] + " , two")) for _ in range(200))
+    assert 40 < longest <= ANSWER_TOKENS

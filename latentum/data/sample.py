@@ -17,6 +17,12 @@ import numpy as np
 Item = str | np.ndarray
 
 
+def final_answer(text: str) -> str:
+    """The answer a worked-out reply ends with: the words after its last comma (all of ``text`` if none), as a
+    benchmark's scorer reads the answer out of a reply ("player row 2 column 3 , goal row 4 column 4 , Above")."""
+    return text.rsplit(",", 1)[-1].strip()
+
+
 class Attempt(str):
     """Assistant text the model reads but is not trained to say: an action it tries and takes back (a world's
     retry samples). Everything after it (the imagined image, the verdict) is supervised as usual."""

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from latentum.api import LatentUM
-from latentum.apps.shapes.evaluate import _for_oracle
+from latentum.apps.shapes.evaluate import _for_oracle, answers
 from latentum.data.refine import words as refine_words
 from latentum.worlds import shapes
 
@@ -34,7 +34,7 @@ def _reading(api: LatentUM, latents, specs) -> list[str]:
     """What the model reads in each latent: the count of its prompt's first shape."""
     questions = [f"How many {shapes.PLURALS[s.requirements[0].shape]} are there ?" for s in specs]
     return [f"reads: {a} {shapes.PLURALS[s.requirements[0].shape]}"
-            for a, s in zip(api.answer_batch(latents, questions), specs)]
+            for a, s in zip(answers(api, latents, questions), specs)]
 
 
 def run_shapes_demo(api: LatentUM, out: str | Path = "outputs/demo", seed: int = 0, rounds: int = 3) -> Path:

@@ -6,7 +6,8 @@
   refused by the API and counted as a failure (and reported).
 - **reconstruction**: a real scene -> encoder -> MBAQ codes -> pixel decoder -> oracle; the real picture at the
   decoder's resolution is the control.
-- **understanding**: Shapes QA (count, colour, relation, match) on real images, answered greedily.
+- **understanding**: Shapes QA (count, colour, relation, match) on real images, answered greedily; a worked-out
+  reply (``shapes_qa_steps``: the description, then the answer) is scored by its final answer.
 - **codebook usage** on fresh images of both worlds: codes used, perplexity and dead codes (never used) per
   codebook, counted from the codes themselves.
 - **read back**: count and colour questions about the model's own generated latents (no pixels in the loop),
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from latentum.api import LatentUM
 from latentum.data.refine import words as refine_words
+from latentum.data.sample import final_answer
 from latentum.types import Judged, LatentImage
 from latentum.worlds import shapes
 from latentum.worlds.registry import make_sample
@@ -87,15 +89,26 @@ def reconstruction(api: LatentUM, per_category: int, seed: int) -> dict:
             "real_at_decoder_resolution": float(np.mean(real))}
 
 
+ANSWER_TOKENS = 64
+"""Room for a worked-out answer: the description of five objects, then the answer."""
+
+
+def answers(api: LatentUM, images: list, questions: list[str]) -> list[str]:
+    """The model's greedy answers, each its final answer (the words after its last comma), normalised: a direct
+    answer ("two") and a worked-out one ("a red circle at row 2 column 5 , ... , two") score alike."""
+    said = api.answer_batch(images, questions, max_new_tokens=ANSWER_TOKENS)
+    return [final_answer(api.tokenizer.normalize(a)) for a in said]
+
+
 def understanding(api: LatentUM, per_type: int, seed: int) -> dict:
     """Exact-answer accuracy per QA type on real Shapes images."""
     out = {}
     for k, qtype in enumerate(shapes.QA_TYPES):
         rng = _rng(seed, 3, k)
         samples = [shapes.qa_sample(rng, api.canvas, qtype) for _ in range(per_type)]
-        said = api.answer_batch([s.user[0] for s in samples], [s.user[1] for s in samples])
+        said = answers(api, [s.user[0] for s in samples], [s.user[1] for s in samples])
         norm = api.tokenizer.normalize
-        out[qtype] = float(np.mean([norm(a) == norm(s.meta["answer"]) for a, s in zip(said, samples)]))
+        out[qtype] = float(np.mean([a == norm(s.meta["answer"]) for a, s in zip(said, samples)]))
     return out
 
 
@@ -148,9 +161,8 @@ def read_back(api: LatentUM, per_category: int, seed: int, cfg_scale: float) -> 
                     images.append(latent)
                     questions.append(f"What colour is the {shape} ?")
                     truths.append(("color", next(d.color for d in found if d.shape == shape)))
-        said = api.answer_batch(images, questions)
-        for a, (kind, t) in zip(said, truths):
-            (counts if kind == "count" else colours).append(api.tokenizer.normalize(a) == t)
+        for a, (kind, t) in zip(answers(api, images, questions), truths):
+            (counts if kind == "count" else colours).append(a == t)
     return {"count": float(np.mean(counts)), "color": float(np.mean(colours)) if colours else float("nan"),
             "questions": len(counts) + len(colours)}
 

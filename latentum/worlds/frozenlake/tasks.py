@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from latentum.data.sample import Attempt, Sample
+from latentum.data.sample import Attempt, Sample, final_answer  # noqa: F401 (final_answer: the VSP scorer's)
 from latentum.worlds.frozenlake.lake import (
     ACTIONS,
     MAX_SIZE,
@@ -223,11 +223,6 @@ def relation_steps_sample(rng: np.random.Generator, size: int, style: str, canva
     answer = RELATION_STEPS_A.format(pr=pr + 1, pc=pc + 1, gr=gr + 1, gc=gc + 1, relation=relation)
     return Sample([_map_image(m, style, canvas), RELATION_Q], [answer], "vsp_relation_steps",
                   _meta(m, style, relation))
-
-
-def final_answer(text: str) -> str:
-    """The answer a worked-out reply ends with: the words after its last comma (all of ``text`` if none)."""
-    return text.rsplit(",", 1)[-1].strip()
 
 
 def _near_miss(m: LakeMap, rng: np.random.Generator) -> str:

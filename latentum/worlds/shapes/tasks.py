@@ -193,6 +193,17 @@ def describe_sample(rng, canvas: int = 128) -> Sample:
                   {"scene": scene})
 
 
+def qa_steps_sample(rng, canvas: int = 128, qtype: str | None = None) -> Sample:
+    """Shapes QA worked out: the description of the image first (``describe_text``), then the answer after a
+    comma, e.g. "a red circle at row 2 column 5 , a blue square at row 6 column 1 , Yes" (the answer is the words
+    after the last comma, ``final_answer``). A question asks one word that sums up the whole scene; the model
+    reads the scene object by object, as it describes, and answers from its own words. Same questions and
+    answers as ``qa_sample``."""
+    s = qa_sample(rng, canvas, qtype)
+    answer = f"{describe_text(s.meta['scene'])} , {s.meta['answer']}"
+    return Sample(s.user, [answer], "shapes_qa_steps", s.meta)
+
+
 def vocabulary() -> set[str]:
     """Every word the Shapes prompts, questions and answers contain ("?" is a word of its own)."""
     words = set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(NUMBERS)
