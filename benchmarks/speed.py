@@ -15,7 +15,9 @@ Figures (each ratio is latentum / peer, > 1 means latentum is faster):
 - free interleaved generation (``generate``, greedy) of 32 inputs, planning prompts on maps of every size and
   Shapes prompts, with 16 rows, continuously batched, against one input at a time (the outputs are compared too);
 - planning 96 fresh maps of every size (16 per size) with 16 rows, continuously batched, against one map at a
-  time, with the shipped model (the plans are compared too).
+  time, with the shipped model (the plans are compared too);
+- the forward that dominates a plan, a drafted thought checked in one forward of 66 tokens on a cached context,
+  with 16 rows against one: how much batching can speed planning up at most on this machine.
 """
 
 from __future__ import annotations
@@ -144,6 +146,26 @@ def planning(per_level: int, repeats: int, batch: int = 16) -> dict:
             "same_plans": same}
 
 
+def thought_forward(batch: int, context: int, repeats: int, tokens: int = 66) -> dict:
+    """The shipped backbone's forward of ``tokens`` generation-branch tokens (a drafted thought and its markers) on
+    a cached context of ``context`` tokens, at ``batch`` rows: rows per second."""
+    api = LatentUM.from_pretrained("checkpoints/tiny")
+    bb = api.model.backbone
+    gen = torch.Generator().manual_seed(2)
+    prefix = bb.embed(torch.randint(7, 100, (batch, context), generator=gen))
+    new = bb.embed(torch.randint(7, 100, (batch, tokens), generator=gen))
+    cache = bb.new_cache(batch, context + tokens)
+    with torch.inference_mode():
+        bb(prefix, torch.zeros(batch, context, dtype=torch.bool), torch.arange(context).expand(batch, -1), cache=cache)
+
+        def forward():
+            cache.truncate(context)
+            bb(new, torch.ones(batch, tokens, dtype=torch.bool),
+               torch.arange(context, context + tokens).expand(batch, -1), cache=cache)
+
+        return {"rows_s": batch / median_time(forward, repeats)}
+
+
 def image_generation(batch: int, repeats: int) -> dict:
     """Text-to-image with the shipped model (CFG 3, sampled): ``batch`` prompts in one call against one at a time."""
     api = LatentUM.from_pretrained("checkpoints/tiny")
@@ -207,6 +229,9 @@ def main() -> None:
     print(f"| plan_batch of {p['maps']} maps of 3x3-8x8, batch 16 (continuous) vs one at a time, plans/s | "
           f"{p['batched_plans_s']:.2f} | {p['single_plans_s']:.2f} | "
           f"{p['batched_plans_s'] / p['single_plans_s']:.2f}x (same plans: {p['same_plans']}) |")
+    one, many = (thought_forward(b, 400, 3 if args.quick else 20) for b in (1, 16))
+    print(f"| a plan's dominant forward (a drafted thought, 66 tokens on 400 cached), 16 rows vs 1, rows/s | "
+          f"{many['rows_s']:.1f} | {one['rows_s']:.1f} | {many['rows_s'] / one['rows_s']:.2f}x (planning's ceiling) |")
 
 
 if __name__ == "__main__":
