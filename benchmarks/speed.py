@@ -17,7 +17,8 @@ Figures (each ratio is latentum / peer, > 1 means latentum is faster):
 - planning 96 fresh maps of every size (16 per size) with 16 rows, continuously batched, against one map at a
   time, with the shipped model (the plans are compared too);
 - the forward that dominates a plan, a drafted thought checked in one forward of 66 tokens on a cached context,
-  with 16 rows against one: how much batching can speed planning up at most on this machine.
+  with 16 rows against one, and the share of one-at-a-time planning spent in such many-token forwards: with
+  Amdahl's law, how much batching can speed planning up at most on this machine.
 """
 
 from __future__ import annotations
@@ -166,6 +167,30 @@ def thought_forward(batch: int, context: int, repeats: int, tokens: int = 66) ->
         return {"rows_s": batch / median_time(forward, repeats)}
 
 
+def many_token_share(per_level: int, tokens: int = 32) -> float:
+    """The share of one-at-a-time planning time (maps of every size) spent in backbone forwards of ``tokens`` or
+    more new tokens (a prompt, a drafted thought): work that is arithmetic, not overhead, at batch 1."""
+    api = LatentUM.from_pretrained("checkpoints/tiny")
+    bb = api.model.backbone
+    maps = [m for level in range(3, 9) for m in eval_maps(level, per_level, seed=11)]
+    boards = [fl.render_canvas(m, m.player, "gymnasium", canvas=api.canvas) for m in maps]
+    forward, spent = bb.forward, [0.0]
+
+    def timed(x, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = forward(x, *args, **kwargs)
+        if x.size(1) >= tokens:
+            spent[0] += time.perf_counter() - t0
+        return out
+
+    entry.plan(api, boards[0])  # warm-up
+    bb.forward = timed
+    t0 = time.perf_counter()
+    for b in boards:
+        entry.plan(api, b)
+    return spent[0] / (time.perf_counter() - t0)
+
+
 def image_generation(batch: int, repeats: int) -> dict:
     """Text-to-image with the shipped model (CFG 3, sampled): ``batch`` prompts in one call against one at a time."""
     api = LatentUM.from_pretrained("checkpoints/tiny")
@@ -230,8 +255,12 @@ def main() -> None:
           f"{p['batched_plans_s']:.2f} | {p['single_plans_s']:.2f} | "
           f"{p['batched_plans_s'] / p['single_plans_s']:.2f}x (same plans: {p['same_plans']}) |")
     one, many = (thought_forward(b, 400, 3 if args.quick else 20) for b in (1, 16))
+    speedup = many["rows_s"] / one["rows_s"]
     print(f"| a plan's dominant forward (a drafted thought, 66 tokens on 400 cached), 16 rows vs 1, rows/s | "
-          f"{many['rows_s']:.1f} | {one['rows_s']:.1f} | {many['rows_s'] / one['rows_s']:.2f}x (planning's ceiling) |")
+          f"{many['rows_s']:.1f} | {one['rows_s']:.1f} | {speedup:.2f}x |")
+    share = many_token_share(1 if args.quick else 4)
+    print(f"| share of one-at-a-time planning in forwards of 32+ tokens; the most 16 rows can give (Amdahl: those at "
+          f"{speedup:.2f}x, the rest 16x) | {share:.2f} | | {1 / (share / speedup + (1 - share) / 16):.2f}x |")
 
 
 if __name__ == "__main__":
