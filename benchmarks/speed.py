@@ -153,10 +153,10 @@ def thought_forward(batch: int, context: int, repeats: int, tokens: int = 66) ->
     api = LatentUM.from_pretrained("checkpoints/tiny")
     bb = api.model.backbone
     gen = torch.Generator().manual_seed(2)
-    prefix = bb.embed(torch.randint(7, 100, (batch, context), generator=gen))
-    new = bb.embed(torch.randint(7, 100, (batch, tokens), generator=gen))
     cache = bb.new_cache(batch, context + tokens)
     with torch.inference_mode():
+        prefix = bb.embed(torch.randint(7, 100, (batch, context), generator=gen))
+        new = bb.embed(torch.randint(7, 100, (batch, tokens), generator=gen))
         bb(prefix, torch.zeros(batch, context, dtype=torch.bool), torch.arange(context).expand(batch, -1), cache=cache)
 
         def forward():

@@ -73,13 +73,13 @@ def test_shipped_model_works_out_where_the_player_is_relative_to_the_goal(api, s
     answered 19/20 (gymnasium) and 20/20 (classic); the previous weights, answering directly, 20/20."""
     import numpy as np
 
-    from latentum.worlds.frozenlake import tasks as vsp
+    from latentum.data.sample import final_answer
     from latentum.worlds.registry import make_sample
 
     rng = np.random.default_rng(2024)
     samples = [make_sample("vsp_relation", rng, map_sizes=[6], canvas=api.canvas, style=style) for _ in range(20)]
     said = api.answer_batch([s.user[0] for s in samples], [s.user[1] for s in samples], max_new_tokens=20)
-    right = sum(vsp.final_answer(a) == s.meta["answer"] for a, s in zip(said, samples))
+    right = sum(final_answer(a) == s.meta["answer"] for a, s in zip(said, samples))
     assert right >= 17, f"{style}: {right}/20 relation questions right"
 
 

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from latentum.data.sample import Attempt, Sample
+from latentum.data.sample import Attempt, Sample, final_answer
 from latentum.worlds import frozenlake as fl
 from latentum.worlds.frozenlake import tasks as vsp
 
@@ -189,9 +189,9 @@ def test_relation_steps_sample_writes_both_cells_then_the_relation():
         m, text = s.meta["map"], s.assistant[0]
         (pr, pc), (gr, gc) = m.player, m.goal
         assert text.startswith(f"player row {pr + 1} column {pc + 1} , goal row {gr + 1} column {gc + 1} , ")
-        assert vsp.final_answer(text) == vsp.relation_words(m.player, m.goal) == s.meta["answer"]
+        assert final_answer(text) == vsp.relation_words(m.player, m.goal) == s.meta["answer"]
         assert s.user[1] == vsp.RELATION_Q  # the same question as the direct task
-    assert vsp.final_answer("Above Left") == "Above Left"  # a direct answer is its own final answer
+    assert final_answer("Above Left") == "Above Left"  # a direct answer is its own final answer
 
 
 def test_grid_sample_has_one_true_option_and_a_near_miss():

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from latentum.api import LatentUM
 from latentum.apps.vsp import entry, planner
 from latentum.data.canvas import active_index
+from latentum.data.sample import final_answer
 from latentum.generation.interleaved import answer_latents
 from latentum.types import GREEDY
 from latentum.worlds import frozenlake as fl
@@ -184,7 +185,7 @@ def qa_metrics(api, level: int, style: str, n: int, seed: int) -> dict[str, floa
         pred = api.answer_batch(images, questions, max_new_tokens=max(20, longest + 2))  # room for worked steps
         gold = [api.tokenizer.normalize(s.assistant[0]) for s in samples]
         if task == "vsp_relation":  # answered directly or worked out ("player row ... , Above Left")
-            pred = [vsp.final_answer(p) for p in pred]
+            pred = [final_answer(p) for p in pred]
         out[task] = float(np.mean([p == g for p, g in zip(pred, gold)]))
         if task == "vsp_safety":
             out["vsp_safety_imagined"] = imagined_safety(api, samples)

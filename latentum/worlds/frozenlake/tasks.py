@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from latentum.data.sample import Attempt, Sample, final_answer  # noqa: F401 (final_answer: the VSP scorer's)
+from latentum.data.sample import Attempt, Sample
 from latentum.worlds.frozenlake.lake import (
     ACTIONS,
     MAX_SIZE,
@@ -212,10 +212,10 @@ def relation_sample(rng: np.random.Generator, size: int, style: str, canvas: int
 
 def relation_steps_sample(rng: np.random.Generator, size: int, style: str, canvas: int = 128) -> Sample:
     """T2 worked out: where the player is, where the goal is, then the relation, e.g. "player row 2 column 3 ,
-    goal row 4 column 4 , Above Left" (the answer is the words after the last comma, ``final_answer``). Each
-    step is one the model already takes well (finding a cell, as "Where is the player ?") or a comparison of
-    two written numbers; asked directly, the relation goes wrong when the two cells are a column or a row
-    apart (README, "The relation worked out")."""
+    goal row 4 column 4 , Above Left" (the answer is the words after the last comma,
+    ``latentum.data.sample.final_answer``). Each step is one the model already takes well (finding a cell, as
+    "Where is the player ?") or a comparison of two written numbers; asked directly, the relation goes wrong
+    when the two cells are a column or a row apart (README, "The relation worked out")."""
     _check(size, style, canvas)
     m = generate_map(size, rng)
     relation = relation_words(m.player, m.goal)
