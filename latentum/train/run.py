@@ -24,6 +24,7 @@ from lightning.fabric.strategies.fsdp import _get_full_state_dict_context  # Lig
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 
 from latentum.checkpoint import write_folder_atomically
 from latentum.data.hf_tokenizer import AnyTokenizer, load_tokenizer
@@ -194,7 +195,7 @@ def _check_run_folder(folder: Path, leg: Leg, resume: bool, overwrite: bool) -> 
     if not started:
         return
     if overwrite:
-        shutil.rmtree(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # every rank of a multi-process run clears it at once
     elif not resume:
         raise ValueError(f"leg {leg.name!r} already has a run in {str(folder)!r}; pass --resume to continue it "
                          f"or --overwrite to start it over")
@@ -238,8 +239,11 @@ def assemble(recipe: RecipeConfig, out: str | Path) -> Path:
 
 def train_recipe(recipe: RecipeConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                  num_workers: int = 0, legs: list[str] | None = None, progress: bool = True) -> Path:
-    """Train ``legs`` (default: all, in order), then assemble ``out/model``."""
+    """Train ``legs`` (default: all, in order), then assemble ``out/model`` (on rank 0 only: in a multi-process
+    run every rank returns here, and two ranks replacing the same folder at once fail)."""
     for name in legs or [x.name for x in recipe.legs]:
         train_leg(recipe, name, out, resume=resume, overwrite=overwrite, num_workers=num_workers,
                   progress=progress)
+    if rank_zero_only.rank != 0:  # the Trainer set it to this process's global rank
+        return Path(out) / "model"
     return assemble(recipe, out)
