@@ -583,6 +583,9 @@ def test_decoder_system_starts_from_a_trained_decoder_of_the_recipes_config(tmp_
             DecoderSystem(model, other, TrainConfig(init_decoder=str(tmp_path / "dec")))
     with pytest.raises(ValueError, match="config.json"):
         DecoderSystem(model, dcfg, TrainConfig(init_decoder=str(tmp_path / "nowhere")))
+    retarget = DecoderConfig(**{**dcfg.__dict__, "prediction_type": "v_prediction", "inference_steps": 16})
+    again = DecoderSystem(model, retarget, TrainConfig(init_decoder=str(tmp_path / "dec")))
+    assert again.decoder.cfg == retarget and same_weights(again.decoder, system.decoder)  # a new target, same net
 
 
 def test_referenced_images_pair_each_plan_board_with_its_input_map():

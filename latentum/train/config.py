@@ -244,7 +244,8 @@ class DecoderStageConfig(StageConfig):
 
     init_decoder: str | None = None
     """Start the pixel decoder from this leg's decoder (a leg name) or decoder folder (a path) instead of random
-    weights, to train it further; its config must equal the recipe's ``decoder``."""
+    weights, to train it further; its config must equal the recipe's ``decoder`` but for what it predicts and its
+    sampling steps (``systems.RETARGETABLE``), which it takes from the recipe."""
     changed_weight: float = 1.0
     """Loss weight of the pixels in cells where an image differs from its reference (the image it started from)
     relative to the others; 1 = uniform."""

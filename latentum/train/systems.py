@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import lightning as L
@@ -396,10 +397,18 @@ def changed_cells(pixels: torch.Tensor, references: torch.Tensor, grid: int, res
     return F.interpolate(cells, size=resolution, mode="nearest")
 
 
+RETARGETABLE = ("prediction_type", "inference_steps")
+"""Decoder fields a continued decoder may change: what its output is trained to be and how many steps sample it,
+not the shapes of its weights."""
+
+
 def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) -> PixelDecoder:
-    """``DecoderStageConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's."""
+    """``DecoderStageConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's but for
+    ``RETARGETABLE`` fields, which it takes from the recipe."""
     trained = load_decoder_folder(folder)
-    if (trained.cfg, trained.code_dim, trained.grid) != (cfg, code_dim, grid):
+    same = dataclasses.replace(trained.cfg, **{k: getattr(cfg, k) for k in RETARGETABLE})
+    if (same, trained.code_dim, trained.grid) != (cfg, code_dim, grid):
         raise ValueError(f"init_decoder {folder!r}: its config {trained.cfg} (code_dim {trained.code_dim}, grid "
                          f"{trained.grid}) differs from the recipe's decoder {cfg} (code_dim {code_dim}, grid {grid})")
+    trained.cfg = cfg
     return trained
