@@ -230,3 +230,31 @@ def test_worked_out_qa_describes_the_scene_then_gives_the_same_answer():
             assert steps == S.describe_text(s.meta["scene"]) and answer == plain.assistant[0]
             assert final_answer(s.assistant[0]) == s.meta["answer"] == plain.meta["answer"]
             assert set(s.assistant[0].split()) <= S.vocabulary()
+
+
+def test_checked_qa_writes_the_checks_its_answer_rests_on():
+    from latentum.data.sample import final_answer
+    for qtype in S.QA_TYPES:
+        for k in range(40):
+            plain = S.qa_sample(np.random.default_rng([k, 9]), 128, qtype)
+            steps = S.qa_steps_sample(np.random.default_rng([k, 9]), 128, qtype)
+            s = S.qa_checks_sample(np.random.default_rng([k, 9]), 128, qtype)
+            assert s.task == "shapes_qa_checks" and s.user[1] == plain.user[1]
+            assert final_answer(s.assistant[0]) == plain.assistant[0]
+            assert set(s.assistant[0].split()) <= S.vocabulary()
+            if qtype in ("count", "color"):
+                assert s.assistant[0] == steps.assistant[0]
+                continue
+            scene, spec = s.meta["scene"], s.meta["spec"]
+            description, checks = S.describe_text(scene), S.checks_text(scene, spec)
+            assert s.assistant[0] == f"{description} , {checks} , {plain.assistant[0]}"
+            checks = checks.split(" , ")
+            counts = [S.NUMBERS.index(c.split()[0]) for c in checks[:len(spec.requirements)]]
+            enough = all(n == r.count if spec.exact else n >= r.count for n, r in zip(counts, spec.requirements))
+            if plain.assistant[0] == "Yes":
+                assert enough, (s.user[1], s.assistant[0])
+            elif spec.relation is None:
+                assert not enough, (s.user[1], s.assistant[0])  # a No without a relation: a count falls short
+            for place in checks[len(spec.requirements):]:  # the related objects' cells, copied from the description
+                assert place.startswith("the ") and f"a {place[4:]}" in description.split(" , ")
+            assert len(checks) == len(spec.requirements) + (2 if spec.relation and all(counts) else 0)

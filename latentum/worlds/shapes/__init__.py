@@ -19,8 +19,10 @@ from latentum.worlds.shapes.tasks import (
     MAX_SIZE,
     MIN_SIZE,
     QA_TYPES,
+    checks_text,
     describe_sample,
     describe_text,
+    qa_checks_sample,
     qa_sample,
     qa_steps_sample,
     scene_for,
@@ -35,8 +37,8 @@ def vocabulary() -> set[str]:
 
 
 __all__ = ["CATEGORIES", "COLORS", "GENEVAL_TEMPLATE", "MAX_SIZE", "MIN_CANVAS", "MIN_SIZE", "NUMBERS", "OPPOSITE",
-           "PLURALS", "QA_TYPES", "SHAPES", "Detected", "Obj", "PromptSpec", "Requirement", "Scene", "corrupt",
-           "describe_sample", "describe_text", "inject_flaw", "oracle", "oracle_report", "parse", "qa_sample",
-           "qa_steps_sample", "reflect_sample", "refine_sample",
-           "relations", "render", "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_photo_sample",
-           "t2i_sample", "vocabulary"]
+           "PLURALS", "QA_TYPES", "SHAPES", "Detected", "Obj", "PromptSpec", "Requirement", "Scene", "checks_text",
+           "corrupt", "describe_sample", "describe_text", "inject_flaw", "oracle", "oracle_report", "parse",
+           "qa_checks_sample", "qa_sample", "qa_steps_sample", "reflect_sample", "refine_sample", "relations",
+           "render", "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_photo_sample", "t2i_sample",
+           "vocabulary"]

@@ -172,14 +172,22 @@ DESCRIBE_GRID = 8
 """A description places each object in the cell of a DESCRIBE_GRID x DESCRIBE_GRID grid that holds its centre."""
 
 
+def _cell(v: float) -> int:
+    return min(int(v * DESCRIBE_GRID), DESCRIBE_GRID - 1)
+
+
+def _at(o: Obj) -> str:
+    return f"{o.color} {o.shape} at row {_cell(o.y) + 1} column {_cell(o.x) + 1}"
+
+
+def _reading_order(scene: Scene) -> list[Obj]:
+    return sorted(scene.objects, key=lambda o: (_cell(o.y), _cell(o.x), o.x))
+
+
 def describe_text(scene: Scene) -> str:
     """Every object of ``scene`` in reading order of its centre's cell: "a red circle at row 2 column 5 , a blue
     square at row 6 column 1" (rows and columns from 1, top left)."""
-    def cell(v: float) -> int:
-        return min(int(v * DESCRIBE_GRID), DESCRIBE_GRID - 1)
-
-    objs = sorted(scene.objects, key=lambda o: (cell(o.y), cell(o.x), o.x))
-    return " , ".join(f"a {o.color} {o.shape} at row {cell(o.y) + 1} column {cell(o.x) + 1}" for o in objs)
+    return " , ".join(f"a {_at(o)}" for o in _reading_order(scene))
 
 
 def describe_sample(rng, canvas: int = 128) -> Sample:
@@ -202,6 +210,37 @@ def qa_steps_sample(rng, canvas: int = 128, qtype: str | None = None) -> Sample:
     s = qa_sample(rng, canvas, qtype)
     answer = f"{describe_text(s.meta['scene'])} , {s.meta['answer']}"
     return Sample(s.user, [answer], "shapes_qa_steps", s.meta)
+
+
+def checks_text(scene: Scene, spec: PromptSpec) -> str:
+    """What a Yes / No about ``spec`` rests on, read off ``scene``: how many of each asked object it holds ("two
+    red circles", "zero squares"), then, for a relation, where the first of each related object is ("the red
+    circle at row 2 column 5 , the blue square at row 2 column 1")."""
+    objs = _reading_order(scene)
+    steps, found = [], []
+    for r in spec.requirements:
+        matched = [o for o in objs if o.shape == r.shape and r.color in (None, o.color)]
+        found.append(matched)
+        noun = r.shape if len(matched) == 1 else PLURALS[r.shape]
+        steps.append(" ".join(w for w in (NUMBERS[min(len(matched), len(NUMBERS) - 1)], r.color, noun) if w))
+    if spec.relation is not None and all(found):
+        steps += [f"the {_at(group[0])}" for group in found]
+    return " , ".join(steps)
+
+
+def qa_checks_sample(rng, canvas: int = 128, qtype: str | None = None) -> Sample:
+    """Shapes QA worked out further than ``qa_steps_sample``: after the description, a relation or match question
+    writes the checks its Yes / No rests on (``checks_text``), then answers, e.g. "a red circle at row 2 column 5 ,
+    a blue square at row 2 column 1 , one red circle , one blue square , the red circle at row 2 column 5 , the blue
+    square at row 2 column 1 , No" for "Is the red circle left of the blue square ?". Each check copies or counts
+    from the model's own description, so the answer compares words already written (FrozenLake's relation is
+    answered the same way). Count and colour questions, whose answer is itself such a check, read as in
+    ``qa_steps_sample``. Same questions and answers as ``qa_sample``."""
+    s = qa_sample(rng, canvas, qtype)
+    steps = [describe_text(s.meta["scene"])]
+    if s.meta["spec"] is not None:
+        steps.append(checks_text(s.meta["scene"], s.meta["spec"]))
+    return Sample(s.user, [" , ".join([*steps, s.meta["answer"]])], "shapes_qa_checks", s.meta)
 
 
 def vocabulary() -> set[str]:
