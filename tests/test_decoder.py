@@ -547,6 +547,41 @@ def test_changed_cells_marks_the_cells_that_differ_from_the_reference():
     assert torch.equal(mask, want)
 
 
+def test_edge_pixels_mark_a_shapes_outline_and_nothing_flat():
+    from latentum.train.systems import edge_pixels
+
+    images = -torch.ones(2, 3, 16, 16)
+    images[1, 0, 4:10, 6:12] = 1.0  # a red square in the second image: its outline is rows 4-9, columns 6-11
+    edges = edge_pixels(images)  # (2, 1, 16, 16)
+    assert edges.shape == (2, 1, 16, 16) and edges[0].eq(0).all()
+    want = torch.zeros(16, 16)
+    want[2:12, 4:14] = 1  # within 2 px of the colour change, corners included
+    want[6:8, 8:10] = 0  # the flat inside of the square, more than 2 px from its edge
+    assert torch.equal(edges[1, 0], want)
+
+
+def test_decoder_system_multiplies_changed_and_edge_weights(monkeypatch):
+    from latentum.train.config import DecoderStageConfig as TrainConfig
+    from latentum.train.systems import DecoderSystem, edge_pixels
+
+    model, dcfg = _debug_model()
+    side = model.cfg.encoder.image_size
+    refs = torch.zeros(2, side, side, 3, dtype=torch.uint8)
+    pixels = refs.clone()
+    pixels[1, :4, :4] = 255
+    seen = _spy_loss(monkeypatch)
+    DecoderSystem(model, dcfg, TrainConfig(edge_weight=3.0)).losses((pixels, [None, None], refs))
+    w = seen[-1][1]["weight"]
+    x = torch.nn.functional.interpolate(pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1), size=dcfg.resolution,
+                                        mode="area")
+    assert torch.equal(w, 1 + 2 * edge_pixels(x)) and w[0].eq(1).all() and w[1].eq(3).any()
+    DecoderSystem(model, dcfg, TrainConfig(edge_weight=3.0, changed_weight=5.0)).losses((pixels, [None, None], refs))
+    both = seen[-1][1]["weight"]
+    assert both.max() == 15 and torch.equal(both[0], w[0])
+    with pytest.raises(ValueError, match="edge_weight"):
+        TrainConfig(edge_weight=0.5)
+
+
 def test_decoder_system_weights_changed_cells(monkeypatch):
     from latentum.train.config import DecoderStageConfig as TrainConfig
     from latentum.train.systems import DecoderSystem

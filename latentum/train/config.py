@@ -249,10 +249,15 @@ class DecoderStageConfig(StageConfig):
     changed_weight: float = 1.0
     """Loss weight of the pixels in cells where an image differs from its reference (the image it started from)
     relative to the others; 1 = uniform."""
+    edge_weight: float = 1.0
+    """Loss weight of the pixels on or next to an edge (where the image's colour changes) relative to the others,
+    multiplying ``changed_weight``'s; 1 = uniform. Flat areas fill most pixels, so under a plain MSE a shape's
+    corners weigh little next to the background around them."""
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.changed_weight >= 1, f"changed_weight must be >= 1, got {self.changed_weight}")
+        _check(self.edge_weight >= 1, f"edge_weight must be >= 1, got {self.edge_weight}")
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {"vlm": VLMConfig, "mbaq": MBAQConfig, "mome": MoMEConfig,

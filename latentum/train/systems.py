@@ -371,6 +371,9 @@ class DecoderSystem(StageSystem):
         if self.cfg.changed_weight != 1:
             changed = changed_cells(pixels, references, self.decoder.grid, R)  # (B, 1, R, R)
             weight = (1 + (self.cfg.changed_weight - 1) * changed).to(self.device)
+        if self.cfg.edge_weight != 1:
+            edges = (1 + (self.cfg.edge_weight - 1) * edge_pixels(x)).to(self.device)  # (B, 1, R, R)
+            weight = edges if weight is None else weight * edges
         return diffusion_loss(self.decoder, self.noise_scheduler, x.to(self.device), codes,
                               self._style_labels(styles, x.size(0)), ref_codes, weight=weight)
 
@@ -400,6 +403,14 @@ def changed_cells(pixels: torch.Tensor, references: torch.Tensor, grid: int, res
 RETARGETABLE = ("prediction_type", "inference_steps")
 """Decoder fields a continued decoder may change: what its output is trained to be and how many steps sample it,
 not the shapes of its weights."""
+
+
+def edge_pixels(images: torch.Tensor, threshold: float = 0.1, reach: int = 2) -> torch.Tensor:
+    """images (B, 3, R, R) in [-1, 1] -> (B, 1, R, R) float, 1 on the pixels within ``reach`` pixels (diagonals
+    included) of a colour change: a channel whose range over that window exceeds ``threshold``; 0 elsewhere."""
+    k = 2 * reach + 1
+    spread = F.max_pool2d(images, k, stride=1, padding=reach) + F.max_pool2d(-images, k, stride=1, padding=reach)
+    return (spread.amax(1, keepdim=True) > threshold).float()
 
 
 def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) -> PixelDecoder:
