@@ -400,17 +400,17 @@ def changed_cells(pixels: torch.Tensor, references: torch.Tensor, grid: int, res
     return F.interpolate(cells, size=resolution, mode="nearest")
 
 
-RETARGETABLE = ("prediction_type", "inference_steps")
-"""Decoder fields a continued decoder may change: what its output is trained to be and how many steps sample it,
-not the shapes of its weights."""
-
-
 def edge_pixels(images: torch.Tensor, threshold: float = 0.1, reach: int = 2) -> torch.Tensor:
     """images (B, 3, R, R) in [-1, 1] -> (B, 1, R, R) float, 1 on the pixels within ``reach`` pixels (diagonals
     included) of a colour change: a channel whose range over that window exceeds ``threshold``; 0 elsewhere."""
     k = 2 * reach + 1
     spread = F.max_pool2d(images, k, stride=1, padding=reach) + F.max_pool2d(-images, k, stride=1, padding=reach)
     return (spread.amax(1, keepdim=True) > threshold).float()
+
+
+RETARGETABLE = ("prediction_type", "inference_steps")
+"""Decoder fields a continued decoder may change: what its output is trained to be and how many steps sample it,
+not the shapes of its weights."""
 
 
 def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) -> PixelDecoder:
