@@ -213,8 +213,9 @@ def test_the_whole_recipe_trains_on_two_ddp_processes_with_identical_weights(tmp
 
 
 def test_only_rank_0_assembles_the_model_folder(monkeypatch, tmp_path):
-    """Every rank of a multi-process run returns from its legs into ``train_recipe``; two ranks replacing
-    ``out/model`` at once raced (one rank's rename met the other's finished folder), so only rank 0 assembles."""
+    """Every rank of a multi-process run reaches ``assemble`` (after ``train_recipe``'s legs, or after the CLI's
+    one leg); two ranks replacing ``out/model`` at once raced (one rank's rename met the other's finished folder),
+    so only rank 0 assembles."""
     from lightning.pytorch.utilities import rank_zero_only
 
     from latentum.train import run
@@ -222,11 +223,12 @@ def test_only_rank_0_assembles_the_model_folder(monkeypatch, tmp_path):
     recipe = load_recipe(str(DEBUG))
     assembled = []
     monkeypatch.setattr(run, "train_leg", lambda *a, **k: None)
-    monkeypatch.setattr(run, "assemble", lambda recipe, out: assembled.append(out) or Path(out) / "model")
+    monkeypatch.setattr(run, "write_folder_atomically", lambda path, write: assembled.append(path) or path)
     for rank in (1, 0):
         monkeypatch.setattr(rank_zero_only, "rank", rank)
         assert run.train_recipe(recipe, tmp_path) == tmp_path / "model"
-    assert assembled == [tmp_path]
+        assert run.assemble(recipe, tmp_path) == tmp_path / "model"
+    assert assembled == [tmp_path / "model"] * 2  # rank 0's two calls
 
 
 def test_a_ddp_leg_runs_with_a_collective_timeout():

@@ -222,8 +222,11 @@ def origin(recipe: RecipeConfig, leg: Leg) -> dict:
 
 
 def assemble(recipe: RecipeConfig, out: str | Path) -> Path:
-    """``out/model``: the last model leg's export with the last decoder leg's export as ``decoder/``."""
+    """``out/model``: the last model leg's export with the last decoder leg's export as ``decoder/``. Written by
+    rank 0 only: in a multi-process run every rank gets here, and two ranks replacing one folder at once fail."""
     out = Path(out)
+    if rank_zero_only.rank != 0:  # the Trainer set it to this process's global rank
+        return out / "model"
     model_legs = [x for x in recipe.legs if STAGES[x.stage].exports_model]
     decoder_legs = [x for x in recipe.legs if not STAGES[x.stage].exports_model]
     if not model_legs:
@@ -239,11 +242,8 @@ def assemble(recipe: RecipeConfig, out: str | Path) -> Path:
 
 def train_recipe(recipe: RecipeConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                  num_workers: int = 0, legs: list[str] | None = None, progress: bool = True) -> Path:
-    """Train ``legs`` (default: all, in order), then assemble ``out/model`` (on rank 0 only: in a multi-process
-    run every rank returns here, and two ranks replacing the same folder at once fail)."""
+    """Train ``legs`` (default: all, in order), then assemble ``out/model``."""
     for name in legs or [x.name for x in recipe.legs]:
         train_leg(recipe, name, out, resume=resume, overwrite=overwrite, num_workers=num_workers,
                   progress=progress)
-    if rank_zero_only.rank != 0:  # the Trainer set it to this process's global rank
-        return Path(out) / "model"
     return assemble(recipe, out)

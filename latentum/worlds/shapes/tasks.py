@@ -222,7 +222,7 @@ def checks_text(scene: Scene, spec: PromptSpec) -> str:
         matched = [o for o in objs if o.shape == r.shape and r.color in (None, o.color)]
         found.append(matched)
         noun = r.shape if len(matched) == 1 else PLURALS[r.shape]
-        steps.append(" ".join(w for w in (NUMBERS[min(len(matched), len(NUMBERS) - 1)], r.color, noun) if w))
+        steps.append(" ".join(w for w in (NUMBERS[len(matched)], r.color, noun) if w))
     if spec.relation is not None and all(found):
         steps += [f"the {_at(group[0])}" for group in found]
     return " , ".join(steps)
