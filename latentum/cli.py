@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes: prompts per GenEval category and questions per QA type (default: 30)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="shapes: classifier-free guidance (default: 3.0)")
     p.add_argument("--only", nargs="+", default=None, metavar="PART",
-                   help="shapes: run only these parts of the report (t2i, t2i_geneval, reconstruction, "
+                   help="shapes: run only these parts of the report (t2i, t2i_geneval, t2i_reason, reconstruction, "
                         "understanding, read_back, codebook_usage, self_judged)")
     p.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8], help="map sizes")
     p.add_argument("--styles", nargs="+", default=["gymnasium", "classic"], help="render styles")

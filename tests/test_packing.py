@@ -200,3 +200,14 @@ def test_written_coordinates_name_their_cell_from_the_column_number_on():
     assert named_cells(ids, TOK, 8) == want
     answer = pack([vsp.player_sample(np.random.default_rng(1), 4, "classic", canvas=64)], TOK, 8)
     assert (answer.text_cells < 0).all()  # the assistant's own coordinates are not grounded
+
+
+def test_a_reasoned_image_is_generated_after_its_supervised_plan():
+    from latentum.worlds import shapes
+
+    s = shapes.t2i_reason_sample(np.random.default_rng(4), canvas=64)
+    p = pack([s], TOK, 8, max_gen_images=1)
+    targets = p.text_targets[0][p.text_targets[0] != IGNORE].tolist()
+    plan = TOK.encode(s.assistant[0])
+    assert targets == plan + [TOK.img_start_id, TOK.eos_id]  # the plan, then the image opens, then the end
+    assert len(p.code_query) == 8 * 8 and p.task.tolist() == [GEN]

@@ -258,3 +258,18 @@ def test_checked_qa_writes_the_checks_its_answer_rests_on():
             for place in checks[len(spec.requirements):]:  # the related objects' cells, copied from the description
                 assert place.startswith("the ") and f"a {place[4:]}" in description.split(" , ")
             assert len(checks) == len(spec.requirements) + (2 if spec.relation and all(counts) else 0)
+
+
+def test_reasoned_text_to_image_plans_exactly_the_objects_it_then_draws():
+    for k in range(60):
+        plain = S.t2i_sample(np.random.default_rng([k, 11]), 128)
+        s = S.t2i_reason_sample(np.random.default_rng([k, 11]), 128)
+        assert s.task == "shapes_t2i_reason" and s.user == plain.user and not s.is_text_to_image
+        plan, image = s.assistant
+        np.testing.assert_array_equal(image, plain.assistant[0])
+        assert plan == S.describe_text(s.meta["scene"]) and set(plan.split()) <= S.vocabulary()
+        spec = s.meta["spec"]
+        planned = [p.split(" at ")[0].split()[1:] for p in plan.split(" , ")]  # [colour, shape] per object
+        assert len(planned) == sum(r.count for r in spec.requirements)
+        for r in spec.requirements:
+            assert sum(shape == r.shape and r.color in (None, colour) for colour, shape in planned) == r.count

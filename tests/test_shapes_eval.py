@@ -13,7 +13,7 @@ from latentum.worlds import shapes
 def test_the_report_holds_every_figure(debug_run):
     api = LatentUM.from_pretrained(debug_run / "model")
     report = evaluate_shapes(api, per_category=2, per_type=2, usage_images=4, progress=False)
-    for name in ("t2i", "t2i_geneval"):
+    for name in ("t2i", "t2i_geneval", "t2i_reason"):
         assert set(shapes.CATEGORIES) | {"overall"} <= set(report[name])
         assert all(0 <= report[name][c] <= 1 for c in shapes.CATEGORIES)
     assert "refused_words" not in report["t2i_geneval"]  # the built-in vocabulary has GenEval's template

@@ -17,7 +17,8 @@ STYLES = ("gymnasium", "classic")
 MAP_SIZES = (3, 4, 5, 6, 7, 8)
 
 _VSP = vsp.SAMPLERS
-_SHAPES = {"shapes_t2i": shapes.t2i_sample, "shapes_t2i_photo": shapes.t2i_photo_sample, "shapes_qa": shapes.qa_sample,
+_SHAPES = {"shapes_t2i": shapes.t2i_sample, "shapes_t2i_photo": shapes.t2i_photo_sample,
+           "shapes_t2i_reason": shapes.t2i_reason_sample, "shapes_qa": shapes.qa_sample,
            "shapes_qa_steps": shapes.qa_steps_sample, "shapes_qa_checks": shapes.qa_checks_sample,
            "shapes_describe": shapes.describe_sample, "shapes_reflect": shapes.reflect_sample,
            "shapes_refine": shapes.refine_sample}

@@ -3,7 +3,8 @@
 - **text-to-image** per GenEval category: prompts from ``shapes.sample_prompt`` (the world's phrasing), and the
   same prompts in GenEval's template ("a photo of ..."), generated as latents with classifier-free guidance,
   rendered by the pixel decoder, scored by the exact oracle. A prompt with words outside the vocabulary is
-  refused by the API and counted as a failure (and reported).
+  refused by the API and counted as a failure (and reported). ``t2i_reason``: the same prompts, each image drawn
+  after a plan the model writes first (R3's reason step, ``shapes_t2i_reason``), by interleaved generation.
 - **reconstruction**: a real scene -> encoder -> MBAQ codes -> pixel decoder -> oracle; the real picture at the
   decoder's resolution is the control.
 - **understanding**: Shapes QA (count, colour, relation, match) on real images, answered greedily; a worked-out
@@ -34,6 +35,8 @@ from latentum.worlds.registry import make_sample
 
 EVAL_NAMESPACE = 90_210_778
 GENEVAL_TEMPLATE = shapes.GENEVAL_TEMPLATE
+REASON_TOKENS = 64
+"""Tokens a plan may take before its image (a five-object plan is about 50)."""
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -51,8 +54,17 @@ def _for_oracle(image) -> np.ndarray:
         Image.fromarray(image).resize((shapes.MIN_CANVAS,) * 2, Image.NEAREST))
 
 
-def text_to_image(api: LatentUM, per_category: int, seed: int, cfg_scale: float, template: str | None) -> dict:
-    """Oracle pass rate per category (and overall) of generated-then-rendered images."""
+def _reasoned(api: LatentUM, texts: list[str], seed: int) -> list[LatentImage | None]:
+    """Each prompt's first image after the plan the model writes for it (R3's reason step); None: it drew none.
+    Interleaved sampling at its defaults, unguided (the plan, not a dropped prompt, is what the image follows)."""
+    rows = api.generate([[t] for t in texts], max_images=1, max_new_tokens=REASON_TOKENS, seed=seed)
+    return [next((x for x in row if isinstance(x, LatentImage)), None) for row in rows]
+
+
+def text_to_image(api: LatentUM, per_category: int, seed: int, cfg_scale: float, template: str | None,
+                  reason: bool = False) -> dict:
+    """Oracle pass rate per category (and overall) of generated-then-rendered images; ``reason``: each image
+    drawn after a written plan (``_reasoned``; a prompt that gets no image fails)."""
     out, refused = {}, []
     for k, category in enumerate(shapes.CATEGORIES):
         rng = _rng(seed, 1, k)
@@ -63,9 +75,11 @@ def text_to_image(api: LatentUM, per_category: int, seed: int, cfg_scale: float,
             refused.extend(sorted(unknown))
             out[category] = 0.0
             continue
-        latents = api.generate_images(texts, cfg_scale=cfg_scale, seed=seed)
-        images = api.render(latents, seed=seed)
-        out[category] = float(np.mean([shapes.oracle(_for_oracle(im), s) for im, s in zip(images, specs)]))
+        latents = _reasoned(api, texts, seed) if reason else api.generate_images(texts, cfg_scale=cfg_scale, seed=seed)
+        drawn = [x for x in latents if x is not None]
+        images = iter(api.render(drawn, seed=seed) if drawn else [])
+        passed = [x is not None and shapes.oracle(_for_oracle(next(images)), s) for x, s in zip(latents, specs)]
+        out[category] = float(np.mean(passed))
     out["overall"] = float(np.mean([out[c] for c in shapes.CATEGORIES]))
     if refused:
         out["refused_words"] = sorted(set(refused))
@@ -188,7 +202,8 @@ def self_judged(api: LatentUM, per_category: int, seed: int, cfg_scale: float, r
     return out
 
 
-PARTS = ("t2i", "t2i_geneval", "reconstruction", "understanding", "read_back", "codebook_usage", "self_judged")
+PARTS = ("t2i", "t2i_geneval", "t2i_reason", "reconstruction", "understanding", "read_back", "codebook_usage",
+         "self_judged")
 
 
 def evaluate_shapes(api: LatentUM, *, per_category: int = 30, per_type: int = 30, seed: int = 0,
@@ -201,6 +216,7 @@ def evaluate_shapes(api: LatentUM, *, per_category: int = 30, per_type: int = 30
         raise ValueError(f"only: unknown part(s) {bad}; expected some of {list(PARTS)}")
     parts = {"t2i": lambda: text_to_image(api, per_category, seed, cfg_scale, None),
              "t2i_geneval": lambda: text_to_image(api, per_category, seed, cfg_scale, GENEVAL_TEMPLATE),
+             "t2i_reason": lambda: text_to_image(api, per_category, seed, cfg_scale, None, reason=True),
              "reconstruction": lambda: reconstruction(api, per_category, seed),
              "understanding": lambda: understanding(api, per_type, seed),
              "read_back": lambda: read_back(api, per_category, seed, cfg_scale),
@@ -220,7 +236,7 @@ def _row(row: dict) -> str:
 
 def print_report(report: dict) -> None:
     """The parts the report holds, one line (or a few) each."""
-    for name in ("t2i", "t2i_geneval"):
+    for name in ("t2i", "t2i_geneval", "t2i_reason"):
         if name in report:
             r = report[name]
             extra = f"  (refused, unknown words: {', '.join(r['refused_words'])})" if "refused_words" in r else ""

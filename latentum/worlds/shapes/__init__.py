@@ -27,6 +27,7 @@ from latentum.worlds.shapes.tasks import (
     qa_steps_sample,
     scene_for,
     t2i_photo_sample,
+    t2i_reason_sample,
     t2i_sample,
 )
 
@@ -40,5 +41,5 @@ __all__ = ["CATEGORIES", "COLORS", "GENEVAL_TEMPLATE", "MAX_SIZE", "MIN_CANVAS",
            "PLURALS", "QA_TYPES", "SHAPES", "Detected", "Obj", "PromptSpec", "Requirement", "Scene", "checks_text",
            "corrupt", "describe_sample", "describe_text", "inject_flaw", "oracle", "oracle_report", "parse",
            "qa_checks_sample", "qa_sample", "qa_steps_sample", "reflect_sample", "refine_sample", "relations",
-           "render", "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_photo_sample", "t2i_sample",
-           "vocabulary"]
+           "render", "sample_prompt", "satisfies", "scene_detections", "scene_for", "t2i_photo_sample",
+           "t2i_reason_sample", "t2i_sample", "vocabulary"]

@@ -102,6 +102,15 @@ def t2i_photo_sample(rng, canvas: int = 128) -> Sample:
     return Sample([GENEVAL_TEMPLATE.format(s.user[0])], s.assistant, "shapes_t2i_photo", s.meta)
 
 
+def t2i_reason_sample(rng, canvas: int = 128) -> Sample:
+    """Text to image after a plan (R3's reason step): user [prompt], assistant [the layout the image will show,
+    written as ``describe_text`` writes a scene ("a red circle at row 2 column 5 , a blue square at row 2 column
+    1"), the image]. The plan lists every object once, so counts and places are decided in words before any code
+    is drawn."""
+    s = t2i_sample(rng, canvas)
+    return Sample(s.user, [describe_text(s.meta["scene"]), *s.assistant], "shapes_t2i_reason", s.meta)
+
+
 def _count_question(rng: np.random.Generator) -> tuple[Scene, str, str, PromptSpec | None]:
     shape = _pick(rng, SHAPES)[0]
     k = int(rng.integers(0, 5))
