@@ -35,8 +35,9 @@ from latentum.worlds.registry import make_sample
 
 EVAL_NAMESPACE = 90_210_778
 GENEVAL_TEMPLATE = shapes.GENEVAL_TEMPLATE
-REASON_TOKENS = 64
-"""Tokens a plan may take before its image (a five-object plan is about 50)."""
+ANSWER_TOKENS = 64
+"""Room for a worked-out answer: the description of five objects, then the answer (and for a plan, which is such
+a description, then ``<img>``)."""
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -57,7 +58,7 @@ def _for_oracle(image) -> np.ndarray:
 def _reasoned(api: LatentUM, texts: list[str], seed: int) -> list[LatentImage | None]:
     """Each prompt's first image after the plan the model writes for it (R3's reason step); None: it drew none.
     Interleaved sampling at its defaults, unguided (the plan, not a dropped prompt, is what the image follows)."""
-    rows = api.generate([[t] for t in texts], max_images=1, max_new_tokens=REASON_TOKENS, seed=seed)
+    rows = api.generate([[t] for t in texts], max_images=1, max_new_tokens=ANSWER_TOKENS, seed=seed)
     return [next((x for x in row if isinstance(x, LatentImage)), None) for row in rows]
 
 
@@ -102,9 +103,6 @@ def reconstruction(api: LatentUM, per_category: int, seed: int) -> dict:
     return {"decoded": float(np.mean([out[c] for c in shapes.CATEGORIES])), **out,
             "real_at_decoder_resolution": float(np.mean(real))}
 
-
-ANSWER_TOKENS = 64
-"""Room for a worked-out answer: the description of five objects, then the answer."""
 
 
 def answers(api: LatentUM, images: list, questions: list[str]) -> list[str]:
