@@ -2,12 +2,14 @@
 
     python benchmarks/speed.py              # a few minutes on 2 CPU cores
     python benchmarks/speed.py --quick      # fewer repeats, smaller batches: a smoke run
+    python benchmarks/speed.py --only planning    # one section (train, decode, images, interleaved, planning)
 
 Figures (each ratio is latentum / peer, > 1 means latentum is faster):
 - training step, fp32: the MoME backbone with every token on one branch (dense) against ``transformers``
   Qwen2 of the same dims and weights (``model.hf.backbone_from_hf``), at the shipped dims and at d=512 x 8;
 - MoME (half the tokens on each branch) against the same backbone dense;
-- bf16 autocast against fp32 for the dense step, with what ``precision: auto`` picks here;
+- bf16 autocast against fp32 for the dense step, with what ``precision: auto`` picks here (at d=512 only where
+  bf16 was not already slow at the shipped dims);
 - cached greedy decoding at batch 1 and 16: the backbone's cached forward against ``transformers``
   ``generate`` on the same weights (the greedy tokens are compared too); with ``--compile`` also through the
   compiled static decode step (``MoMEBackbone.compile_decode``), its compile time printed;
@@ -70,7 +72,9 @@ def peer(dim: int, depth: int, heads: int, ffn: int, vocab: int = 111) -> Qwen2F
     return Qwen2ForCausalLM(config).train()
 
 
-def train_steps(dim: int, depth: int, heads: int, ffn: int, batch: int, seq: int, repeats: int) -> dict:
+def train_steps(dim: int, depth: int, heads: int, ffn: int, batch: int, seq: int, repeats: int,
+                bf16: bool = True) -> dict:
+    """Tokens/s of a training step (forward + backward): ours dense, MoME and (``bf16``) bf16 autocast; HF Qwen2."""
     hf = peer(dim, depth, heads, ffn)
     ours = backbone_from_hf(hf).train()
     ids = torch.randint(0, 111, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -94,9 +98,9 @@ def train_steps(dim: int, depth: int, heads: int, ffn: int, batch: int, seq: int
     tokens = batch * seq
     t_dense, t_hf = median_time(ours_step(dense), repeats), median_time(hf_step, repeats)
     t_mixed = median_time(ours_step(mixed), repeats)
-    t_bf16 = median_time(ours_step(dense, torch.bfloat16), repeats)
+    t_bf16 = median_time(ours_step(dense, torch.bfloat16), repeats) if bf16 else None
     return {"dense_tok_s": tokens / t_dense, "hf_tok_s": tokens / t_hf, "mome_tok_s": tokens / t_mixed,
-            "bf16_tok_s": tokens / t_bf16}
+            "bf16_tok_s": tokens / t_bf16 if bf16 else None}
 
 
 @torch.inference_mode()
@@ -219,48 +223,84 @@ def interleaved_generation(per_level: int, repeats: int, batch: int = 16) -> dic
             "same": same}
 
 
+SECTIONS = ("train", "decode", "images", "interleaved", "planning")
+
+
+def report_training(quick: bool, r: int) -> None:
+    """bf16 at d=512 only where bf16 was not already slow at the shipped dims: on a CPU without fast bf16 one such
+    step takes minutes, and the shipped dims already show it."""
+    bf16_fast = True
+    for name, dims in (("shipped dims (160 x 6)", (160, 6, 5, 448)), ("d=512 x 8", (512, 8, 8, 1536))):
+        t = train_steps(*dims, batch=2 if quick else 8, seq=128 if quick else 512, repeats=r, bf16=bf16_fast)
+        print(f"| training step fp32, {name}, tok/s | {t['dense_tok_s']:.0f} | HF Qwen2 {t['hf_tok_s']:.0f} | "
+              f"{t['dense_tok_s'] / t['hf_tok_s']:.2f}x |")
+        print(f"| MoME step vs dense, {name}, tok/s | {t['mome_tok_s']:.0f} | dense {t['dense_tok_s']:.0f} | "
+              f"{t['mome_tok_s'] / t['dense_tok_s']:.2f}x |")
+        if t["bf16_tok_s"] is None:
+            print(f"| bf16 autocast vs fp32, {name} | not timed: bf16 was already slow at the shipped dims | | |")
+            continue
+        ratio = t["bf16_tok_s"] / t["dense_tok_s"]
+        bf16_fast = ratio >= 0.5
+        print(f"| bf16 autocast vs fp32, {name}, tok/s | {t['bf16_tok_s']:.0f} | fp32 {t['dense_tok_s']:.0f} | "
+              f"{ratio:.2f}x |")
+
+
+def report_decode(quick: bool, r: int, compile_too: bool) -> None:
+    for compiled in (False, True) if compile_too else (False,):
+        for batch in (1, 16):
+            d = decode(batch, 16 if quick else 64, r, compiled)
+            kind = "compiled static step (first call incl. compile " f"{d['first_s']:.0f} s)" if compiled else "eager"
+            print(f"| cached greedy decode, {kind}, batch {batch}, tok/s | {d['ours_tok_s']:.0f} | HF generate "
+                  f"{d['hf_tok_s']:.0f} | {d['ours_tok_s'] / d['hf_tok_s']:.2f}x (same tokens: {d['same_tokens']}) |")
+
+
+def report_images(quick: bool) -> None:
+    g = image_generation(4 if quick else 16, 1 if quick else 3)
+    print(f"| generate_images of {4 if quick else 16} prompts in one batch vs one at a time, images/s | "
+          f"{g['batched_images_s']:.2f} | {g['single_images_s']:.2f} | "
+          f"{g['batched_images_s'] / g['single_images_s']:.2f}x |")
+
+
+def report_interleaved(quick: bool) -> None:
+    i = interleaved_generation(1 if quick else 3, 1 if quick else 3)
+    print(f"| generate (interleaved) of {i['inputs']} inputs, batch 16 (continuous) vs one at a time, inputs/s | "
+          f"{i['batched_s']:.2f} | {i['single_s']:.2f} | {i['batched_s'] / i['single_s']:.2f}x "
+          f"(same outputs: {i['same']}) |")
+
+
+def report_planning(quick: bool) -> None:
+    p = planning(2 if quick else 16, 1 if quick else 3)
+    print(f"| plan_batch of {p['maps']} maps of 3x3-8x8, batch 16 (continuous) vs one at a time, plans/s | "
+          f"{p['batched_plans_s']:.2f} | {p['single_plans_s']:.2f} | "
+          f"{p['batched_plans_s'] / p['single_plans_s']:.2f}x (same plans: {p['same_plans']}) |")
+    one, many = (thought_forward(b, 400, 3 if quick else 20) for b in (1, 16))
+    speedup = many["rows_s"] / one["rows_s"]
+    print(f"| a plan's dominant forward (a drafted thought, 66 tokens on 400 cached), 16 rows vs 1, rows/s | "
+          f"{many['rows_s']:.1f} | {one['rows_s']:.1f} | {speedup:.2f}x |")
+    share = many_token_share(1 if quick else 4)
+    print(f"| share of one-at-a-time planning in forwards of 32+ tokens; the most 16 rows can give (Amdahl: those at "
+          f"{speedup:.2f}x, the rest 16x) | {share:.2f} | | {1 / (share / speedup + (1 - share) / 16):.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches (a smoke run)")
     ap.add_argument("--compile", action="store_true",
                     help="also decode with the compiled static step (MoMEBackbone.compile_decode; compiles first)")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                    help=f"run only these sections, of {', '.join(SECTIONS)} (default all)")
     args = ap.parse_args()
     r = 1 if args.quick else 5
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; precision auto -> {auto_precision()[0]}")
     print("| figure | latentum | peer | ratio |\n|---|---|---|---|")
-    for name, dims in (("shipped dims (160 x 6)", (160, 6, 5, 448)), ("d=512 x 8", (512, 8, 8, 1536))):
-        t = train_steps(*dims, batch=2 if args.quick else 8, seq=128 if args.quick else 512, repeats=r)
-        print(f"| training step fp32, {name}, tok/s | {t['dense_tok_s']:.0f} | HF Qwen2 {t['hf_tok_s']:.0f} | "
-              f"{t['dense_tok_s'] / t['hf_tok_s']:.2f}x |")
-        print(f"| MoME step vs dense, {name}, tok/s | {t['mome_tok_s']:.0f} | dense {t['dense_tok_s']:.0f} | "
-              f"{t['mome_tok_s'] / t['dense_tok_s']:.2f}x |")
-        print(f"| bf16 autocast vs fp32, {name}, tok/s | {t['bf16_tok_s']:.0f} | fp32 {t['dense_tok_s']:.0f} | "
-              f"{t['bf16_tok_s'] / t['dense_tok_s']:.2f}x |")
-    for compiled in (False, True) if args.compile else (False,):
-        for batch in (1, 16):
-            d = decode(batch, 16 if args.quick else 64, r, compiled)
-            kind = "compiled static step (first call incl. compile " f"{d['first_s']:.0f} s)" if compiled else "eager"
-            print(f"| cached greedy decode, {kind}, batch {batch}, tok/s | {d['ours_tok_s']:.0f} | HF generate "
-                  f"{d['hf_tok_s']:.0f} | {d['ours_tok_s'] / d['hf_tok_s']:.2f}x (same tokens: {d['same_tokens']}) |")
-    g = image_generation(4 if args.quick else 16, 1 if args.quick else 3)
-    print(f"| generate_images of {4 if args.quick else 16} prompts in one batch vs one at a time, images/s | "
-          f"{g['batched_images_s']:.2f} | {g['single_images_s']:.2f} | "
-          f"{g['batched_images_s'] / g['single_images_s']:.2f}x |")
-    i = interleaved_generation(1 if args.quick else 3, 1 if args.quick else 3)
-    print(f"| generate (interleaved) of {i['inputs']} inputs, batch 16 (continuous) vs one at a time, inputs/s | "
-          f"{i['batched_s']:.2f} | {i['single_s']:.2f} | {i['batched_s'] / i['single_s']:.2f}x "
-          f"(same outputs: {i['same']}) |")
-    p = planning(2 if args.quick else 16, 1 if args.quick else 3)
-    print(f"| plan_batch of {p['maps']} maps of 3x3-8x8, batch 16 (continuous) vs one at a time, plans/s | "
-          f"{p['batched_plans_s']:.2f} | {p['single_plans_s']:.2f} | "
-          f"{p['batched_plans_s'] / p['single_plans_s']:.2f}x (same plans: {p['same_plans']}) |")
-    one, many = (thought_forward(b, 400, 3 if args.quick else 20) for b in (1, 16))
-    speedup = many["rows_s"] / one["rows_s"]
-    print(f"| a plan's dominant forward (a drafted thought, 66 tokens on 400 cached), 16 rows vs 1, rows/s | "
-          f"{many['rows_s']:.1f} | {one['rows_s']:.1f} | {speedup:.2f}x |")
-    share = many_token_share(1 if args.quick else 4)
-    print(f"| share of one-at-a-time planning in forwards of 32+ tokens; the most 16 rows can give (Amdahl: those at "
-          f"{speedup:.2f}x, the rest 16x) | {share:.2f} | | {1 / (share / speedup + (1 - share) / 16):.2f}x |")
+    run = {"train": lambda: report_training(args.quick, r),
+           "decode": lambda: report_decode(args.quick, r, args.compile),
+           "images": lambda: report_images(args.quick),
+           "interleaved": lambda: report_interleaved(args.quick),
+           "planning": lambda: report_planning(args.quick)}
+    for section in SECTIONS:
+        if section in args.only:
+            run[section]()
 
 
 if __name__ == "__main__":

@@ -456,3 +456,30 @@ def test_rows_of_one_cache_forget_their_own_slots_take_new_rows_and_compact(mode
     assert _max_diff(before, after) < TOL
     with pytest.raises(ValueError, match="keep"):
         cache.truncate_rows(0, torch.tensor([1]))
+
+
+@torch.no_grad()
+def test_rows_that_feed_nothing_sit_a_forward_out_and_change_nothing(model, monkeypatch):
+    """A cached forward in which some rows feed no token runs on the other rows only (``KVCache.rows``): their
+    hidden states and every later forward equal those of the forward that computes every row."""
+    assert MoMEBackbone.sit_out(16, 4, 64) and not MoMEBackbone.sit_out(16, 12, 16)  # many rows out, long enough
+    assert not MoMEBackbone.sit_out(4, 4, 64) and not MoMEBackbone.sit_out(4, 0, 64)  # all in; none in
+    ids, valid, positions, gen_mask = _left_padded(4, 6, [0, 2, 0, 1])
+    new = torch.randint(0, CFG.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
+    live = torch.tensor([False, True, False, True])
+    fed = live[:, None] & torch.tensor([True, True, True, False, True])  # row 3 leaves one slot out
+    after = torch.randint(0, CFG.vocab_size, (4, 2), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for sit_out in (10**9, 0):  # never, then whenever rows feed nothing
+        monkeypatch.setattr(MoMEBackbone, "SIT_OUT", sit_out)
+        cache = model.new_cache(4, 16)
+        model(model.embed(ids), gen_mask, positions, cache=cache, key_valid=valid)
+        mid = model(model.embed(new), torch.ones(4, 5, dtype=torch.bool), positions[:, -1:] + 1 +
+                    torch.arange(5), cache=cache, key_valid=fed).hidden
+        end = model(model.embed(after), torch.zeros(4, 2, dtype=torch.bool), positions[:, -1:] + 7 +
+                    torch.arange(2), cache=cache).hidden
+        runs.append((mid, end, cache.valid().clone()))
+    (mid0, end0, valid0), (mid1, end1, valid1) = runs
+    assert _max_diff(mid0[live][fed[live]], mid1[live][fed[live]]) < TOL
+    assert torch.equal(mid1[~live], torch.zeros_like(mid1[~live]))  # no query of theirs: nothing computed
+    assert torch.equal(valid0, valid1) and _max_diff(end0, end1) < TOL

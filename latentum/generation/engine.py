@@ -299,7 +299,7 @@ class Decoder:
             hid = self.feed(emb, gen=True, offsets=offsets.gather(1, at.cpu()[..., None].expand(-1, -1, 2)),
                             valid=valid.to(dev)) if T else h.new_zeros(B, 0, h.size(-1))
             states = hid if pend is not None else torch.cat([h[:, None], hid], dim=1)  # (B, M + 1, D)
-            pred = sample_codes(self.model.head, states.flatten(0, 1), GREEDY).view(B, -1, G)
+            pred = self._greedy_codes(states, torch.where(i < n, m + 1, 0))
             M = states.size(1) - 1  # pred[:, k] decides token i + k; guess[:, lead + k] drafts it
             drafted = guess[:, lead:lead + M]
             held = (pred[:, :M] == drafted).all(-1).cpu() & (torch.arange(M)[None] < m[:, None])
@@ -312,6 +312,16 @@ class Decoder:
             if T:
                 self.cache.truncate_rows(mark, kept.to(self.cache.device))
                 self.next_pos = pos + kept.to(pos.device)
+        return out
+
+    def _greedy_codes(self, states: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+        """Greedy ids (B, M, G) from states (B, M, D), computed for each row's first ``used`` (B,) states only (the
+        head costs about as much as a backbone layer: rows that are done or padded skip it); ``PAD_CODE`` after."""
+        B, M, _ = states.shape
+        take = (torch.arange(M)[None] < used.cpu()[:, None]).to(states.device)  # (B, M)
+        out = torch.full((B, M, self.model.head.codebooks), PAD_CODE, dtype=torch.long, device=states.device)
+        if bool(take.any()):
+            out[take] = sample_codes(self.model.head, states[take], GREEDY)
         return out
 
     def think(self, params: SamplingParams, generator=None, reread=None, grid: int | None = None,

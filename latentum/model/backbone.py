@@ -464,6 +464,11 @@ class MoMEBackbone(nn.Module):
                 and (B == 1 or bool((gen_mask == gen_mask[0, 0]).all())):
             valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             return self._decode_static(x, int(gen_mask[0, 0]), positions, cache, valid)
+        if cache is not None and key_valid is not None and spans is None and not torch.is_grad_enabled():
+            live = key_valid.any(1)  # (B,) rows that feed a token here
+            if self.sit_out(B, int(live.sum()), T):
+                return self._forward_rows(torch.nonzero(live).flatten(), x, gen_mask, positions, attn_mask, cache,
+                                          key_valid)
         if key_valid is None:
             key_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         route = Route.from_mask(gen_mask)
@@ -472,6 +477,27 @@ class MoMEBackbone(nn.Module):
             return self._run(x, route, rope, attn_mask, key_valid, None, spans)
         with cache.extend(key_valid) as valid_all:
             return self._run(x, route, rope, attn_mask, valid_all, cache, spans)
+
+    SIT_OUT = 12
+    """Rows that feed nothing sit a cached forward out when their tokens outnumber ``SIT_OUT`` times the rows left
+    in: gathering a row's cached keys costs about as much as computing a dozen of its tokens (measured on a
+    2-core CPU, shipped dims, 16 rows on 1000 cached keys: 2.2x faster with 1 row of 16 left in at T=1, 2.7x
+    with 4 at T=64, 1.1x with 8 at T=16; 0.8x with 12 at T=16, which stays whole)."""
+
+    @classmethod
+    def sit_out(cls, B: int, live: int, T: int) -> bool:
+        """Should a cached forward of ``T`` tokens run on its ``live`` of ``B`` rows only?"""
+        return 0 < live < B and (B - live) * T >= cls.SIT_OUT * live
+
+    def _forward_rows(self, rows: Tensor, x: Tensor, gen_mask: Tensor, positions: Tensor, attn_mask: Tensor | None,
+                      cache: KVCache, key_valid: Tensor) -> BackboneOutput:
+        """The forward of ``rows`` (R,) only, on those rows of the cache (``KVCache.rows``; the others' new slots
+        are written invalid); the other rows' hidden states are 0, as no query of theirs is valid."""
+        out = self(x[rows], gen_mask[rows], positions[rows], None if attn_mask is None else attn_mask[rows],
+                   cache=cache.rows(rows), key_valid=key_valid[rows])
+        hidden = out.hidden.new_zeros(x.shape[0], *out.hidden.shape[1:])
+        hidden[rows] = out.hidden
+        return BackboneOutput(hidden=hidden, attn_mass=None)
 
     def compile_decode(self, enabled: bool = True, compile: bool = True) -> None:
         """Switch the static decode step on (or off): a cached forward of one token per row, every row on one

@@ -245,3 +245,49 @@ class KVCache:
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
         self.key_valid = self.key_valid.index_select(0, index)
+
+    def rows(self, index: Tensor) -> CacheRows:
+        """Rows ``index`` (R,) of this cache as a cache of R rows for one forward (``CacheRows``)."""
+        return CacheRows(self, index)
+
+
+class CacheRows:
+    """Rows ``index`` (R,) of a ``KVCache``, for a forward that only those rows take part in (the others sit it
+    out: their new slots are written invalid, as a forward that masks them out would leave them). It speaks the
+    forward's protocol (``length``, ``batch``, ``extend``, ``append``): keys are written into the parent's rows,
+    and each layer reads those rows' keys (a gather of R rows instead of computing all B)."""
+
+    def __init__(self, cache: KVCache, index: Tensor):
+        if index.ndim != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"CacheRows: index must be a 1-D integer tensor, got {index.dtype} {tuple(index.shape)}")
+        self.cache, self.index = cache, index.to(cache.device)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @property
+    def batch(self) -> int:
+        return self.index.numel()
+
+    @contextmanager
+    def extend(self, key_valid: Tensor) -> Iterator[Tensor]:
+        """``KVCache.extend`` for these rows' ``key_valid`` (R, T); the other rows' T new slots are invalid."""
+        if key_valid.dtype != torch.bool or key_valid.shape[:1] != self.index.shape or key_valid.ndim != 2:
+            raise ValueError(f"CacheRows.extend: key_valid must be bool (R={self.batch}, T), "
+                             f"got {key_valid.dtype} {tuple(key_valid.shape)}")
+        full = torch.zeros(self.cache.batch, key_valid.shape[1], dtype=torch.bool, device=self.cache.device)
+        full[self.index] = key_valid.to(full.device)
+        with self.cache.extend(full) as valid_all:
+            yield valid_all[self.index]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this layer's new (R, K, T, d) keys/values into the parent's rows; return the rows' keys and values
+        so far, (R, K, length + T, d)."""
+        c = self.cache
+        if not c._pending:
+            raise RuntimeError("CacheRows.append must be called inside `with rows.extend(...)`")
+        start, end = c.length, c.length + c._pending
+        c.k[layer, self.index, :, start:end] = k.detach().to(c.k.dtype)
+        c.v[layer, self.index, :, start:end] = v.detach().to(c.v.dtype)
+        return c.k[layer, :, :, :end][self.index], c.v[layer, :, :, :end][self.index]
