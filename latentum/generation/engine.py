@@ -365,17 +365,34 @@ class Decoder:
     def replace_rows(self, index: torch.Tensor, prompts: list[list[Item | LatentImage]],
                      drop_text: bool = False) -> None:
         """Restart rows ``index`` (R,) from ``prompts`` (prefilled as ``prefill`` does) while the other rows are
-        mid-stream (continuous batching: a finished row's place goes to the next waiting prompt). The new rows'
-        keys end where the others' do and their old keys are forgotten; every row attends only its own keys, so
-        each continues as it would alone. Gaps (old rows, rows left out of a step) are compacted away once they
-        are a quarter of it (``KVCache.slack``, ``compact``). ``drop_text`` as in ``prefill``."""
-        new = Decoder(self.model, self.tok, len(prompts), self.cache.limit)
-        new.prefill(prompts, drop_text=drop_text)
+        mid-stream (continuous batching: a finished row's place goes to the next waiting prompt); ``take_rows``
+        says how. ``drop_text`` as in ``prefill``."""
+        self.take_rows(index, Decoder.prefilled(self.model, self.tok, prompts, drop_text))
+
+    def take_rows(self, index: torch.Tensor, source: Decoder, rows: torch.Tensor | None = None) -> None:
+        """Restart rows ``index`` (R,) from ``source``'s rows ``rows`` (R,) (default all), prompts prefilled
+        elsewhere (``prefilled``: several waiting prompts in one forward). The new rows' keys end where the others'
+        do and their old keys are forgotten; every row attends only its own keys, so each continues as it would
+        alone. Gaps (old rows, rows left out of a step) are compacted away once they are a quarter of it
+        (``KVCache.slack``, ``compact``)."""
+        rows = torch.arange(source.batch) if rows is None else rows
         index = index.to(self.next_pos.device)
-        self.cache.put_rows(index, new.cache)
+        if self.last is None:  # nothing fed yet
+            self.last = source.last.new_zeros(self.batch, source.last.size(-1))
+        self.cache.put_rows(index, source.cache, rows)
         self._tidy()
-        self.next_pos[index] = new.next_pos
-        self.last[index] = new.last
+        self.next_pos[index] = source.next_pos[rows.to(source.next_pos.device)]
+        self.last[index] = source.last[rows.to(source.last.device)]
+
+    @classmethod
+    def prefilled(cls, model, tok, prompts: list[list[Item | LatentImage]], drop_text: bool = False) -> Decoder:
+        """A decoder of ``prompts`` prefilled (``prefill``), its cache no longer than they are: a source of rows for
+        ``take_rows``."""
+        grid = model.cfg.encoder.grid
+        T = max(len(prompt_tokens(p, tok, grid, drop_text)[0]) for p in prompts)
+        new = cls(model, tok, len(prompts), T)
+        new.prefill(prompts, drop_text=drop_text)
+        return new
 
 
 def _pad_images(ids: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

@@ -176,10 +176,10 @@ class KVCache:
         self.key_valid[:, start:self.length] &= (slots - start)[None] < keep[:, None]
         self.length = start + int(keep.max()) if keep.numel() else start
 
-    def put_rows(self, index: Tensor, other: KVCache) -> None:
-        """Replace rows ``index`` (R,) by ``other``'s R rows, right-aligned: their last key lands in this cache's
-        last slot, and every earlier slot of those rows becomes invalid (continuous batching: a finished row
-        takes the next waiting prompt). If ``other`` is longer, every row is first shifted right by the
+    def put_rows(self, index: Tensor, other: KVCache, rows: Tensor | None = None) -> None:
+        """Replace rows ``index`` (R,) by ``other``'s rows ``rows`` (R,) (default all), right-aligned: their last key
+        lands in this cache's last slot, and every earlier slot of those rows becomes invalid (continuous batching:
+        a finished row takes the next waiting prompt). If ``other`` is longer, every row is first shifted right by the
         difference (invalid slots in front): positions live in the keys, not in the slots."""
         if self._pending or other._pending:
             raise RuntimeError("KVCache.put_rows: cannot replace rows while a forward is writing")
@@ -187,15 +187,17 @@ class KVCache:
             raise ValueError(f"KVCache.put_rows: other must have the same depth, kv heads and head dim, got "
                              f"{tuple(other.k.shape)} against {tuple(self.k.shape)}")
         index = index.to(self.device)
-        if index.shape != (other.batch,):
-            raise ValueError(f"KVCache.put_rows: index must be ({other.batch},) rows, got {tuple(index.shape)}")
+        rows = torch.arange(other.batch) if rows is None else rows
+        if index.ndim != 1 or index.shape != rows.shape:
+            raise ValueError(f"KVCache.put_rows: index must be ({len(rows)},) rows, got {tuple(index.shape)}")
         if other.length > self.length:
             self._shift(other.length - self.length)
         L, P = self.length, other.length
+        src = rows.to(other.device)
         self.key_valid[index] = False
-        self.key_valid[index, L - P:L] = other.key_valid[:, :P].to(self.device)
-        self.k[:, index, :, L - P:L] = other.k[:, :, :, :P].to(self.k)
-        self.v[:, index, :, L - P:L] = other.v[:, :, :, :P].to(self.v)
+        self.key_valid[index, L - P:L] = other.key_valid[src, :P].to(self.device)
+        self.k[:, index, :, L - P:L] = other.k[:, src, :, :P].to(self.k)
+        self.v[:, index, :, L - P:L] = other.v[:, src, :, :P].to(self.v)
 
     def _shift(self, n: int) -> None:
         """Move every slot ``n`` to the right (``n`` invalid slots in front), growing if needed."""

@@ -14,10 +14,11 @@ comes back, and plans that fail mostly pace back and forth. Greedy thoughts are 
 ``Decoder.generate_latent``): the same thoughts, checked several tokens per forward against a guess, the board
 before with the two cells the move changes redrawn from what the run has seen (``_Drafts``). ``plan_rows``
 batches continuously: maps of every size share ``batch`` decoder rows, and when a plan ends its row restarts
-on the next waiting map (``Decoder.replace_rows``); every row decides as it would alone, so greedy plans equal
-their batch-1 plans. ``imagine_rows`` follows given moves instead of choosing them (looks and thoughts as
-above; safety with visual thoughts). ``thoughts`` picks the variant evaluated side by side: "latent" (ours),
-"pixel" (render with the pixel decoder and re-encode before reading), "none" (text only).
+on the next waiting map (``Decoder.take_rows``; waiting maps are prefilled and encoded a batch at a time); every
+row decides as it would alone, so greedy plans equal their batch-1 plans. ``imagine_rows`` follows given moves
+instead of choosing them (looks and thoughts as above; safety with visual thoughts). ``thoughts`` picks the
+variant evaluated side by side: "latent" (ours), "pixel" (render with the pixel decoder and re-encode before
+reading), "none" (text only).
 
 The public entry points that take a ``LatentUM`` and map images (``plan``, ``imagine``...) are in
 ``latentum.apps.vsp.entry``; this module holds the loops under them.
@@ -35,7 +36,7 @@ import torch
 from PIL import Image
 
 from latentum.data.canvas import active_grid, active_index
-from latentum.generation.engine import PAD_CODE
+from latentum.generation.engine import PAD_CODE, Decoder
 from latentum.types import GREEDY, LatentImage, SamplingParams
 from latentum.worlds.frozenlake.lake import ACTIONS, LakeMap, displace
 from latentum.worlds.frozenlake.oracle import read_canvas
@@ -120,17 +121,20 @@ class _Run:
         self.lakes: list[LakeMap | None] = [None] * n  # the map as the pixel oracle reads it: guesses at looks
         self.dec = None
         self.rows = torch.zeros(0, dtype=torch.long)
+        self.queue: list[int] = []  # the maps waiting for a row, largest first
+        self.ready: dict[int, tuple[Decoder, int]] = {}  # a readied map -> (the decoder holding its prompt, row)
+        self.chunk = 1
 
     def plan_all(self, batch: int) -> list[Plan]:
         if not self.canvases:
             return []
         t0 = time.perf_counter()
-        queue = sorted(range(len(self.canvases)), key=lambda i: -self.grids[i])
-        self.admit(queue[:batch])
-        queue = queue[batch:]
+        self.queue = sorted(range(len(self.canvases)), key=lambda i: -self.grids[i])
+        self.chunk = batch
+        self.admit(self.next_maps(batch))
         while len(self.rows):
             ended = self.step()
-            take, queue = queue[:len(ended)], queue[len(ended):]
+            take = self.next_maps(len(ended))
             slots = ended[:len(take)]
             if len(ended) > len(take):  # more plans ended than maps wait: their rows leave the batch
                 keep = torch.ones(len(self.rows), dtype=torch.bool)
@@ -145,18 +149,23 @@ class _Run:
             p.seconds = seconds
         return self.plans
 
-    def admit(self, idx: list[int], slots: list[int] | None = None) -> None:
-        """Start the plans ``idx``: their prompts fill a new decoder, or replace the decoder rows ``slots``."""
+    def next_maps(self, k: int) -> list[int]:
+        """The next ``k`` waiting maps, off the queue. Maps are readied ``chunk`` at a time (``prepare``): one row
+        freeing up at a time would otherwise prefill and encode one map at a time."""
+        take, self.queue = self.queue[:k], self.queue[k:]
+        pending = [i for i in take if i not in self.ready]
+        if pending:
+            self.prepare(pending + [i for i in self.queue if i not in self.ready][:max(0, self.chunk - len(pending))])
+        return take
+
+    def prepare(self, idx: list[int]) -> None:
+        """Ready the maps ``idx`` together: their prompts prefilled in one decoder (``Decoder.prefilled``), their
+        board codes in one encoder call per size, and what the pixel oracle reads on them (guesses at thoughts
+        and looks, the pixel baseline's look)."""
         prompt = TEXT_PLAN_PROMPT if self.thoughts == "none" else PLAN_PROMPT
-        prompts = [[prompt, self.canvases[i]] for i in idx]
-        if slots is None:
-            self.dec = self.api.new_decoder(len(idx))
-            self.dec.prefill(prompts)
-            self.rows = torch.tensor(idx, dtype=torch.long)
-        else:
-            self.dec.replace_rows(torch.tensor(slots), prompts)
-            self.rows[slots] = torch.tensor(idx, dtype=torch.long)
-        for i in idx:  # what the pixel oracle reads: the pixel baseline's look, guesses at thoughts and looks
+        source = Decoder.prefilled(self.api.model, self.api.tokenizer, [[prompt, self.canvases[i]] for i in idx])
+        for k, i in enumerate(idx):
+            self.ready[i] = (source, k)
             state = _read(self.canvases[i], self.grids[i]) if self.guessing or self.thoughts == "pixel" else None
             self.styles[i] = state.style if state is not None else None
             self.origin[i] = state.player if state is not None else None
@@ -166,8 +175,22 @@ class _Run:
                 same = [i for i in idx if self.grids[i] == g]
                 for i, codes in zip(same, _board_codes(self.api, [self.canvases[i] for i in same], g)):
                     self.start[i] = codes
-                    if self.drafting:
-                        self.drafts.begin(i, codes, self.player_cell(i))
+
+    def admit(self, idx: list[int], slots: list[int] | None = None) -> None:
+        """Start the plans ``idx`` (readied): their prompts fill a new decoder, or take the decoder rows ``slots``."""
+        if slots is None:
+            self.dec = self.api.new_decoder(len(idx))
+            self.rows = torch.zeros(len(idx), dtype=torch.long)
+            slots = list(range(len(idx)))
+        for source in {id(self.ready[i][0]): self.ready[i][0] for i in idx}.values():  # rows prefilled together
+            at = [b for b, i in zip(slots, idx) if self.ready[i][0] is source]
+            rows = [self.ready[i][1] for i in idx if self.ready[i][0] is source]
+            self.dec.take_rows(torch.tensor(at), source, torch.tensor(rows))
+        self.rows[slots] = torch.tensor(idx, dtype=torch.long)
+        for i in idx:
+            del self.ready[i]
+            if self.drafting:
+                self.drafts.begin(i, self.start[i], self.player_cell(i))
 
     # ----------------------------------------------------------------------------------- the move rules
     def moves_left(self, rs: list[int], extra: list[int]) -> torch.Tensor:
