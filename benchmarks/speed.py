@@ -4,7 +4,8 @@
     python benchmarks/speed.py --quick      # fewer repeats, smaller batches: a smoke run
     python benchmarks/speed.py --only planning    # one section (train, decode, images, interleaved, planning)
 
-Figures (each ratio is latentum / peer, > 1 means latentum is faster):
+Figures (each ratio is latentum / peer, > 1 means latentum is faster; the training steps and decoding are timed
+in turn with their peers, round after round, so that a drift of the machine's speed moves both alike):
 - training step, fp32: the MoME backbone with every token on one branch (dense) against ``transformers``
   Qwen2 of the same dims and weights (``model.hf.backbone_from_hf``), at the shipped dims and at d=512 x 8;
 - MoME (half the tokens on each branch) against the same backbone dense;
@@ -63,6 +64,20 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def medians(fns: dict, repeats: int) -> dict:
+    """The median time of each of ``fns`` (name -> callable), timed in turn, round after round: a machine whose
+    speed drifts (other tenants, clocks) moves every figure alike, and the ratios stay put."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def peer(dim: int, depth: int, heads: int, ffn: int, vocab: int = 111) -> Qwen2ForCausalLM:
     config = Qwen2Config(vocab_size=vocab, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=depth,
                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
@@ -96,10 +111,9 @@ def train_steps(dim: int, depth: int, heads: int, ffn: int, batch: int, seq: int
         hf.zero_grad(set_to_none=True)
 
     tokens = batch * seq
-    t_dense, t_hf = median_time(ours_step(dense), repeats), median_time(hf_step, repeats)
-    t_mixed = median_time(ours_step(mixed), repeats)
+    t = medians({"dense": ours_step(dense), "hf": hf_step, "mixed": ours_step(mixed)}, repeats)
     t_bf16 = median_time(ours_step(dense, torch.bfloat16), repeats) if bf16 else None
-    return {"dense_tok_s": tokens / t_dense, "hf_tok_s": tokens / t_hf, "mome_tok_s": tokens / t_mixed,
+    return {"dense_tok_s": tokens / t["dense"], "hf_tok_s": tokens / t["hf"], "mome_tok_s": tokens / t["mixed"],
             "bf16_tok_s": tokens / t_bf16 if bf16 else None}
 
 
@@ -132,8 +146,8 @@ def decode(batch: int, new_tokens: int, repeats: int, compiled: bool = False) ->
     t0 = time.perf_counter()
     same = torch.equal(ours_decode(), hf_decode())  # (the first call compiles the static step, when on)
     first = time.perf_counter() - t0
-    t_ours, t_hf = median_time(ours_decode, repeats), median_time(hf_decode, repeats)
-    return {"ours_tok_s": batch * new_tokens / t_ours, "hf_tok_s": batch * new_tokens / t_hf, "same_tokens": same,
+    t = medians({"ours": ours_decode, "hf": hf_decode}, repeats)
+    return {"ours_tok_s": batch * new_tokens / t["ours"], "hf_tok_s": batch * new_tokens / t["hf"], "same_tokens": same,
             "first_s": first}
 
 
