@@ -274,7 +274,7 @@ def test_a_right_draft_takes_one_forward_and_sampling_refuses_drafts(model):
     feed = dec.feed
     dec.feed = lambda *a, **k: calls.append(1) or feed(*a, **k)
     assert torch.equal(dec.generate_latent(GREEDY, grid=4, draft=want), want)
-    assert len(calls) == 2  # <img>, then the whole draft at once
+    assert len(calls) == 1  # <img> and the whole draft in one forward
     with pytest.raises(ValueError, match="draft"):
         dec.generate_latent(SamplingParams(temperature=1.0), grid=4, draft=want)
     with pytest.raises(ValueError, match="draft must be"):

@@ -225,7 +225,6 @@ class Decoder:
         N, B = cells.size(1), self.batch
         # Every gen input carries the cell it predicts: <img> the first, token i the (i+1)-th.
         start = self._token_embeddings([self.tok.img_start_id], B)[0] + self.model.cell_pos(cells[:, :1])
-        h = self.feed(start, gen=True, valid=None if rows is None else rows.to(start.device)[:, None])[:, -1]
         if draft is not None:
             if params.temperature != 0 or uncond is not None:
                 raise ValueError("draft: a drafted image is only exact for greedy decoding (temperature 0) "
@@ -233,7 +232,8 @@ class Decoder:
             G = self.model.head.codebooks
             if draft.dim() != 3 or draft.shape[0] != B or draft.shape[1] < N or draft.shape[2] != G:
                 raise ValueError(f"draft must be ({B}, {N}, {G}) (or wider), got {tuple(draft.shape)}")
-            return self._drafted(h, draft[:, :N].to(h.device), n, cells, offsets, window or N)
+            return self._drafted(start, draft[:, :N].to(start.device), n, cells, offsets, window or N)
+        h = self.feed(start, gen=True, valid=None if rows is None else rows.to(start.device)[:, None])[:, -1]
         hu = uncond.feed(start, gen=True, valid=None if rows is None else rows.to(start.device)[:, None])[:, -1] \
             if uncond is not None else None
         out = []
@@ -269,49 +269,48 @@ class Decoder:
         n = torch.tensor([g * g * t for g, t in zip(grids, taking)])
         return n, cells.to(self.model.device), offsets
 
-    def _drafted(self, h: torch.Tensor, draft: torch.Tensor, n: torch.Tensor, cells: torch.Tensor,
+    def _drafted(self, start: torch.Tensor, draft: torch.Tensor, n: torch.Tensor, cells: torch.Tensor,
                  offsets: torch.Tensor, window: int) -> torch.Tensor:
-        """Greedy image ids (B, N, G) from ``h`` (B, D), the state after ``<img>``, checked against ``draft``.
+        """Greedy image ids (B, N, G) after ``start`` (B, 1, D), the ``<img>`` input, checked against ``draft``.
 
-        Each forward feeds, per row, the last decided token (if not yet fed) and up to ``window`` drafted ones;
-        the head's greedy ids at every fed position are then known at once. A row keeps its drafts while they
-        equal those ids; the first id that differs is still right (all before it were), so each forward decides
-        at least one token of every unfinished row. The keys of a row's rejected guesses are forgotten
-        (``KVCache.truncate_rows``): rows advance at their own pace, each as it would alone."""
+        Each forward feeds, per row, the last decided token not yet fed (in the first, ``<img>``) and up to
+        ``window`` drafted ones; the head's greedy ids at every fed position are then known at once. A row keeps
+        its drafts while they equal those ids; the first id that differs is still right (all before it were), so
+        each forward decides at least one token of every unfinished row. The keys of a row's rejected guesses are
+        forgotten (``KVCache.truncate_rows``): rows advance at their own pace, each as it would alone."""
         B, N, G = draft.shape
-        out = torch.full((B, N, G), PAD_CODE, dtype=torch.long, device=h.device)
+        dev = start.device
+        out = torch.full((B, N, G), PAD_CODE, dtype=torch.long, device=dev)
         i = torch.zeros(B, dtype=torch.long)  # per row: the next token to decide
         n = n.cpu()
-        pend = None  # (B, G): the decided token i - 1, not yet fed (every row has one after the first forward)
+        pend = None  # (B, G): the decided token i - 1, not yet fed (None: <img> is, in the first forward)
         while bool((i < n).any()):
             m = (torch.minimum(n - 1, i + window) - i).clamp(min=0)  # drafts each row checks (0 once done)
-            lead = 0 if pend is None else 1
-            T = lead + int(m.max())
+            T = 1 + int(m.max())
             k = torch.arange(T)
-            fed_at = (i - lead)[:, None] + k[None]  # (B, T): index of each fed token in its image
-            valid = (k[None] < lead + m[:, None]) & (i < n)[:, None]
-            guess = draft.gather(1, (fed_at.clamp(0, N - 1))[..., None].expand(-1, -1, G).to(draft.device))
+            fed_at = (i - 1)[:, None] + k[None]  # (B, T): index of each fed token in its image (-1: <img>)
+            valid = (k[None] < 1 + m[:, None]) & (i < n)[:, None]
+            guess = draft.gather(1, (fed_at.clamp(0, N - 1))[..., None].expand(-1, -1, G).to(dev))
             fed = guess if pend is None else torch.cat([pend[:, None], guess[:, 1:]], dim=1)  # (B, T, G)
             mark, pos = self.cache.length, self.next_pos.clone()
-            dev = h.device
             at = fed_at.clamp(0, N - 2).to(dev)
             emb = self.model.latent_embeddings(fed.clamp(min=0), cells.gather(1, at + 1))
-            hid = self.feed(emb, gen=True, offsets=offsets.gather(1, at.cpu()[..., None].expand(-1, -1, 2)),
-                            valid=valid.to(dev)) if T else h.new_zeros(B, 0, h.size(-1))
-            states = hid if pend is not None else torch.cat([h[:, None], hid], dim=1)  # (B, M + 1, D)
+            at_offsets = offsets.gather(1, at.cpu()[..., None].expand(-1, -1, 2))
+            if pend is None:  # <img> leads the first forward, without an image offset
+                emb = torch.cat([start.to(emb.dtype), emb[:, 1:]], dim=1)
+                at_offsets[:, 0] = 0
+            states = self.feed(emb, gen=True, offsets=at_offsets, valid=valid.to(dev))  # (B, M + 1, D)
             pred = self._greedy_codes(states, torch.where(i < n, m + 1, 0))
-            M = states.size(1) - 1  # pred[:, k] decides token i + k; guess[:, lead + k] drafts it
-            drafted = guess[:, lead:lead + M]
-            held = (pred[:, :M] == drafted).all(-1).cpu() & (torch.arange(M)[None] < m[:, None])
+            M = states.size(1) - 1  # pred[:, k] decides token i + k; guess[:, 1 + k] drafts it
+            held = (pred[:, :M] == guess[:, 1:1 + M]).all(-1).cpu() & (torch.arange(M)[None] < m[:, None])
             a = held.long().cumprod(1).sum(1)  # (B,): leading drafts each row keeps
             for b in torch.nonzero(i < n).flatten().tolist():
                 out[b, i[b]:i[b] + a[b] + 1] = pred[b, :a[b] + 1]
-            kept = torch.where(i < n, lead + a, 0)
+            kept = torch.where(i < n, 1 + a, 0)
             pend = pred[torch.arange(B), a.to(dev)]
             i = torch.where(i < n, i + a + 1, i)
-            if T:
-                self.cache.truncate_rows(mark, kept.to(self.cache.device))
-                self.next_pos = pos + kept.to(pos.device)
+            self.cache.truncate_rows(mark, kept.to(self.cache.device))
+            self.next_pos = pos + kept.to(pos.device)
         return out
 
     def _greedy_codes(self, states: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
