@@ -54,16 +54,6 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def medians(fns: dict, repeats: int) -> dict:
     """The median time of each of ``fns`` (name -> callable), timed in turn, round after round: a machine whose
     speed drifts (other tenants, clocks) moves every figure alike, and the ratios stay put."""
@@ -76,6 +66,11 @@ def medians(fns: dict, repeats: int) -> dict:
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_time(fn, repeats: int) -> float:
+    """The median time of ``fn`` over ``repeats`` runs, after a warm-up."""
+    return medians({"fn": fn}, repeats)["fn"]
 
 
 def peer(dim: int, depth: int, heads: int, ffn: int, vocab: int = 111) -> Qwen2ForCausalLM:

@@ -104,7 +104,6 @@ def reconstruction(api: LatentUM, per_category: int, seed: int) -> dict:
             "real_at_decoder_resolution": float(np.mean(real))}
 
 
-
 def answers(api: LatentUM, images: list, questions: list[str]) -> list[str]:
     """The model's greedy answers, each its final answer (the words after its last comma), normalised: a direct
     answer ("two") and a worked-out one ("a red circle at row 2 column 5 , ... , two") score alike."""
