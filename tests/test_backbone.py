@@ -458,6 +458,30 @@ def test_rows_of_one_cache_forget_their_own_slots_take_new_rows_and_compact(mode
         cache.truncate_rows(0, torch.tensor([1]))
 
 
+def test_inference_skips_padding_tokens_and_changes_no_valid_state(model):
+    """Without gradients, padded tokens go through no branch (their states are 0) and the mask is additive: the
+    valid tokens' states, the cache and a later forward equal those of the path that computes every token."""
+    ids, valid, positions, gen_mask = _left_padded(4, 6, [0, 2, 5, 1])
+    new = torch.randint(0, CFG.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
+    fed = torch.tensor([[True] * 5, [True, True, False, False, False], [True] * 5, [False] * 5])  # ragged drafts
+    runs = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            cache = model.new_cache(4, 16)
+            first = model(model.embed(ids), gen_mask, positions, cache=cache, key_valid=valid).hidden
+            mid = model(model.embed(new), torch.ones(4, 5, dtype=torch.bool), positions[:, -1:] + 1 +
+                        torch.arange(5), cache=cache, key_valid=fed).hidden
+            end = model(model.embed(new[:, :2]), torch.zeros(4, 2, dtype=torch.bool), positions[:, -1:] + 7 +
+                        torch.arange(2), cache=cache).hidden
+            runs.append((first.detach(), mid.detach(), end.detach(), cache.k[:, :, :, :cache.length].clone()))
+    (first0, mid0, end0, k0), (first1, mid1, end1, k1) = runs
+    assert _max_diff(first0[valid], first1[valid]) < TOL and _max_diff(mid0[fed], mid1[fed]) < TOL
+    assert torch.equal(mid1[~fed], torch.zeros_like(mid1[~fed]))  # nothing computed for them
+    assert _max_diff(end0, end1) < TOL
+    slots = cache.valid()  # the keys any query may see are the same
+    assert _max_diff(k0.permute(1, 3, 0, 2, 4)[slots], k1.permute(1, 3, 0, 2, 4)[slots]) < TOL
+
+
 @torch.no_grad()
 def test_rows_that_feed_nothing_sit_a_forward_out_and_change_nothing(model, monkeypatch):
     """A cached forward in which some rows feed no token runs on the other rows only (``KVCache.rows``): their

@@ -50,20 +50,27 @@ class Route(NamedTuple):
     """Which branch takes each of the N = B * T token rows. The layers keep the residual stream sorted by branch
     (the understanding rows first, then the generation rows, each in their order), so each branch runs on one
     slice; attention, which mixes tokens in sequence order, unsorts its input and sorts its output: two
-    gathers per layer, however the tokens interleave."""
+    gathers per layer, however the tokens interleave. A route may also leave rows out (padding in inference:
+    ``from_mask(keep=...)``): no branch computes them, and they unsort as zeros."""
 
     order: Tensor | None
-    """(N,) the sequence row at each sorted place, or None when one branch takes every row (no sorting)."""
+    """(M,) the sequence row at each sorted place (M <= N kept rows), or None when one branch takes every row (no
+    sorting)."""
     inverse: Tensor | None
-    """(N,) the sorted place of each sequence row."""
+    """(N,) the sorted place of each sequence row (None when rows are left out: ``unsort`` scatters)."""
     und_rows: int
     """Rows on the understanding branch (the first ``und_rows`` sorted rows)."""
     shape: tuple[int, int]
     """(B, T)."""
 
     @classmethod
-    def from_mask(cls, gen_mask: Tensor) -> Route:
+    def from_mask(cls, gen_mask: Tensor, keep: Tensor | None = None) -> Route:
+        """``gen_mask`` (B, T) True for the gen branch; ``keep`` (B, T) bool: the rows computed (default all)."""
         flat = gen_mask.reshape(-1)  # (N,)
+        if keep is not None and not bool(keep.all()):
+            kept = keep.reshape(-1)
+            und, gen = (~flat & kept).nonzero().squeeze(1), (flat & kept).nonzero().squeeze(1)
+            return cls(torch.cat([und, gen]), None, und.numel(), tuple(gen_mask.shape))
         gen = int(flat.sum())
         if gen in (0, flat.numel()):
             return cls(None, None, flat.numel() - gen, tuple(gen_mask.shape))
@@ -71,17 +78,21 @@ class Route(NamedTuple):
         return cls(order, torch.argsort(order), flat.numel() - gen, tuple(gen_mask.shape))
 
     def sort(self, x_ND: Tensor) -> Tensor:
-        """Sequence-order rows (N, ...) -> branch-sorted rows."""
+        """Sequence-order rows (N, ...) -> branch-sorted rows (M, ...)."""
         return x_ND if self.order is None else x_ND.index_select(0, self.order)
 
     def unsort(self, x_ND: Tensor) -> Tensor:
-        """Branch-sorted rows (N, ...) -> sequence order."""
-        return x_ND if self.inverse is None else x_ND.index_select(0, self.inverse)
+        """Branch-sorted rows (M, ...) -> sequence order (N, ...), rows left out as zeros."""
+        if self.order is None:
+            return x_ND
+        if self.inverse is None:
+            return x_ND.new_zeros(self.shape[0] * self.shape[1], *x_ND.shape[1:]).index_copy(0, self.order, x_ND)
+        return x_ND.index_select(0, self.inverse)
 
     def apply(self, x_ND: Tensor, fns: tuple[RowFn, RowFn]) -> Tensor:
-        """``fns[i]`` on branch i's rows of the sorted ``x_ND`` (N, D) -> (N, out), still sorted."""
+        """``fns[i]`` on branch i's rows of the sorted ``x_ND`` (M, D) -> (M, out), still sorted."""
         n = self.und_rows
-        if self.order is None:
+        if self.order is None or n in (0, x_ND.shape[0]):
             return fns[0 if n else 1](x_ND)
         return torch.cat([fns[0](x_ND[:n]), fns[1](x_ND[n:])])
 
@@ -231,11 +242,16 @@ class AttendMask(NamedTuple):
     """(B, 1, T, 1) 1 where the query has a key, 0 where not (its output is zeroed); None if all have one."""
 
     @classmethod
-    def from_allowed(cls, allowed: Tensor) -> AttendMask:
+    def from_allowed(cls, allowed: Tensor, additive: bool = False) -> AttendMask:
+        """``additive``: ``sdpa`` as 0 / -inf floats, converted once here rather than from bool by SDPA in every
+        layer (its time at 16 rows of 66 tokens on 1000 keys: 15% less, 2-core CPU); for inference."""
         any_key = allowed.any(-1, keepdim=True)  # (B, T, 1)
-        if bool(any_key.all()):
-            return cls(allowed, allowed[:, None], None)
-        return cls(allowed, (allowed | ~any_key)[:, None], any_key[:, None])
+        mask = cls(allowed, allowed[:, None], None) if bool(any_key.all()) else \
+            cls(allowed, (allowed | ~any_key)[:, None], any_key[:, None])
+        if additive:
+            mask = mask._replace(sdpa=torch.zeros(mask.sdpa.shape, device=allowed.device).masked_fill(~mask.sdpa,
+                                                                                                   -math.inf))
+        return mask
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttendMask) -> Tensor:
@@ -244,8 +260,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttendMask) -> Tensor:
     r = q.shape[1] // k.shape[1]
     if r > 1:  # GQA: each kv head serves r query heads
         k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (B, H, S, d)
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.sdpa,
-                                         is_causal=mask.sdpa is None)  # (B, H, T, d)
+    sdpa = mask.sdpa if mask.sdpa is None or mask.sdpa.dtype in (torch.bool, q.dtype) else mask.sdpa.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=sdpa,
+                                         is_causal=sdpa is None)  # (B, H, T, d)
     return out if mask.has_key is None else out * mask.has_key.to(out.dtype)
 
 
@@ -471,7 +488,8 @@ class MoMEBackbone(nn.Module):
                                           key_valid)
         if key_valid is None:
             key_valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
-        route = Route.from_mask(gen_mask)
+        # Inference computes only the tokens that count (drafted rows are padded to the longest draft).
+        route = Route.from_mask(gen_mask, None if torch.is_grad_enabled() else key_valid)
         rope = self.rope(positions)
         if cache is None:
             return self._run(x, route, rope, attn_mask, key_valid, None, spans)
@@ -549,7 +567,8 @@ class MoMEBackbone(nn.Module):
             if attn_mask is None:
                 q_pos = torch.arange(S - T, S, device=x.device)  # absolute slot of each new query
                 attn_mask = (torch.arange(S, device=x.device)[None, :] <= q_pos[:, None])[None]  # (1, T, S)
-            mask = AttendMask.from_allowed(attn_mask & valid_all[:, None, :])  # allowed (B, T, S)
+            mask = AttendMask.from_allowed(attn_mask & valid_all[:, None, :],  # allowed (B, T, S)
+                                           additive=not torch.is_grad_enabled())
         masses = []
         x = route.sort(x.reshape(B * T, -1))  # (N, D), sorted by branch through every layer
         for i, layer in enumerate(self.layers):
