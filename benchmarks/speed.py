@@ -278,7 +278,7 @@ def report_interleaved(quick: bool) -> None:
 
 
 def report_planning(quick: bool) -> None:
-    p = planning(2 if quick else 16, 1 if quick else 3)
+    p = planning(1 if quick else 16, 1 if quick else 3)
     print(f"| plan_batch of {p['maps']} maps of 3x3-8x8, batch 16 (continuous) vs one at a time, plans/s | "
           f"{p['batched_plans_s']:.2f} | {p['single_plans_s']:.2f} | "
           f"{p['batched_plans_s'] / p['single_plans_s']:.2f}x (same plans: {p['same_plans']}) |")

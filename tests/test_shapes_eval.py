@@ -38,7 +38,8 @@ def test_codebook_usage_counts_the_codes(debug_run):
 
 def test_cli_eval_shapes_writes_json(debug_run, tmp_path, capsys):
     out = tmp_path / "shapes.json"
-    code = main(["eval", "shapes", "--model", str(debug_run / "model"), "--per-category", "1", "--out", str(out)])
+    code = main(["eval", "shapes", "--model", str(debug_run / "model"), "--per-category", "1", "--out", str(out),
+                 "--only", "reconstruction"])  # every part together: test_the_report_holds_every_figure
     assert code == 0 and "reconstruction" in capsys.readouterr().out
     assert json.loads(out.read_text())["per_category"] == 1
 
