@@ -459,8 +459,9 @@ def test_rows_of_one_cache_forget_their_own_slots_take_new_rows_and_compact(mode
 
 
 def test_inference_skips_padding_tokens_and_changes_no_valid_state(model):
-    """Without gradients, padded tokens go through no branch (their states are 0) and the mask is additive: the
-    valid tokens' states, the cache and a later forward equal those of the path that computes every token."""
+    """Without gradients, padded tokens go through no branch (their states are 0) and the mask is additive
+    (``AttendMask.from_allowed``): the valid tokens' states, the cache and a later forward equal those of the
+    gradient path, which computes every token under a boolean mask."""
     ids, valid, positions, gen_mask = _left_padded(4, 6, [0, 2, 5, 1])
     new = torch.randint(0, CFG.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
     fed = torch.tensor([[True] * 5, [True, True, False, False, False], [True] * 5, [False] * 5])  # ragged drafts
@@ -473,13 +474,14 @@ def test_inference_skips_padding_tokens_and_changes_no_valid_state(model):
                         torch.arange(5), cache=cache, key_valid=fed).hidden
             end = model(model.embed(new[:, :2]), torch.zeros(4, 2, dtype=torch.bool), positions[:, -1:] + 7 +
                         torch.arange(2), cache=cache).hidden
-            runs.append((first.detach(), mid.detach(), end.detach(), cache.k[:, :, :, :cache.length].clone()))
-    (first0, mid0, end0, k0), (first1, mid1, end1, k1) = runs
+            kv = torch.stack([cache.k, cache.v])[:, :, :, :, :cache.length]  # (2, L, B, K, S, d)
+            runs.append((first.detach(), mid.detach(), end.detach(), kv.clone(), cache.valid().clone()))
+    (first0, mid0, end0, kv0, valid0), (first1, mid1, end1, kv1, valid1) = runs
     assert _max_diff(first0[valid], first1[valid]) < TOL and _max_diff(mid0[fed], mid1[fed]) < TOL
     assert torch.equal(mid1[~fed], torch.zeros_like(mid1[~fed]))  # nothing computed for them
     assert _max_diff(end0, end1) < TOL
-    slots = cache.valid()  # the keys any query may see are the same
-    assert _max_diff(k0.permute(1, 3, 0, 2, 4)[slots], k1.permute(1, 3, 0, 2, 4)[slots]) < TOL
+    assert torch.equal(valid0, valid1)  # the keys and values any query may see are the same
+    assert _max_diff(kv0.permute(2, 4, 0, 1, 3, 5)[valid0], kv1.permute(2, 4, 0, 1, 3, 5)[valid0]) < TOL
 
 
 @torch.no_grad()

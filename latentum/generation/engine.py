@@ -56,7 +56,8 @@ class Decoder:
     # --- feeding ----------------------------------------------------------------------------------------
     def feed(self, x: torch.Tensor, gen: bool = False, valid: torch.Tensor | None = None,
              offsets: torch.Tensor | None = None, span: torch.Tensor | None = None) -> torch.Tensor:
-        """Append embeddings x (B, T, D) to the cache through one branch; returns hidden (B, T, D).
+        """Append embeddings x (B, T, D) to the cache through one branch; returns hidden (B, T, D) (0 where not
+        ``valid`` (B, T): those tokens take a slot no query sees and are not computed).
         ``offsets`` (B, T, 2) or (T, 2): image tokens' 2-D RoPE offsets (``canvas.rope_offsets``; None: text).
         ``span`` (B, T) or (T,): which image each token belongs to (-1: none), for ``image_attention``;
         an image is always fed whole, in one call."""

@@ -10,6 +10,7 @@ Shape letters:
     B  batch           T  new tokens of this forward      S  keys (cached + new)
     D  model dim       H  query heads     K  kv heads     r  query heads per kv head (H = K * r)
     d  head dim        F  FFN hidden      N  flattened token rows (B * T)     n  rows routed to one branch
+    M  rows computed (N, or fewer when inference leaves padding out: ``Route``)
     L  layers          V  vocabulary
 """
 
@@ -41,7 +42,8 @@ class AttentionSpans(NamedTuple):
 
 class BackboneOutput(NamedTuple):
     hidden: Tensor
-    """(B, T, D) after the final norm."""
+    """(B, T, D) after the final norm; 0 at the tokens ``key_valid`` marks invalid when gradients are off (no branch
+    computes them)."""
     attn_mass: Tensor | None
     """(L, B) attention mass of the query span on the key span per layer (AIA), or None without spans."""
 
@@ -236,22 +238,34 @@ class AttendMask(NamedTuple):
     allowed: Tensor | None
     """(B, T, S) True where a query may attend a key; None: plain causal over T == S keys, all valid."""
     sdpa: Tensor | None
-    """(B, 1, T, S) ``allowed``, except that a query with no key (a padding query) sees every key: a softmax
-    over nothing would be NaN. None with ``allowed`` None: SDPA's own causal kernel (``is_causal``)."""
+    """(B, 1, T, S) ``allowed`` (bool, or additive 0 / -inf floats), except that a query with no key (a padding
+    query) sees every key: a softmax over nothing would be NaN. None with ``allowed`` None: SDPA's own causal
+    kernel (``is_causal``)."""
     has_key: Tensor | None
     """(B, 1, T, 1) 1 where the query has a key, 0 where not (its output is zeroed); None if all have one."""
 
     @classmethod
-    def from_allowed(cls, allowed: Tensor, additive: bool = False) -> AttendMask:
-        """``additive``: ``sdpa`` as 0 / -inf floats, converted once here rather than from bool by SDPA in every
-        layer (its time at 16 rows of 66 tokens on 1000 keys: 15% less, 2-core CPU); for inference."""
+    def from_allowed(cls, allowed: Tensor, additive: torch.dtype | None = None) -> AttendMask:
+        """From ``allowed`` (B, T, S). ``additive`` (the attention's dtype, for inference): ``sdpa`` as 0 / -inf
+        of that dtype, converted once here rather than from bool by SDPA in every layer (its time at 16 rows of 66
+        tokens on 1000 keys: 15% less, 2-core CPU); kept bool past ``ADDITIVE_MAX`` entries (4x the memory)."""
         any_key = allowed.any(-1, keepdim=True)  # (B, T, 1)
         mask = cls(allowed, allowed[:, None], None) if bool(any_key.all()) else \
             cls(allowed, (allowed | ~any_key)[:, None], any_key[:, None])
-        if additive:
-            mask = mask._replace(sdpa=torch.zeros(mask.sdpa.shape, device=allowed.device).masked_fill(~mask.sdpa,
-                                                                                                   -math.inf))
+        if additive is not None and allowed.numel() <= ADDITIVE_MAX:
+            zeros = torch.zeros(mask.sdpa.shape, dtype=additive, device=allowed.device)
+            mask = mask._replace(sdpa=zeros.masked_fill(~mask.sdpa, -math.inf))
         return mask
+
+
+ADDITIVE_MAX = 2**24
+"""The largest inference mask (B * T * S entries) built additive: 64 MB in fp32."""
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's where it is on, else ``x``'s."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttendMask) -> Tensor:
@@ -277,7 +291,7 @@ class MoMELayer(nn.Module):
     def forward(self, x: Tensor, route: Route, rope: tuple[Tensor, Tensor], mask: AttendMask,
                 kv: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
                 spans: AttentionSpans | None) -> tuple[Tensor, Tensor | None]:
-        """x (N, D), the residual rows sorted by branch (``Route``) -> (N, D) sorted alike, and the AIA span mass
+        """x (M, D), the residual rows sorted by branch (``Route``) -> (M, D) sorted alike, and the AIA span mass
         (B,) when ``spans`` is given."""
         B, T = route.shape
         und, gen = self.branches
@@ -471,7 +485,8 @@ class MoMEBackbone(nn.Module):
         ``attn_mask`` (B, T, S) is True where a query may attend a key, S = cached length + T; when None it
         is causal over [cached keys ; new keys]. Either way keys marked invalid (the cache's stored
         ``key_valid`` and this call's ``key_valid`` (B, T), default all True) are never attended: that is
-        how left padding is masked during generation. With ``cache`` the new keys are appended to it.
+        how left padding is masked during generation. With ``cache`` the new keys are appended to it. Without
+        gradients the invalid tokens are not computed at all: their hidden states are 0.
         """
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
@@ -568,9 +583,9 @@ class MoMEBackbone(nn.Module):
                 q_pos = torch.arange(S - T, S, device=x.device)  # absolute slot of each new query
                 attn_mask = (torch.arange(S, device=x.device)[None, :] <= q_pos[:, None])[None]  # (1, T, S)
             mask = AttendMask.from_allowed(attn_mask & valid_all[:, None, :],  # allowed (B, T, S)
-                                           additive=not torch.is_grad_enabled())
+                                           additive=None if torch.is_grad_enabled() else _compute_dtype(x))
         masses = []
-        x = route.sort(x.reshape(B * T, -1))  # (N, D), sorted by branch through every layer
+        x = route.sort(x.reshape(B * T, -1))  # (M, D), sorted by branch through every layer
         for i, layer in enumerate(self.layers):
             if cache is None:
                 kv = lambda k, v: (k, v)
