@@ -214,15 +214,16 @@ def image_generation(batch: int, repeats: int) -> dict:
     return {"batched_images_s": batch / t_batch, "single_images_s": batch / t_single}
 
 
-def interleaved_generation(per_level: int, repeats: int, batch: int = 16) -> dict:
+def interleaved_generation(per_level: int, repeats: int, batch: int = 16, max_images: int = 4) -> dict:
     """``generate`` on planning prompts (fresh maps, ``per_level`` of each size) and as many Shapes prompts, greedy,
-    at most 4 images and 32 tokens each: ``batch`` rows (continuous batching) against one input at a time."""
+    at most ``max_images`` images and 32 tokens each: ``batch`` rows (continuous batching) against one input at a
+    time."""
     api = LatentUM.from_pretrained("checkpoints/tiny")
     maps = [m for level in range(3, 9) for m in eval_maps(level, per_level, seed=13)]
     inputs = [[PLAN_PROMPT, fl.render_canvas(m, m.player, "gymnasium", canvas=api.canvas)] for m in maps]
     shapes = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")]
     inputs += [[shapes[i % len(shapes)]] for i in range(len(maps))]
-    kw = dict(max_images=4, max_new_tokens=32, sampling=GREEDY)
+    kw = dict(max_images=max_images, max_new_tokens=32, sampling=GREEDY)
     together, alone = [], []
     t_batch = median_time(lambda: together.append(api.generate(inputs, batch=batch, **kw)), repeats)
     t_single = median_time(lambda: alone.append([api.generate(x, **kw) for x in inputs]), repeats)
@@ -264,14 +265,14 @@ def report_decode(quick: bool, r: int, compile_too: bool) -> None:
 
 
 def report_images(quick: bool) -> None:
-    g = image_generation(4 if quick else 16, 1 if quick else 3)
-    print(f"| generate_images of {4 if quick else 16} prompts in one batch vs one at a time, images/s | "
+    g = image_generation(2 if quick else 16, 1 if quick else 3)
+    print(f"| generate_images of {2 if quick else 16} prompts in one batch vs one at a time, images/s | "
           f"{g['batched_images_s']:.2f} | {g['single_images_s']:.2f} | "
           f"{g['batched_images_s'] / g['single_images_s']:.2f}x |")
 
 
 def report_interleaved(quick: bool) -> None:
-    i = interleaved_generation(1 if quick else 3, 1 if quick else 3)
+    i = interleaved_generation(1 if quick else 3, 1 if quick else 3, max_images=1 if quick else 4)
     print(f"| generate (interleaved) of {i['inputs']} inputs, batch 16 (continuous) vs one at a time, inputs/s | "
           f"{i['batched_s']:.2f} | {i['single_s']:.2f} | {i['batched_s'] / i['single_s']:.2f}x "
           f"(same outputs: {i['same']}) |")
