@@ -328,19 +328,20 @@ def fuse(branch: Branch) -> Fused | None:
     return Fused(*qkv, torch.cat([branch.ffn.gate.weight, branch.ffn.up.weight]))
 
 
-def static_step(layers: nn.ModuleList, norm: nn.Module, rope: RotaryEmbedding, x: Tensor, positions: Tensor,
+def static_step(layers: nn.ModuleList, norm: nn.Module, rope: tuple[Tensor, Tensor], x: Tensor,
                 k_cache: Tensor, v_cache: Tensor, key_valid: Tensor, written: Tensor, branch: int,
                 fused: list[Fused | None]) -> tuple[Tensor, Tensor, Tensor]:
     """One decoding step of fixed shapes: x (B, 1, D) through ``branch`` of every layer, attending over the whole
     preallocated cache k/v (L, B, K, S_max, d) (its valid keys: ``key_valid`` (B, S_max) among the first ``written``
-    slots, a 0-d tensor) and over its own new key, at ``positions`` (B, 1) or (B, 1, 2) (RoPE and the key mask
-    computed inside, so no op of the step runs outside the graph). The cache is
-    only read: the new keys and values come back, (L, B, K, 1, d) each, for the caller to write (an in-place
-    write inside a compiled graph copies the whole cache). Returns (final-normed hidden (B, 1, D), k, v). Plain
-    tensor code without data-dependent control flow, so ``torch.compile`` traces it as one graph. ``fused[i]``:
-    layer i's projections of ``branch`` concatenated (``fuse``), or None for its modules."""
+    slots, a 0-d tensor; the key mask is computed inside) and over its own new key, rotated by ``rope`` (cos, sin)
+    (B, 1, 1, d) of the step's positions. RoPE comes in computed: inside the graph, inductor inlined cos and sin
+    into the attention's reduction over the cache and evaluated them once per cached key (at batch 16 that kernel
+    took twice as long). The cache is only read: the new keys and values come back, (L, B, K, 1, d) each, for the
+    caller to write (an in-place write inside a compiled graph copies the whole cache). Returns (final-normed hidden
+    (B, 1, D), k, v). Plain tensor code without data-dependent control flow, so ``torch.compile`` traces it as one
+    graph. ``fused[i]``: layer i's projections of ``branch`` concatenated (``fuse``), or None for its modules."""
     B = x.shape[0]
-    cos, sin = rope(positions)
+    cos, sin = rope
     keys = key_valid & (torch.arange(key_valid.shape[1], device=x.device) < written)[None]  # (B, S_max)
     new_k, new_v = [], []
     for i, layer in enumerate(layers):
@@ -566,7 +567,7 @@ class MoMEBackbone(nn.Module):
         """x (B, 1, D), every row on ``branch`` and valid, through ``static_step`` into ``cache``."""
         with cache.extend(key_valid):
             written = torch.tensor(cache.length, device=x.device)  # the slots written before this step
-            hidden, k, v = self._step(self.layers, self.norm, self.rope, x, positions, cache.k, cache.v,
+            hidden, k, v = self._step(self.layers, self.norm, self.rope(positions), x, cache.k, cache.v,
                                       cache.key_valid, written, branch, self._fused_weights(branch))
             cache.write(k, v)
         return BackboneOutput(hidden=hidden, attn_mass=None)
