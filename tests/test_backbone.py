@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+import latentum.model.backbone as bkb
 from latentum.config import BackboneConfig
 from latentum.model.backbone import AttentionSpans, MoMEBackbone
 from latentum.model.cache import KVCache
@@ -509,3 +510,43 @@ def test_rows_that_feed_nothing_sit_a_forward_out_and_change_nothing(model, monk
     assert _max_diff(mid0[live][fed[live]], mid1[live][fed[live]]) < TOL
     assert torch.equal(mid1[~live], torch.zeros_like(mid1[~live]))  # no query of theirs: nothing computed
     assert torch.equal(valid0, valid1) and _max_diff(end0, end1) < TOL
+
+
+def test_ragged_boxes_bound_each_rows_queries_and_keys():
+    allowed = torch.zeros(3, 4, 10, dtype=torch.bool)
+    allowed[0, 1:3, 2:6] = True  # queries 1-2 on keys 2-5
+    allowed[1, 0, 9] = True  # one query, one key
+    # row 2 attends nothing (a row that sits the forward out)
+    assert bkb.ragged_boxes(allowed) is None  # 120 entries: one call costs less
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bkb, "RAGGED_MIN", 0)
+        assert bkb.ragged_boxes(allowed) == [(1, 3, 2, 6), (0, 1, 9, 10), (0, 0, 0, 0)]
+        assert bkb.ragged_boxes(torch.ones(3, 4, 10, dtype=torch.bool)) is None  # the boxes cover everything
+
+
+@torch.no_grad()
+def test_ragged_rows_attended_box_by_box_equal_one_batched_call(model, monkeypatch):
+    """Rows of ragged drafts on keys of ragged lengths: attention run row by row on each row's box gives the states,
+    cache and later forward of one call over the whole mask."""
+    ids, valid, positions, gen_mask = _left_padded(4, 8, [0, 5, 2, 7])
+    new = torch.randint(0, CFG.vocab_size, (4, 6), generator=torch.Generator().manual_seed(1))
+    fed = torch.arange(6)[None] < torch.tensor([6, 1, 3, 0])[:, None]  # drafts padded to the longest
+    monkeypatch.setattr(bkb, "RAGGED_MIN", 0)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(bkb.F, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(q.shape) or
+                        sdpa(q, *a, **k))
+    runs = []
+    for share in (0.0, 1.01):  # never by boxes, then always
+        monkeypatch.setattr(bkb, "RAGGED_SHARE", share)
+        calls.clear()
+        cache = model.new_cache(4, 20)
+        first = model(model.embed(ids), gen_mask, positions, cache=cache, key_valid=valid).hidden
+        mid = model(model.embed(new), torch.ones(4, 6, dtype=torch.bool), positions[:, -1:] + 1 + torch.arange(6),
+                    cache=cache, key_valid=fed).hidden
+        end = model(model.embed(new[:, :2]), torch.zeros(4, 2, dtype=torch.bool), positions[:, -1:] + 7 +
+                    torch.arange(2), cache=cache).hidden
+        runs.append((first, mid, end, cache.k[:, :, :, :cache.length].clone(), list(calls)))
+    (first0, mid0, end0, k0, calls0), (first1, mid1, end1, k1, calls1) = runs
+    assert all(q[0] == 4 for q in calls0) and any(q[0] == 1 and q[2] < 6 for q in calls1)  # boxes were used
+    assert _max_diff(first0[valid], first1[valid]) < TOL and _max_diff(mid0, mid1) < TOL
+    assert _max_diff(end0, end1) < TOL and _max_diff(k0, k1) < TOL

@@ -243,19 +243,56 @@ class AttendMask(NamedTuple):
     kernel (``is_causal``)."""
     has_key: Tensor | None
     """(B, 1, T, 1) 1 where the query has a key, 0 where not (its output is zeroed); None if all have one."""
+    boxes: list[tuple[int, int, int, int]] | None = None
+    """Per row (q0, q1, k0, k1): the queries [q0, q1) that have keys and the keys [k0, k1) any of them may attend
+    (inference of ragged rows, ``ragged_boxes``): ``attend`` runs each row on its box alone. None: one call."""
 
     @classmethod
     def from_allowed(cls, allowed: Tensor, additive: torch.dtype | None = None) -> AttendMask:
         """From ``allowed`` (B, T, S). ``additive`` (the attention's dtype, for inference): ``sdpa`` as 0 / -inf
         of that dtype, converted once here rather than from bool by SDPA in every layer (its time at 16 rows of 66
-        tokens on 1000 keys: 15% less, 2-core CPU); kept bool past ``ADDITIVE_MAX`` entries (4x the memory)."""
+        tokens on 1000 keys: 15% less, 2-core CPU); kept bool past ``ADDITIVE_MAX`` entries (4x the memory). In
+        inference, rows of ragged lengths also get their ``boxes``."""
         any_key = allowed.any(-1, keepdim=True)  # (B, T, 1)
         mask = cls(allowed, allowed[:, None], None) if bool(any_key.all()) else \
             cls(allowed, (allowed | ~any_key)[:, None], any_key[:, None])
         if additive is not None and allowed.numel() <= ADDITIVE_MAX:
             zeros = torch.zeros(mask.sdpa.shape, dtype=additive, device=allowed.device)
             mask = mask._replace(sdpa=zeros.masked_fill(~mask.sdpa, -math.inf))
+        if additive is not None:
+            mask = mask._replace(boxes=ragged_boxes(allowed))
         return mask
+
+
+RAGGED_MIN = 2**17
+"""The smallest attention (B * T * S mask entries) worth running row by row: below it one call costs less."""
+RAGGED_SHARE = 0.6
+"""Rows run on their boxes alone when the boxes cover less than this share of the mask. A batched call computes
+every (query, key) pair of every row, however ragged the rows: 16 rows of drafts padded to the longest, on keys
+padded to the longest row (a 2-core CPU, 16 rows x 66 queries x 1000 keys, boxes covering 38%: 13.8 -> 7.8 ms;
+covering 92%: 9.4 -> 10.6 ms, the calls' overhead)."""
+
+
+def ragged_boxes(allowed: Tensor) -> list[tuple[int, int, int, int]] | None:
+    """Each row's box (q0, q1, k0, k1) in ``allowed`` (B, T, S): its first and past-last query that has a key, and
+    the first and past-last key any query attends; or None where one call over the whole mask costs less
+    (``RAGGED_MIN``, ``RAGGED_SHARE``)."""
+    B, T, S = allowed.shape
+    if B < 2 or allowed.numel() < RAGGED_MIN:
+        return None
+    q_any, k_any = allowed.any(2), allowed.any(1)  # (B, T), (B, S)
+
+    def span(hit: Tensor) -> Tensor:  # (B, n) bool -> (B, 2): first and past-last True, (0, 0) if none
+        idx = torch.arange(hit.shape[1], device=hit.device)
+        first = torch.where(hit, idx, hit.shape[1]).amin(1)
+        last = torch.where(hit, idx + 1, 0).amax(1)
+        return torch.stack([first.clamp(max=last), last], 1)
+
+    boxes = torch.cat([span(q_any), span(k_any)], 1)  # (B, 4)
+    area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
+    if int(area.sum()) >= RAGGED_SHARE * B * T * S:
+        return None
+    return [tuple(b) for b in boxes.tolist()]
 
 
 ADDITIVE_MAX = 2**24
@@ -275,8 +312,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttendMask) -> Tensor:
     if r > 1:  # GQA: each kv head serves r query heads
         k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (B, H, S, d)
     sdpa = mask.sdpa if mask.sdpa is None or mask.sdpa.dtype in (torch.bool, q.dtype) else mask.sdpa.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=sdpa,
-                                         is_causal=sdpa is None)  # (B, H, T, d)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if mask.boxes is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa, is_causal=sdpa is None)  # (B, H, T, d)
+    else:  # each row on its own box: no pair outside it is computed (views, no gathers)
+        out = q.new_zeros(q.shape)
+        for b, (q0, q1, k0, k1) in enumerate(mask.boxes):
+            if q1 > q0:
+                out[b, :, q0:q1] = F.scaled_dot_product_attention(
+                    q[b:b + 1, :, q0:q1], k[b:b + 1, :, k0:k1], v[b:b + 1, :, k0:k1],
+                    attn_mask=sdpa[b:b + 1, :, q0:q1, k0:k1])[0]
     return out if mask.has_key is None else out * mask.has_key.to(out.dtype)
 
 
