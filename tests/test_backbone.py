@@ -40,6 +40,21 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def _prompt_draft_follow(model: MoMEBackbone, prompt, draft: torch.Tensor, fed: torch.Tensor, after: torch.Tensor):
+    """Three cached forwards: ``prompt`` (``_left_padded``'s ids, valid, positions, gen_mask); a gen-branch draft
+    (B, T) of which ``fed`` (B, T) is real (rows padded to the longest); then ``after`` (B, 2) on the und branch.
+    Returns their hidden states and the cache."""
+    ids, valid, positions, gen_mask = prompt
+    B, T = draft.shape
+    cache = model.new_cache(B, ids.shape[1] + T + after.shape[1])
+    first = model(model.embed(ids), gen_mask, positions, cache=cache, key_valid=valid).hidden
+    mid = model(model.embed(draft), torch.ones(B, T, dtype=torch.bool), positions[:, -1:] + 1 + torch.arange(T),
+                cache=cache, key_valid=fed).hidden
+    end = model(model.embed(after), torch.zeros(B, 2, dtype=torch.bool), positions[:, -1:] + 7 + torch.arange(2),
+                cache=cache).hidden
+    return first, mid, end, cache
+
+
 def test_shapes_and_logits(model):
     B, T = 3, 5
     ids, valid, pos, gen = _left_padded(B, T, [0, 1, 2])
@@ -463,18 +478,14 @@ def test_inference_skips_padding_tokens_and_changes_no_valid_state(model):
     """Without gradients, padded tokens go through no branch (their states are 0) and the mask is additive
     (``AttendMask.from_allowed``): the valid tokens' states, the cache and a later forward equal those of the
     gradient path, which computes every token under a boolean mask."""
-    ids, valid, positions, gen_mask = _left_padded(4, 6, [0, 2, 5, 1])
+    prompt = _left_padded(4, 6, [0, 2, 5, 1])
+    valid = prompt[1]
     new = torch.randint(0, CFG.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
     fed = torch.tensor([[True] * 5, [True, True, False, False, False], [True] * 5, [False] * 5])  # ragged drafts
     runs = []
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            cache = model.new_cache(4, 16)
-            first = model(model.embed(ids), gen_mask, positions, cache=cache, key_valid=valid).hidden
-            mid = model(model.embed(new), torch.ones(4, 5, dtype=torch.bool), positions[:, -1:] + 1 +
-                        torch.arange(5), cache=cache, key_valid=fed).hidden
-            end = model(model.embed(new[:, :2]), torch.zeros(4, 2, dtype=torch.bool), positions[:, -1:] + 7 +
-                        torch.arange(2), cache=cache).hidden
+            first, mid, end, cache = _prompt_draft_follow(model, prompt, new, fed, new[:, :2])
             kv = torch.stack([cache.k, cache.v])[:, :, :, :, :cache.length]  # (2, L, B, K, S, d)
             runs.append((first.detach(), mid.detach(), end.detach(), kv.clone(), cache.valid().clone()))
     (first0, mid0, end0, kv0, valid0), (first1, mid1, end1, kv1, valid1) = runs
@@ -491,7 +502,7 @@ def test_rows_that_feed_nothing_sit_a_forward_out_and_change_nothing(model, monk
     hidden states and every later forward equal those of the forward that computes every row."""
     assert MoMEBackbone.sit_out(16, 4, 64) and not MoMEBackbone.sit_out(16, 12, 16)  # many rows out, long enough
     assert not MoMEBackbone.sit_out(4, 4, 64) and not MoMEBackbone.sit_out(4, 0, 64)  # all in; none in
-    ids, valid, positions, gen_mask = _left_padded(4, 6, [0, 2, 0, 1])
+    prompt = _left_padded(4, 6, [0, 2, 0, 1])
     new = torch.randint(0, CFG.vocab_size, (4, 5), generator=torch.Generator().manual_seed(1))
     live = torch.tensor([False, True, False, True])
     fed = live[:, None] & torch.tensor([True, True, True, False, True])  # row 3 leaves one slot out
@@ -499,12 +510,7 @@ def test_rows_that_feed_nothing_sit_a_forward_out_and_change_nothing(model, monk
     runs = []
     for sit_out in (10**9, 0):  # never, then whenever rows feed nothing
         monkeypatch.setattr(MoMEBackbone, "SIT_OUT", sit_out)
-        cache = model.new_cache(4, 16)
-        model(model.embed(ids), gen_mask, positions, cache=cache, key_valid=valid)
-        mid = model(model.embed(new), torch.ones(4, 5, dtype=torch.bool), positions[:, -1:] + 1 +
-                    torch.arange(5), cache=cache, key_valid=fed).hidden
-        end = model(model.embed(after), torch.zeros(4, 2, dtype=torch.bool), positions[:, -1:] + 7 +
-                    torch.arange(2), cache=cache).hidden
+        _, mid, end, cache = _prompt_draft_follow(model, prompt, new, fed, after)
         runs.append((mid, end, cache.valid().clone()))
     (mid0, end0, valid0), (mid1, end1, valid1) = runs
     assert _max_diff(mid0[live][fed[live]], mid1[live][fed[live]]) < TOL
@@ -513,6 +519,7 @@ def test_rows_that_feed_nothing_sit_a_forward_out_and_change_nothing(model, monk
 
 
 def test_ragged_boxes_bound_each_rows_queries_and_keys():
+    """A row's box is its queries that have keys by the keys any of them attends; small or dense masks get none."""
     allowed = torch.zeros(3, 4, 10, dtype=torch.bool)
     allowed[0, 1:3, 2:6] = True  # queries 1-2 on keys 2-5
     allowed[1, 0, 9] = True  # one query, one key
@@ -528,7 +535,8 @@ def test_ragged_boxes_bound_each_rows_queries_and_keys():
 def test_ragged_rows_attended_box_by_box_equal_one_batched_call(model, monkeypatch):
     """Rows of ragged drafts on keys of ragged lengths: attention run row by row on each row's box gives the states,
     cache and later forward of one call over the whole mask."""
-    ids, valid, positions, gen_mask = _left_padded(4, 8, [0, 5, 2, 7])
+    prompt = _left_padded(4, 8, [0, 5, 2, 7])
+    valid = prompt[1]
     new = torch.randint(0, CFG.vocab_size, (4, 6), generator=torch.Generator().manual_seed(1))
     fed = torch.arange(6)[None] < torch.tensor([6, 1, 3, 0])[:, None]  # drafts padded to the longest
     monkeypatch.setattr(bkb, "RAGGED_MIN", 0)
@@ -539,12 +547,7 @@ def test_ragged_rows_attended_box_by_box_equal_one_batched_call(model, monkeypat
     for share in (0.0, 1.01):  # never by boxes, then always
         monkeypatch.setattr(bkb, "RAGGED_SHARE", share)
         calls.clear()
-        cache = model.new_cache(4, 20)
-        first = model(model.embed(ids), gen_mask, positions, cache=cache, key_valid=valid).hidden
-        mid = model(model.embed(new), torch.ones(4, 6, dtype=torch.bool), positions[:, -1:] + 1 + torch.arange(6),
-                    cache=cache, key_valid=fed).hidden
-        end = model(model.embed(new[:, :2]), torch.zeros(4, 2, dtype=torch.bool), positions[:, -1:] + 7 +
-                    torch.arange(2), cache=cache).hidden
+        first, mid, end, cache = _prompt_draft_follow(model, prompt, new, fed, new[:, :2])
         runs.append((first, mid, end, cache.k[:, :, :, :cache.length].clone(), list(calls)))
     (first0, mid0, end0, k0, calls0), (first1, mid1, end1, k1, calls1) = runs
     assert all(q[0] == 4 for q in calls0) and any(q[0] == 1 and q[2] < 6 for q in calls1)  # boxes were used

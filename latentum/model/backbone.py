@@ -256,12 +256,12 @@ class AttendMask(NamedTuple):
         any_key = allowed.any(-1, keepdim=True)  # (B, T, 1)
         mask = cls(allowed, allowed[:, None], None) if bool(any_key.all()) else \
             cls(allowed, (allowed | ~any_key)[:, None], any_key[:, None])
-        if additive is not None and allowed.numel() <= ADDITIVE_MAX:
+        if additive is None:
+            return mask
+        if allowed.numel() <= ADDITIVE_MAX:
             zeros = torch.zeros(mask.sdpa.shape, dtype=additive, device=allowed.device)
             mask = mask._replace(sdpa=zeros.masked_fill(~mask.sdpa, -math.inf))
-        if additive is not None:
-            mask = mask._replace(boxes=ragged_boxes(allowed))
-        return mask
+        return mask._replace(boxes=ragged_boxes(allowed))
 
 
 RAGGED_MIN = 2**17
