@@ -105,11 +105,17 @@ class QuantizerConfig:
     norm_latents: bool = False
     """Layer-normalise z (no affine) before the code search, so the down-projection cannot push a token's z far
     out, where it keeps its code whatever the behaviour loss asks (ours; LatentUM searches the raw z)."""
+    grown_codebooks: int = 0
+    """The last this many of the ``codebooks`` were grown beside trained ones (``model.grow.grow_codebooks``):
+    their chunks of z come from the features by a head of their own, outside ``norm_latents``' norm, so the first
+    codebooks' ids never depend on them. Code 0 of each is the zero vector, which adds nothing downstream."""
 
     def __post_init__(self):
         _check(self.codebooks >= 1, f"quantizer.codebooks must be >= 1, got {self.codebooks}")
         _check(self.codebook_size >= 2, f"quantizer.codebook_size must be >= 2, got {self.codebook_size}")
         _check(self.code_dim >= 1, f"quantizer.code_dim must be >= 1, got {self.code_dim}")
+        _check(0 <= self.grown_codebooks < self.codebooks, f"quantizer.grown_codebooks must be in [0, codebooks = "
+               f"{self.codebooks}), got {self.grown_codebooks}")
         for name in ("hidden_dim", "up_hidden_dim", "projector_hidden_dim"):
             _check(getattr(self, name) >= (1 if name == "hidden_dim" else 0),
                    f"quantizer.{name} must be >= {1 if name == 'hidden_dim' else 0}, got {getattr(self, name)}")
@@ -117,6 +123,11 @@ class QuantizerConfig:
     @property
     def dim(self) -> int:
         return self.codebooks * self.code_dim
+
+    @property
+    def base_codebooks(self) -> int:
+        """The codebooks read from the down-projection (all but the grown ones)."""
+        return self.codebooks - self.grown_codebooks
 
 
 IMAGE_ROPES = ("1d", "2d")

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -498,7 +499,8 @@ def test_an_export_from_a_gathered_state_dict_equals_the_live_model(debug_run, t
 
 # --- (f) a quantizer taught a new world by a teacher, old codes kept ----------------------------------------
 
-def _teacher_recipe(tmp_path: Path, debug_model: Path, train_encoder: bool = False, take_encoder: bool = False) -> Path:
+def _teacher_recipe(tmp_path: Path, debug_model: Path, train_encoder: bool = False, take_encoder: bool = False,
+                    grow: int = 0) -> Path:
     import yaml
 
     data = yaml.safe_load(DEBUG.read_text())
@@ -509,7 +511,7 @@ def _teacher_recipe(tmp_path: Path, debug_model: Path, train_encoder: bool = Fal
          "steps": 2, "lr": 1e-2, "tasks": {"shapes_qa": 1}, **common,
          **({"keep_features": {"tasks": {"vsp_hole": 1}, "images": 4}} if take_encoder else {})},
         {"name": "keep", "stage": "mbaq", "init_from": str(debug_model), "teacher": "teacher", "steps": 3,
-         "lr": 1e-2, "tasks": {"shapes_qa": 1}, "teacher_encoder": take_encoder,
+         "lr": 1e-2, "tasks": {"shapes_qa": 1}, "teacher_encoder": take_encoder, "grow_codebooks": grow,
          "keep_codes": {"tasks": {"vsp_hole": 1}, "images": 4, "probe_images": 32}, **common}]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -542,13 +544,39 @@ def test_a_teacher_aligns_the_quantizer_and_kept_codes_stay(debug_run, tmp_path)
         assert any(row.get("train/keep/same_ids") for row in csv.DictReader(f))
 
 
-def test_a_teacher_with_another_encoder_is_refused(debug_run, tmp_path):
+def test_a_grown_codebook_learns_from_a_teacher_with_its_own_encoder_and_old_ids_stay(debug_run, tmp_path):
+    """``grow_codebooks``: the model keeps its encoder, down-projection and old codebooks (every image keeps its
+    old ids, not only the kept task's), the teacher sees through its own encoder, the kept task's images are pulled
+    to code 0 of the new codebook, which stays the zero vector."""
     from latentum.train.run import train_leg
+    from latentum.train.systems import MBAQSystem
+    from latentum.worlds.registry import make_sample
 
-    recipe = load_recipe(str(_teacher_recipe(tmp_path, debug_run / "model", train_encoder=True)))
-    train_leg(recipe, "teacher", tmp_path / "run", progress=False)
-    with pytest.raises(ValueError, match="teacher must have the trained model's vision encoder"):
-        train_leg(recipe, "keep", tmp_path / "run", progress=False)
+    recipe = load_recipe(str(_teacher_recipe(tmp_path, debug_run / "model", train_encoder=True, grow=1)))
+    teacher = load_model_folder(train_leg(recipe, "teacher", tmp_path / "run", progress=False))[0]
+    seen = []
+    real = MBAQSystem.losses
+    with patch.object(MBAQSystem, "losses", lambda self, p: seen.append(self._teacher_view) or real(self, p)):
+        new = load_model_folder(train_leg(recipe, "keep", tmp_path / "run", progress=False))[0]
+    assert seen and all(seen)  # the teacher's encoder learnt, so it saw through its own
+    old = load_model_folder(debug_run / "model")[0]
+    t, o, n = teacher.state_dict(), old.state_dict(), new.state_dict()
+    assert not all(torch.equal(t[k], o[k]) for k in o if k.startswith("encoder."))
+    G0 = old.cfg.quantizer.codebooks
+    assert (new.cfg.quantizer.codebooks, new.cfg.quantizer.grown_codebooks) == (G0 + 1, 1)
+    key = "quantizer.vq._codebook.embed"
+    unchanged = [k for k in o if not k.startswith(("quantizer.up.", "quantizer.usage_ema", "quantizer.vq.",
+                                                   "visual_projector.", "head."))]
+    assert all(torch.equal(o[k], n[k]) for k in unchanged)  # encoder, down-projection, backbone
+    assert torch.equal(n[key][:G0], o[key]) and torch.count_nonzero(n[key][G0:, 0]) == 0
+    up = "quantizer.up.0.weight"
+    assert not torch.equal(n[up][:, :o[up].size(1)], o[up])  # the leg trained (the up-projection)
+    rng = np.random.default_rng(0)
+    for task in ("vsp_hole", "shapes_qa"):
+        images = np.stack([x for _ in range(8) for x in make_sample(task, rng, map_sizes=[3, 4], canvas=64).images])
+        assert torch.equal(new.image_ids(images)[..., :G0], old.image_ids(images))
+    with open(next((tmp_path / "run" / "keep" / "logs").glob("version_*")) / "metrics.csv") as f:
+        assert any(row.get("train/keep/same_ids") for row in csv.DictReader(f))
 
 
 def test_grow_vocabulary_adds_new_words_after_the_old_and_keeps_old_logits():

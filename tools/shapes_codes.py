@@ -8,7 +8,8 @@
   patch, from the encoder's features, from MBAQ's latent before quantization and from the codes (one-hot ids):
   where the shape is lost, in the quantizer or after it (the decoder).
 - ``--kept OLD``: the share of FrozenLake tokens (1500 images of planning, walks and hole questions) whose ids
-  equal those OLD's quantizer gives, and the share moved to a codebook row OLD's FrozenLake images never use.
+  equal those OLD's quantizer gives, and the share moved to a codebook row OLD's FrozenLake images never use; for
+  a model grown from OLD by codebooks (``model.grow``), the share whose grown codebooks' ids are all 0.
 
     python tools/shapes_codes.py checkpoints/tiny
     python tools/shapes_codes.py runs/shapes_teach/shapes_mbaq/export --kept checkpoints/tiny
@@ -74,7 +75,7 @@ def colour_probe(api: LatentUM, n: int = 1500, fit: int = 1200, seed: int = 123)
     m = api.model
     feats = torch.cat([m.image_features(pics[i:i + 100]) for i in range(0, n, 100)])  # (n, C, F)
     q = m.quantizer
-    z = q.norm(q.down(feats))
+    z = q.latents(feats)
     ids = q.encode(feats).ids.numpy()  # (n, C, G)
     keys = [tuple(t) for t in ids.reshape(-1, ids.shape[-1])]
     yf = y.reshape(-1)
@@ -113,7 +114,7 @@ def shape_probe(api: LatentUM, n: int = 1500, fit: int = 1200, seed: int = 321) 
     feats = torch.cat([m.image_features(pics[i:i + 100]) for i in range(0, n, 100)])  # (n, C, F)
     ids = q.encode(feats).ids  # (n, C, G)
     onehot = torch.nn.functional.one_hot(ids, q.cfg.codebook_size).flatten(2).float()  # (n, C, G * K)
-    for name, x in (("features", feats), ("latent", q.norm(q.down(feats))), ("codes", onehot)):
+    for name, x in (("features", feats), ("latent", q.latents(feats)), ("codes", onehot)):
         x = around(x.float(), cells, grid)
         acc = linear_accuracy(x[:split], y[:split], x[split:], y[split:], classes=len(shapes.SHAPES))[0]
         print(f"{name:8s} shape of an object from its 3 x 3 patches: {acc:.3f} (linear, {len(y) - split} held out)")
@@ -130,12 +131,16 @@ def kept(api: LatentUM, old: LatentUM, n: int = 1500, seed: int = 12345) -> None
     a = torch.cat([old.model.image_ids(images[i:i + 100]) for i in range(0, len(images), 100)])
     b = torch.cat([api.model.image_ids(images[i:i + 100]) for i in range(0, len(images), 100)])
     G, K = a.size(-1), old.config.quantizer.codebook_size
+    b, extra = b[..., :G], b[..., G:]  # codebooks grown since OLD: their ids should be 0 (the zero code)
     used = torch.zeros(G, K, dtype=torch.bool)
     for g in range(G):
         used[g, a[..., g].unique()] = True
     moved = torch.stack([~used[g][b[..., g]] for g in range(G)], -1).any(-1).float().mean()
     print(f"FrozenLake tokens with the same ids: {(a == b).all(-1).float().mean():.4f}; on a row FrozenLake did not "
           f"use: {moved:.4f} ({len(images)} images)")
+    if extra.size(-1):
+        zero = (extra == 0).all(-1).float().mean()
+        print(f"  and their ids in the {extra.size(-1)} grown codebook(s) all 0: {zero:.4f}")
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ M = B * N flattened tokens.
 
 Pipeline: features (B,N,F) -> down MLP -> z (B,N,D) -> product VQ (G separate codebooks over d-dim chunks)
 -> ids (B,N,G), z_q (B,N,D) -> up MLP -> (B,N,O), the drop-in replacement for the VLM's projector output.
+Grown codebooks (``QuantizerConfig.grown_codebooks``, the last G - G0 of them; ``model.grow``) take their chunks
+of z from a head of their own instead of the down MLP, so the first G0 ids do not depend on them.
 
 What the library does and what we do (LatentUM §2 as the spec):
 - ``VectorQuantize`` owns the G codebooks (learnable by gradient, no EMA codebook update, as LatentUM), the
@@ -70,8 +72,11 @@ class MBAQ(nn.Module):
         self.feature_dim = feature_dim
         self.out_dim = out_dim
         G, K, d = cfg.codebooks, cfg.codebook_size, cfg.code_dim
-        self.down = _mlp(feature_dim, cfg.hidden_dim, G * d)
-        self.norm = nn.LayerNorm(G * d, elementwise_affine=False) if cfg.norm_latents else nn.Identity()
+        G0 = cfg.base_codebooks
+        self.down = _mlp(feature_dim, cfg.hidden_dim, G0 * d)
+        self.norm = nn.LayerNorm(G0 * d, elementwise_affine=False) if cfg.norm_latents else nn.Identity()
+        # Grown codebooks read the features by a head of their own, not normed: a token can sit at the zero code.
+        self.grown = _mlp(feature_dim, cfg.hidden_dim, cfg.grown_codebooks * d) if cfg.grown_codebooks else None
         self.vq = VectorQuantize(
             dim=G * d, codebook_dim=d, heads=G, separate_codebook_per_head=True, codebook_size=K,
             learnable_codebook=True, ema_update=False,  # codebook trained by gradient (LatentUM)
@@ -96,7 +101,7 @@ class MBAQ(nn.Module):
         """features (B, N, F) -> z_q (B, N, D), ids (B, N, G), VQ loss. Updates usage in training."""
         if features.dim() != 3 or features.size(-1) != self.feature_dim:
             raise ValueError(f"features must be (B, N, {self.feature_dim}), got {tuple(features.shape)}")
-        z = self.norm(self.down(features))  # (B, N, D)
+        z = self.latents(features)  # (B, N, D)
         if self.training:
             self._set_dead_code_threshold(z.shape[0] * z.shape[1])
         # fp32 nearest-code search: bf16 autocast distances would blur the argmin (the library disables
@@ -111,6 +116,12 @@ class MBAQ(nn.Module):
         # Straight-through only when a gradient can flow, so eval/no-grad codes equal codes_from_ids bitwise.
         codes = z + (q - z).detach() if z.requires_grad else q
         return QuantizerOutput(codes, ids, loss)
+
+    def latents(self, features: Tensor) -> Tensor:
+        """features (B, N, F) -> z (B, N, D), what the code search reads: the down-projection's chunks (normed with
+        ``norm_latents``), then the grown codebooks' chunks from their own head."""
+        z = self.norm(self.down(features))  # (B, N, G0 * d)
+        return z if self.grown is None else torch.cat([z, self.grown(features).to(z.dtype)], dim=-1)
 
     def codes_from_ids(self, ids: Tensor) -> Tensor:
         """ids (B, N, G) long -> z_q (B, N, D): the exact inverse of :meth:`encode`'s assignment."""

@@ -166,12 +166,17 @@ class MBAQConfig(PackedStageConfig):
     quantizer: QuantizerConfig | None = None
     """The fresh quantizer's config (same code shapes as the model's); None: the recipe's ``model.quantizer``."""
     teacher: str | None = None
-    """Align on this model's behaviour (a leg name or a model folder; same encoder) instead of the trained model's
-    own: its feature projector gives the teacher's view, its backbone reads both views. The trained model keeps
-    its backbone; only its quantizer changes (e.g. a teacher taught a new world with ``train_encoder: false``)."""
+    """Align on this model's behaviour (a leg name or a model folder) instead of the trained model's own: the
+    teacher sees the input images through its own encoder and feature projector, and its backbone reads both that
+    view and the trained model's codes. The trained model keeps its backbone and its encoder; only its quantizer
+    changes (e.g. to a teacher taught a new world)."""
     teacher_encoder: bool = False
-    """The trained model takes the teacher's vision encoder (one taught a new world with ``keep_features``)
-    instead of requiring the same one; ``keep_codes`` then keeps the codes the old encoder and quantizer gave."""
+    """The trained model takes the teacher's vision encoder (one taught a new world with ``keep_features``);
+    ``keep_codes`` then keeps the codes the old encoder and quantizer gave."""
+    grow_codebooks: int = 0
+    """Grow the loaded quantizer by this many codebooks before the leg (``model.grow.grow_codebooks``). A quantizer
+    with grown codebooks trains only them (their head, their codebooks but code 0, the up-projection): every image
+    keeps its old ids, and ``keep_codes`` pulls the kept tasks' images to code 0 of the new ones."""
     keep_codes: KeepCodesConfig | None = None
     """Keep the codes of some tasks' images as they were when the leg started (None: no constraint)."""
 
@@ -182,8 +187,13 @@ class MBAQConfig(PackedStageConfig):
         _check(not (self.fresh_quantizer and self.keep_codes), "keep_codes needs the loaded quantizer, not "
                "fresh_quantizer: true")
         _check(self.teacher is not None or not self.teacher_encoder, "teacher_encoder needs a teacher")
-        _check(self.strategy != "fsdp" or (self.teacher is None and self.keep_codes is None),
-               "teacher and keep_codes are not supported with strategy: fsdp (the quantizer is sharded)")
+        _check(self.grow_codebooks >= 0, f"grow_codebooks must be >= 0, got {self.grow_codebooks}")
+        _check(not (self.grow_codebooks and (self.fresh_quantizer or self.teacher_encoder)), "grow_codebooks keeps "
+               "the loaded quantizer and encoder: not with fresh_quantizer or teacher_encoder")
+        _check(self.strategy != "fsdp" or (self.teacher is None and self.keep_codes is None
+                                            and not self.grow_codebooks),
+               "teacher, keep_codes and grow_codebooks are not supported with strategy: fsdp (the quantizer is "
+               "sharded)")
 
 
 @dataclass

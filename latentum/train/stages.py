@@ -22,6 +22,7 @@ from latentum.checkpoint import load_model_folder, save_decoder_folder, save_mod
 from latentum.config import EncoderConfig, QuantizerConfig
 from latentum.data.hf_tokenizer import AnyTokenizer
 from latentum.model.decoder import PixelDecoder
+from latentum.model.grow import grow_codebooks
 from latentum.model.latentum import LatentUMModel
 from latentum.model.quantizer import MBAQ
 from latentum.train.config import DecoderStageConfig, Leg, RecipeConfig, StageConfig
@@ -82,6 +83,8 @@ class MBAQStage(Stage):
         model = super().build(recipe, cfg, start)
         if cfg.fresh_quantizer:
             model.quantizer = fresh_quantizer(model, cfg.quantizer or recipe.model.quantizer)
+        if cfg.grow_codebooks:
+            model = grow_codebooks(model, cfg.grow_codebooks)
         return model
 
     def system(self, model, recipe, cfg, folders):

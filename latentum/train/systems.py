@@ -28,6 +28,7 @@ from latentum.losses.pixels import diffusion_loss
 from latentum.losses.tokens import code_loss, sample_weights
 from latentum.losses.tokens import text_loss as token_text_loss
 from latentum.model.decoder import PixelDecoder, train_scheduler
+from latentum.model.grow import grow_decoder
 from latentum.model.latentum import LatentUMModel
 from latentum.model.quantizer import code_distances
 from latentum.train.config import DecoderStageConfig, MBAQConfig, MoMEConfig, StageConfig, VLMConfig
@@ -154,25 +155,32 @@ class VLMSystem(StageSystem):
 
 class MBAQSystem(StageSystem):
     """Stage 1: the quantizer learns to make the frozen VLM behave the same on quantized features. The VLM is the
-    model itself, or a ``teacher`` with the same encoder (``MBAQConfig.teacher``); with ``keep_codes`` the images
-    of some tasks keep the codes they had (``KeepCodesConfig``)."""
+    model itself, or a ``teacher`` (``MBAQConfig.teacher``) that sees the images through its own encoder; with
+    ``keep_codes`` the images of some tasks keep the codes they had (``KeepCodesConfig``). A quantizer with grown
+    codebooks (``QuantizerConfig.grown_codebooks``) trains only them: its old codebooks and down-projection, and
+    code 0 of the new ones, stay as loaded."""
 
     def __init__(self, model: LatentUMModel, cfg: MBAQConfig, teacher: LatentUMModel | None = None):
         super().__init__(cfg)
         self.model = model
+        q = model.quantizer
+        if q.grown is not None and (cfg.teacher_encoder or cfg.strategy == "fsdp"):
+            raise ValueError("a quantizer with grown codebooks keeps the encoder its old codes come from and its old "
+                             "codebook rows in place: not with teacher_encoder nor strategy: fsdp")
         # Held in lists, out of the module tree: none is trained, checkpointed nor exported. The encoder as loaded is
         # keep_codes' reference (a teacher's may replace it).
         self._old_encoder = ([copy.deepcopy(model.encoder).eval().requires_grad_(False)]
                              if cfg.keep_codes is not None else [])
         if teacher is not None and cfg.teacher_encoder:
             model.encoder.load_state_dict(teacher.encoder.state_dict())
-        elif teacher is not None:
-            _check_same_encoder(model, teacher)
-        set_trainable(model, [model.quantizer])
+        # a teacher with another encoder sees through it; with the same one, the student's features serve both
+        self._teacher_view = teacher is not None and not _same_encoder(model, teacher)
+        set_trainable(model, [q] if q.grown is None else [q.grown, q.vq, q.up])
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
-        # [reference quantizer, (G, K) bool rows frozen]: taken from the weights the leg starts from (a resumed
-        # leg's checkpoint is restored later, before on_fit_start)
-        self._keep: list = self._start_keeping() if cfg.keep_codes is not None else []
+        # [reference quantizer], taken from the weights the leg starts from (a resumed leg's checkpoint is restored
+        # later, before on_fit_start), and the (G, K) bool codebook rows that stay as they are
+        self._keep: list = [copy.deepcopy(q).eval().requires_grad_(False)] if self._frozen_rows_needed() else []
+        self._frozen = self._start_freezing() if self._keep else None
 
     @property
     def vlm(self) -> LatentUMModel:
@@ -181,17 +189,18 @@ class MBAQSystem(StageSystem):
     def on_fit_start(self):
         if self.trainer.world_size > 1:  # every process keeps the same codebook
             self.model.quantizer.sync_across_processes()
-        for module in [*self._teacher, *self._old_encoder, *self._keep[:1]]:
+        for module in [*self._teacher, *self._old_encoder, *self._keep]:
             module.to(self.device)
-        if self._keep:
-            self._keep[1] = self._keep[1].to(self.device)
+        if self._frozen is not None:
+            self._frozen = self._frozen.to(self.device)
 
     def losses(self, p: Packed) -> LossBreakdown:
         m, vlm = self.model, self.vlm
         feats = m.image_features(p.inputs.pixels).detach()
         pos = vlm.canvas_positions().detach()  # (C, D), added to both views as input_embeddings does
         with torch.no_grad():
-            seen = vlm.forward_packed(p, input_embeddings=vlm.feature_projector(feats) + pos).hidden
+            seen = vlm.image_features(p.inputs.pixels) if self._teacher_view else feats
+            seen = vlm.forward_packed(p, input_embeddings=vlm.feature_projector(seen) + pos).hidden
             teacher = vlm.backbone.logits(seen)
         q = m.quantizer.encode(feats)
         student = vlm.backbone.logits(vlm.forward_packed(p, input_embeddings=m.quantizer.project(q.codes) + pos).hidden)
@@ -199,46 +208,60 @@ class MBAQSystem(StageSystem):
         usage = {f"usage/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in m.quantizer.usage().items()}
         parts = {**out.parts, **usage}
         total = out.total
-        if self._keep:
+        if self.cfg.keep_codes is not None:
             keep = self._keep_loss()
             total = total + self.cfg.keep_codes.weight * keep.total
             parts.update(keep.parts)
         return LossBreakdown(total, parts)
 
-    # -- keep_codes ------------------------------------------------------------------------------------------
+    # -- frozen codebook rows and keep_codes -----------------------------------------------------------------
+
+    def _frozen_rows_needed(self) -> bool:
+        return self.cfg.keep_codes is not None or self.model.quantizer.grown is not None
 
     def _keep_images(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return kept_images(self.cfg, self.cfg.keep_codes.tasks, self.model.cfg.encoder.image_size, rng, n)
 
     @torch.no_grad()
-    def _start_keeping(self) -> list:
-        """Snapshot the loaded quantizer and find the codebook rows the kept tasks' images use (to freeze)."""
-        m, kc = self.model, self.cfg.keep_codes
-        ref = copy.deepcopy(m.quantizer).eval().requires_grad_(False)
-        images = self._keep_images(np.random.default_rng([self.cfg.seed, 7]), kc.probe_images)
-        ids = torch.cat([ref.encode(self._old_features(images[i:i + 64])).ids for i in range(0, len(images), 64)])
-        G, K = ref.cfg.codebooks, ref.cfg.codebook_size
-        frozen = torch.zeros(G, K, dtype=torch.bool, device=ids.device)
-        for g in range(G):
-            frozen[g, ids[..., g].unique()] = True
-        return [ref, frozen]
+    def _start_freezing(self) -> torch.Tensor:
+        """The (G, K) codebook rows that stay as loaded: the rows the kept tasks' images use (``keep_codes``), every
+        row of a codebook that was not grown and code 0 of a grown one (a quantizer with grown codebooks)."""
+        ref, kc = self._keep[0], self.cfg.keep_codes
+        G, G0, K = ref.cfg.codebooks, ref.cfg.base_codebooks, ref.cfg.codebook_size
+        frozen = torch.zeros(G, K, dtype=torch.bool, device=ref.usage_ema.device)
+        if ref.grown is not None:
+            frozen[:G0], frozen[G0:, 0] = True, True
+        if kc is not None:
+            images = self._keep_images(np.random.default_rng([self.cfg.seed, 7]), kc.probe_images)
+            ids = torch.cat([self._kept_ids(ref.latents(self._old_features(images[i:i + 64])))[1]
+                             for i in range(0, len(images), 64)])
+            for g in range(G):
+                frozen[g, ids[..., g].unique()] = True
+        return frozen
+
+    def _kept_ids(self, z_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference latents z_ref (I, N, D) of kept images -> (the latents to keep (I, N, D), their ids (I, N,
+        G)): as they were, except that a grown codebook's chunk is its code 0, the zero vector."""
+        ref = self._keep[0]
+        z_ref = z_ref.clone()
+        z_ref[..., ref.cfg.base_codebooks * ref.cfg.code_dim:] = 0
+        return z_ref, code_distances(ref.vq.codebook, z_ref).argmin(-1)
 
     def _keep_loss(self) -> LossBreakdown:
         """The kept tasks' latents: MSE to where they were, plus a margin that keeps every code they did not use
         (the rows free to train) at least ``keep_codes.margin`` (squared distance) farther than the code they had,
         so no new code takes them over. Logs the share of their ids unchanged."""
-        m, (ref, frozen), kc = self.model, self._keep, self.cfg.keep_codes
+        m, (ref,), kc = self.model, self._keep, self.cfg.keep_codes
         rng = np.random.default_rng([self.cfg.seed, 8, self.global_step, self.global_rank])
         images = self._keep_images(rng, kc.images)
         q = m.quantizer
-        z = q.norm(q.down(m.image_features(images).detach())).float()  # (I, N, D)
+        z = q.latents(m.image_features(images).detach()).float()  # (I, N, D)
         with torch.no_grad():
-            z_ref = ref.norm(ref.down(self._old_features(images))).float()
-            ids = code_distances(ref.vq.codebook, z_ref).argmin(-1)  # (I, N, G): the codes to keep
+            z_ref, ids = self._kept_ids(ref.latents(self._old_features(images)).float())  # the codes to keep
         d2 = code_distances(q.vq.codebook, z)  # (I, N, G, K)
         same = (d2.detach().argmin(-1) == ids).float().mean()
         own = d2.gather(-1, ids[..., None])  # (I, N, G, 1)
-        new = (~frozen).expand_as(d2)  # the rows free to move: the kept latents' neighbours among the frozen stay
+        new = (~self._frozen).expand_as(d2)  # the rows free to move: the kept latents' neighbours among the frozen stay
         margin = F.relu(own + kc.margin - d2)[new].mean() if new.any() else d2.new_zeros(())
         mse = F.mse_loss(z, z_ref)
         return LossBreakdown(mse + margin, {"keep/latent_mse": mse.detach(), "keep/margin": margin.detach(),
@@ -247,20 +270,19 @@ class MBAQSystem(StageSystem):
     @torch.no_grad()
     def _old_features(self, pixels: np.ndarray) -> torch.Tensor:
         """Features of the encoder the leg started with (the teacher's may have replaced it)."""
-        enc = self._old_encoder[0]
+        enc = self._old_encoder[0] if self._old_encoder else self.model.encoder
         return enc(enc.preprocess(pixels).to(next(enc.parameters()).device))
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self._keep:  # frozen rows never count as dead (the library would replace them): usage just above the bar
-            cb, frozen = self.model.quantizer.vq._codebook, self._keep[1]
+        if self._frozen is not None:  # frozen rows never count as dead (the library would replace them)
+            cb = self.model.quantizer.vq._codebook
             bar = 2.0 * max(float(cb.threshold_ema_dead_code), 1.0)
-            cb.cluster_size.data[frozen] = cb.cluster_size.data[frozen].clamp_min(bar)
+            cb.cluster_size.data[self._frozen] = cb.cluster_size.data[self._frozen].clamp_min(bar)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self._keep:  # the rows the kept images use stay exactly as loaded (no gradient, no weight decay)
-            ref, frozen = self._keep
+        if self._frozen is not None:  # frozen rows stay exactly as loaded (no gradient, no weight decay)
             embed = self.model.quantizer.vq._codebook.embed
-            embed.data[frozen] = ref.vq._codebook.embed.data[frozen]
+            embed.data[self._frozen] = self._keep[0].vq._codebook.embed.data[self._frozen]
 
 
 def kept_images(cfg: StageConfig, tasks: dict[str, float], canvas: int, rng: np.random.Generator,
@@ -278,11 +300,9 @@ def kept_images(cfg: StageConfig, tasks: dict[str, float], canvas: int, rng: np.
     return np.stack(images[:n])
 
 
-def _check_same_encoder(model: LatentUMModel, teacher: LatentUMModel) -> None:
+def _same_encoder(model: LatentUMModel, teacher: LatentUMModel) -> bool:
     a, b = model.encoder.state_dict(), teacher.encoder.state_dict()
-    if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
-        raise ValueError("mbaq teacher: the teacher must have the trained model's vision encoder (train it with "
-                         "train_encoder: false), so both see the same features")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class MoMESystem(StageSystem):
@@ -415,11 +435,14 @@ not the shapes of its weights."""
 
 def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) -> PixelDecoder:
     """``DecoderStageConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's but for
-    ``RETARGETABLE`` fields, which it takes from the recipe."""
+    ``RETARGETABLE`` fields, which it takes from the recipe. A decoder of a shorter code vector (the model was
+    grown by codebooks since) is grown to ``code_dim`` (``model.grow.grow_decoder``)."""
     trained = load_decoder_folder(folder)
     same = dataclasses.replace(trained.cfg, **{k: getattr(cfg, k) for k in RETARGETABLE})
-    if (same, trained.code_dim, trained.grid) != (cfg, code_dim, grid):
+    if same != cfg or trained.code_dim > code_dim or trained.grid != grid:
         raise ValueError(f"init_decoder {folder!r}: its config {trained.cfg} (code_dim {trained.code_dim}, grid "
                          f"{trained.grid}) differs from the recipe's decoder {cfg} (code_dim {code_dim}, grid {grid})")
+    if trained.code_dim < code_dim:
+        trained = grow_decoder(trained, code_dim)
     trained.cfg = cfg
     return trained
