@@ -99,3 +99,23 @@ def test_a_decoder_grows_to_a_longer_code_vector_with_its_weights_and_new_inputs
         assert torch.equal(b[key][:, :8], a[key]) and torch.count_nonzero(b[key][:, 8:]) == 0
     with pytest.raises(ValueError, match="differs from the recipe's decoder"):
         _trained_decoder(str(tmp_path / "dec"), cfg, code_dim=4, grid=4)  # never shrinks
+
+
+def test_the_shipped_planner_grown_by_a_codebook_plans_as_before():
+    """Nothing trained after growing: thoughts of the grown model carry a third id its visual projector does not
+    read yet, so every plan (moves, looks, the old ids of each thought) is the shipped model's."""
+    from pathlib import Path
+
+    from latentum import LatentUM
+    from latentum.apps.vsp import entry
+    from latentum.apps.vsp.evaluate import eval_maps
+    from latentum.worlds import frozenlake as fl
+
+    api = LatentUM.from_pretrained(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny")
+    grown = LatentUM(grow_codebooks(api.model, 1), api.tokenizer)
+    maps = [m for level in (4, 6, 8) for m in eval_maps(level, 2, seed=5)]
+    images = [fl.render(m, style=style) for m, style in zip(maps, ["gymnasium", "classic"] * 3)]
+    for a, b in zip(entry.plan_batch(api, images), entry.plan_batch(grown, images)):
+        assert (a.actions, a.looks, a.done) == (b.actions, b.looks, b.done)
+        assert all(x.ids.equal(y.ids[..., :-1]) for x, y in zip(a.thoughts, b.thoughts))
+        assert all(y.ids.size(-1) == 3 for y in b.thoughts)
