@@ -40,18 +40,19 @@ def test_an_image_whose_new_ids_are_zero_reads_and_projects_as_before(pair):
     model, grown, _ = pair
     ids = model.image_ids(_images())  # (I, N, G0)
     padded = torch.cat([ids, torch.zeros_like(ids[..., :1])], -1)
-    with torch.no_grad():
+    D0 = model.cfg.quantizer.dim
+    for key in ("quantizer.up.0.weight", "visual_projector.net.0.weight"):  # they start at zero
+        assert torch.count_nonzero(grown.state_dict()[key][:, D0:]) == 0
+    with torch.no_grad():  # as if trained: the new columns read the new chunk
+        for linear in (grown.quantizer.up[0], grown.visual_projector.net[0]):
+            linear.weight[:, D0:] = torch.randn_like(linear.weight[:, D0:])
         torch.testing.assert_close(grown.latent_embeddings(padded), model.latent_embeddings(ids), rtol=0, atol=1e-6)
         old = model.quantizer.project(model.quantizer.codes_from_ids(ids))
         torch.testing.assert_close(grown.quantizer.project(grown.quantizer.codes_from_ids(padded)), old,
                                    rtol=0, atol=1e-6)
-    # the new columns start at zero, and another new code trains them (so it can come to mean something)
-    other = padded.clone()
-    other[..., -1] = 1
-    grown.latent_embeddings(other).square().sum().backward()
-    new_columns = grown.visual_projector.net[0].weight.grad[:, model.cfg.quantizer.dim:]
-    assert torch.count_nonzero(grown.visual_projector.net[0].weight[:, model.cfg.quantizer.dim:]) == 0
-    assert torch.count_nonzero(new_columns) > 0
+        other = padded.clone()
+        other[..., -1] = 1  # any other new code does change the reading
+        assert not torch.allclose(grown.latent_embeddings(other), model.latent_embeddings(ids))
 
 
 def test_the_depth_head_keeps_its_old_depths(pair):
@@ -82,23 +83,31 @@ def test_grown_codebooks_must_leave_one_old_and_growing_needs_one_new():
         grow_codebooks(None, 0)
 
 
+def test_a_model_grows_once(pair):
+    with pytest.raises(ValueError, match="already grew 1 codebook"):
+        grow_codebooks(pair[1], 1)
+
+
 def test_a_decoder_grows_to_a_longer_code_vector_with_its_weights_and_new_inputs_silent(tmp_path):
     from latentum.checkpoint import save_decoder_folder
-    from latentum.config import DecoderConfig
+    from latentum.config import DecoderConfig, QuantizerConfig
     from latentum.model.decoder import PixelDecoder
     from latentum.train.systems import _trained_decoder
 
     cfg = DecoderConfig(resolution=16, channels=[8, 16], layers_per_block=1, cond_channels=4, summary=8)
     torch.manual_seed(0)
     old = PixelDecoder(cfg, code_dim=8, grid=4)
-    grown = _trained_decoder(str(save_decoder_folder(old, tmp_path / "dec")), cfg, code_dim=12, grid=4)
+    q = QuantizerConfig(codebooks=3, code_dim=4, grown_codebooks=1)
+    grown = _trained_decoder(str(save_decoder_folder(old, tmp_path / "dec")), cfg, q, grid=4)
     a, b = old.state_dict(), grown.state_dict()
     assert grown.code_dim == 12 and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith(("cond.", "summary.")))  # the UNet as trained
     for key in ("cond.1.weight", "summary.1.weight"):
         assert torch.equal(b[key][:, :8], a[key]) and torch.count_nonzero(b[key][:, 8:]) == 0
-    with pytest.raises(ValueError, match="differs from the recipe's decoder"):
-        _trained_decoder(str(tmp_path / "dec"), cfg, code_dim=4, grid=4)  # never shrinks
+    unrelated = QuantizerConfig(codebooks=3, code_dim=4), QuantizerConfig(codebooks=4, code_dim=4, grown_codebooks=1)
+    for other in unrelated:
+        with pytest.raises(ValueError, match="differs from the recipe's decoder"):  # not grown from the decoder's
+            _trained_decoder(str(tmp_path / "dec"), cfg, other, grid=4)
 
 
 def test_the_shipped_planner_grown_by_a_codebook_plans_as_before():

@@ -12,7 +12,15 @@ What is kept, by construction:
   for id G0 - 1 fed back, a new depth position).
 
 What training must do: pull the old world's new-chunk latents to code 0 (``KeepCodesConfig`` does, for a quantizer
-with grown codebooks), and teach the depth head to say 0 at the new depths for the old world's images.
+with grown codebooks), and teach the depth head to say 0 at the new depths for the old world's images. Until a
+stage-2 leg has, a grown model's thoughts about the old world carry arbitrary new ids: harmless while the visual
+projector's new columns are zero (the same plans, ``tests/test_grow.py``), but drafts from encoded boards (new ids
+0) then disagree with the thoughts at the new depth, so planning runs without their shortcut.
+
+Tensors that grow (their old values kept in the leading slice): the codebooks (G0, K, d) -> (G, K, d) and their
+statistics (G0, K), the up-projection's and visual projector's first weights (h, G0 * d) -> (h, G * d) and the
+depth head's positions (G0, D) -> (G, D); new: the grown codebooks' head (features -> (G - G0) * d) and the depth
+head's embedding of id G0 - 1.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ def grow_codebooks(model: LatentUMModel, n: int) -> LatentUMModel:
     tensor that grew keeps ``model``'s values in its leading slice. ``model`` itself is not changed."""
     if n < 1:
         raise ValueError(f"grow_codebooks: n must be >= 1, got {n}")
+    if model.cfg.quantizer.grown_codebooks:
+        raise ValueError(f"grow_codebooks: the model's quantizer already grew {model.cfg.quantizer.grown_codebooks} "
+                         "codebook(s); grow it once, by every codebook it needs")
     cfg = copy.deepcopy(model.cfg)
     q = cfg.quantizer
     G0, d = q.codebooks, q.code_dim
@@ -46,7 +57,8 @@ def grow_codebooks(model: LatentUMModel, n: int) -> LatentUMModel:
     grown = LatentUMModel(cfg)
     _copy_into(grown, model.state_dict(), {key: G0 * d for key in NEW_INPUT_COLUMNS})
     grown.state_dict()[CODEBOOK][G0:, 0] = 0
-    return grown.to(model.device)
+    weight = model.backbone.lm_head.weight
+    return grown.to(device=weight.device, dtype=weight.dtype).train(model.training)
 
 
 @torch.no_grad()

@@ -200,6 +200,9 @@ def official_state_to_ours(state: Mapping[str, Tensor], cfg: ModelConfig, ours: 
 
 def ours_to_official_state(ours: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """The inverse of ``official_state_to_ours`` (statistics dropped): writes a model in the official layout."""
+    if cfg.quantizer.grown_codebooks:
+        raise ValueError("the official layout has no place for grown codebooks (quantizer.grown_codebooks = "
+                         f"{cfg.quantizer.grown_codebooks}): their head would be lost")
     out = {src: ours[dst] for src, dst in _module_pairs(cfg).items()}
     for g in range(cfg.quantizer.codebooks):
         out[CODEBOOK_KEY.format(g=g)] = ours[OURS_CODEBOOK][g]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from latentum.checkpoint import load_decoder_folder
-from latentum.config import DecoderConfig
+from latentum.config import DecoderConfig, QuantizerConfig
 from latentum.data.packing import IGNORE, Packed
 from latentum.losses.aia import aia_loss
 from latentum.losses.behaviour import mbaq_loss
@@ -157,16 +157,22 @@ class MBAQSystem(StageSystem):
     """Stage 1: the quantizer learns to make the frozen VLM behave the same on quantized features. The VLM is the
     model itself, or a ``teacher`` (``MBAQConfig.teacher``) that sees the images through its own encoder; with
     ``keep_codes`` the images of some tasks keep the codes they had (``KeepCodesConfig``). A quantizer with grown
-    codebooks (``QuantizerConfig.grown_codebooks``) trains only them: its old codebooks and down-projection, and
-    code 0 of the new ones, stay as loaded."""
+    codebooks (``QuantizerConfig.grown_codebooks``) trains only them: their head, their codebooks but code 0 and
+    the up-projection's columns for them; everything else stays as loaded."""
 
     def __init__(self, model: LatentUMModel, cfg: MBAQConfig, teacher: LatentUMModel | None = None):
         super().__init__(cfg)
         self.model = model
         q = model.quantizer
-        if q.grown is not None and (cfg.teacher_encoder or cfg.strategy == "fsdp"):
-            raise ValueError("a quantizer with grown codebooks keeps the encoder its old codes come from and its old "
-                             "codebook rows in place: not with teacher_encoder nor strategy: fsdp")
+        if q.grown is not None and cfg.teacher_encoder:
+            raise ValueError("teacher_encoder: a quantizer with grown codebooks keeps the encoder its old codes come "
+                             "from")
+        if q.grown is not None and cfg.strategy == "fsdp":
+            raise ValueError("strategy: fsdp shards the quantizer; one with grown codebooks keeps parts of its weights "
+                             "in place, train it with ddp or auto")
+        if teacher is not None and teacher.cfg.encoder != model.cfg.encoder:
+            raise ValueError(f"teacher: its encoder config {teacher.cfg.encoder} differs from the trained model's "
+                             f"{model.cfg.encoder}; only its weights may differ")
         # Held in lists, out of the module tree: none is trained, checkpointed nor exported. The encoder as loaded is
         # keep_codes' reference (a teacher's may replace it).
         self._old_encoder = ([copy.deepcopy(model.encoder).eval().requires_grad_(False)]
@@ -175,7 +181,7 @@ class MBAQSystem(StageSystem):
             model.encoder.load_state_dict(teacher.encoder.state_dict())
         # a teacher with another encoder sees through it; with the same one, the student's features serve both
         self._teacher_view = teacher is not None and not _same_encoder(model, teacher)
-        set_trainable(model, [q] if q.grown is None else [q.grown, q.vq, q.up])
+        set_trainable(model, [q] if q.grown is None else [q.grown, q.vq, q.up[0].weight])
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         # [reference quantizer], taken from the weights the leg starts from (a resumed leg's checkpoint is restored
         # later, before on_fit_start), and the (G, K) bool codebook rows that stay as they are
@@ -217,6 +223,7 @@ class MBAQSystem(StageSystem):
     # -- frozen codebook rows and keep_codes -----------------------------------------------------------------
 
     def _frozen_rows_needed(self) -> bool:
+        """Whether some codebook rows stay as loaded (``keep_codes``, or grown codebooks beside old ones)."""
         return self.cfg.keep_codes is not None or self.model.quantizer.grown is not None
 
     def _keep_images(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -229,9 +236,9 @@ class MBAQSystem(StageSystem):
         ref, kc = self._keep[0], self.cfg.keep_codes
         G, G0, K = ref.cfg.codebooks, ref.cfg.base_codebooks, ref.cfg.codebook_size
         frozen = torch.zeros(G, K, dtype=torch.bool, device=ref.usage_ema.device)
-        if ref.grown is not None:
+        if ref.grown is not None:  # every row a kept image can use: the old ones and code 0 of the grown ones
             frozen[:G0], frozen[G0:, 0] = True, True
-        if kc is not None:
+        elif kc is not None:
             images = self._keep_images(np.random.default_rng([self.cfg.seed, 7]), kc.probe_images)
             ids = torch.cat([self._kept_ids(ref.latents(self._old_features(images[i:i + 64])))[1]
                              for i in range(0, len(images), 64)])
@@ -259,11 +266,12 @@ class MBAQSystem(StageSystem):
         with torch.no_grad():
             z_ref, ids = self._kept_ids(ref.latents(self._old_features(images)).float())  # the codes to keep
         d2 = code_distances(q.vq.codebook, z)  # (I, N, G, K)
-        same = (d2.detach().argmin(-1) == ids).float().mean()
+        G0 = q.cfg.base_codebooks if q.grown is not None else 0  # the codebooks that can move: the grown ones, or all
+        same = (d2.detach().argmin(-1) == ids)[..., G0:].float().mean()
         own = d2.gather(-1, ids[..., None])  # (I, N, G, 1)
         new = (~self._frozen).expand_as(d2)  # the rows free to move: the kept latents' neighbours among the frozen stay
         margin = F.relu(own + kc.margin - d2)[new].mean() if new.any() else d2.new_zeros(())
-        mse = F.mse_loss(z, z_ref)
+        mse = F.mse_loss(z[..., G0 * q.cfg.code_dim:], z_ref[..., G0 * q.cfg.code_dim:])
         return LossBreakdown(mse + margin, {"keep/latent_mse": mse.detach(), "keep/margin": margin.detach(),
                                             "keep/same_ids": same})
 
@@ -280,9 +288,13 @@ class MBAQSystem(StageSystem):
             cb.cluster_size.data[self._frozen] = cb.cluster_size.data[self._frozen].clamp_min(bar)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self._frozen is not None:  # frozen rows stay exactly as loaded (no gradient, no weight decay)
-            embed = self.model.quantizer.vq._codebook.embed
-            embed.data[self._frozen] = self._keep[0].vq._codebook.embed.data[self._frozen]
+        if self._frozen is None:
+            return
+        q, ref = self.model.quantizer, self._keep[0]  # frozen rows stay exactly as loaded (no gradient, no decay)
+        q.vq._codebook.embed.data[self._frozen] = ref.vq._codebook.embed.data[self._frozen]
+        if q.grown is not None:  # and the up-projection's columns for the old codebooks
+            old = slice(0, q.cfg.base_codebooks * q.cfg.code_dim)
+            q.up[0].weight.data[:, old] = ref.up[0].weight.data[:, old]
 
 
 def kept_images(cfg: StageConfig, tasks: dict[str, float], canvas: int, rng: np.random.Generator,
@@ -370,7 +382,7 @@ class DecoderSystem(StageSystem):
         q = model.cfg.quantizer
         grid = model.cfg.encoder.grid
         init = init_decoder or cfg.init_decoder  # the runner resolves a leg's name to its decoder folder
-        self.decoder = (_trained_decoder(init, decoder_cfg, q.dim, grid) if init else
+        self.decoder = (_trained_decoder(init, decoder_cfg, q, grid) if init else
                         PixelDecoder(decoder_cfg, code_dim=q.dim, grid=grid))
         self.noise_scheduler = train_scheduler(decoder_cfg)
         set_trainable(model, [])
@@ -433,16 +445,18 @@ RETARGETABLE = ("prediction_type", "inference_steps")
 not the shapes of its weights."""
 
 
-def _trained_decoder(folder: str, cfg: DecoderConfig, code_dim: int, grid: int) -> PixelDecoder:
+def _trained_decoder(folder: str, cfg: DecoderConfig, q: QuantizerConfig, grid: int) -> PixelDecoder:
     """``DecoderStageConfig.init_decoder``: the decoder saved in ``folder``, checked to be the recipe's but for
-    ``RETARGETABLE`` fields, which it takes from the recipe. A decoder of a shorter code vector (the model was
-    grown by codebooks since) is grown to ``code_dim`` (``model.grow.grow_decoder``)."""
+    ``RETARGETABLE`` fields, which it takes from the recipe. A decoder of the code vector the quantizer had before
+    it grew codebooks (``q.grown_codebooks``) is grown to the new one (``model.grow.grow_decoder``)."""
     trained = load_decoder_folder(folder)
     same = dataclasses.replace(trained.cfg, **{k: getattr(cfg, k) for k in RETARGETABLE})
-    if same != cfg or trained.code_dim > code_dim or trained.grid != grid:
+    before = q.base_codebooks * q.code_dim
+    if same != cfg or trained.grid != grid or trained.code_dim not in {q.dim, before}:
         raise ValueError(f"init_decoder {folder!r}: its config {trained.cfg} (code_dim {trained.code_dim}, grid "
-                         f"{trained.grid}) differs from the recipe's decoder {cfg} (code_dim {code_dim}, grid {grid})")
-    if trained.code_dim < code_dim:
-        trained = grow_decoder(trained, code_dim)
+                         f"{trained.grid}) differs from the recipe's decoder {cfg} (code_dim {q.dim}"
+                         f"{f' or {before} before the quantizer grew' if q.grown_codebooks else ''}, grid {grid})")
+    if trained.code_dim != q.dim:
+        trained = grow_decoder(trained, q.dim)
     trained.cfg = cfg
     return trained
