@@ -512,7 +512,8 @@ def _teacher_recipe(tmp_path: Path, debug_model: Path, train_encoder: bool = Fal
          **({"keep_features": {"tasks": {"vsp_hole": 1}, "images": 4}} if take_encoder else {})},
         {"name": "keep", "stage": "mbaq", "init_from": str(debug_model), "teacher": "teacher", "steps": 3,
          "lr": 1e-2, "tasks": {"shapes_qa": 1}, "teacher_encoder": take_encoder, "grow_codebooks": grow,
-         "keep_codes": {"tasks": {"vsp_hole": 1}, "images": 4, "probe_images": 32}, **common}]
+         "keep_codes": {"tasks": {"vsp_hole": 1}, "images": 4, "probe_images": 32,
+                        **({"zero_ball": 0.5} if grow else {})}, **common}]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -569,6 +570,7 @@ def test_a_grown_codebook_learns_from_a_teacher_with_its_own_encoder_and_old_ids
                                                    "visual_projector.", "head."))]
     assert all(torch.equal(o[k], n[k]) for k in unchanged)  # encoder, down-projection, backbone
     assert torch.equal(n[key][:G0], o[key]) and torch.count_nonzero(n[key][G0:, 0]) == 0
+    assert n[key][G0:, 1:].square().sum(-1).min() >= 0.5 - 1e-5  # no other new code near it (zero_ball)
     up, D0 = "quantizer.up.0.weight", old.cfg.quantizer.dim
     assert torch.equal(n[up][:, :D0], o[up]) and torch.count_nonzero(n[up][:, D0:]) > 0  # its new columns trained
     rng = np.random.default_rng(0)

@@ -147,6 +147,10 @@ class KeepCodesConfig:
     latent than its own code."""
     probe_images: int = 512
     """Images drawn when the leg starts to find the codebook rows they use (those rows are frozen)."""
+    zero_ball: float = 0.0
+    """For a quantizer with grown codebooks: every code of a grown codebook but code 0 (the zero vector, where the
+    kept images go) is kept at least this far from zero (squared norm) after each step, so a kept latent nearer
+    zero than half that radius keeps code 0 whatever other codes the leg revives or moves (0: no ball)."""
 
     def __post_init__(self):
         _check(bool(self.tasks), "keep_codes.tasks must name at least one task")
@@ -154,6 +158,7 @@ class KeepCodesConfig:
         _check(self.images >= 1 and self.probe_images >= 1, "keep_codes.images and probe_images must be >= 1")
         _check(self.weight >= 0, f"keep_codes.weight must be >= 0, got {self.weight}")
         _check(self.margin >= 0, f"keep_codes.margin must be >= 0, got {self.margin}")
+        _check(self.zero_ball >= 0, f"keep_codes.zero_ball must be >= 0, got {self.zero_ball}")
 
 
 @dataclass

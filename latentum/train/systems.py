@@ -295,6 +295,14 @@ class MBAQSystem(StageSystem):
         if q.grown is not None:  # and the up-projection's columns for the old codebooks
             old = slice(0, q.cfg.base_codebooks * q.cfg.code_dim)
             q.up[0].weight.data[:, old] = ref.up[0].weight.data[:, old]
+            if self.cfg.keep_codes is not None and self.cfg.keep_codes.zero_ball > 0:
+                _out_of_ball(q.vq._codebook.embed.data[q.cfg.base_codebooks:, 1:], self.cfg.keep_codes.zero_ball)
+
+
+def _out_of_ball(codes: torch.Tensor, radius2: float) -> None:
+    """Scale every code (..., d) whose squared norm is below ``radius2`` out to it, in place."""
+    norm = codes.norm(dim=-1, keepdim=True)
+    codes.mul_((radius2**0.5 / norm.clamp_min(1e-12)).clamp_min(1.0))
 
 
 def kept_images(cfg: StageConfig, tasks: dict[str, float], canvas: int, rng: np.random.Generator,
