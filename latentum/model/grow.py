@@ -42,7 +42,7 @@ CODEBOOK = "quantizer.vq._codebook.embed"
 
 @torch.no_grad()
 def grow_codebooks(model: LatentUMModel, n: int) -> LatentUMModel:
-    """A new model with ``n`` codebooks more (``quantizer.grown_codebooks`` += n), every weight of ``model`` copied
+    """A new model with ``n`` codebooks more (``quantizer.grown_codebooks = n``), every weight of ``model`` copied
     into it (see the module docstring for what that keeps). Parts that are new start as a fresh model's do; a
     tensor that grew keeps ``model``'s values in its leading slice. ``model`` itself is not changed."""
     if n < 1:
@@ -53,7 +53,7 @@ def grow_codebooks(model: LatentUMModel, n: int) -> LatentUMModel:
     cfg = copy.deepcopy(model.cfg)
     q = cfg.quantizer
     G0, d = q.codebooks, q.code_dim
-    q.codebooks, q.grown_codebooks = G0 + n, q.grown_codebooks + n
+    q.codebooks, q.grown_codebooks = G0 + n, n
     grown = LatentUMModel(cfg)
     _copy_into(grown, model.state_dict(), {key: G0 * d for key in NEW_INPUT_COLUMNS})
     grown.state_dict()[CODEBOOK][G0:, 0] = 0

@@ -180,8 +180,8 @@ class MBAQConfig(PackedStageConfig):
     ``keep_codes`` then keeps the codes the old encoder and quantizer gave."""
     grow_codebooks: int = 0
     """Grow the loaded quantizer by this many codebooks before the leg (``model.grow.grow_codebooks``). A quantizer
-    with grown codebooks trains only them (their head, their codebooks but code 0, the up-projection): every image
-    keeps its old ids, and ``keep_codes`` pulls the kept tasks' images to code 0 of the new ones."""
+    with grown codebooks trains only them (their head, their codebooks but code 0, the up-projection's columns for
+    them): every image keeps its old ids, and ``keep_codes`` pulls the kept tasks' images to code 0 of the new ones."""
     keep_codes: KeepCodesConfig | None = None
     """Keep the codes of some tasks' images as they were when the leg started (None: no constraint)."""
 

@@ -250,8 +250,9 @@ class MBAQSystem(StageSystem):
         """The reference latents z_ref (I, N, D) of kept images -> (the latents to keep (I, N, D), their ids (I, N,
         G)): as they were, except that a grown codebook's chunk is its code 0, the zero vector."""
         ref = self._keep[0]
-        z_ref = z_ref.clone()
-        z_ref[..., ref.cfg.base_codebooks * ref.cfg.code_dim:] = 0
+        if ref.grown is not None:
+            z_ref = z_ref.clone()
+            z_ref[..., ref.cfg.base_codebooks * ref.cfg.code_dim:] = 0
         return z_ref, code_distances(ref.vq.codebook, z_ref).argmin(-1)
 
     def _keep_loss(self) -> LossBreakdown:
